@@ -1,0 +1,230 @@
+"""A stored chunk: base KV, the contexts it has been seen in, and the bookkeeping eviction needs.
+
+Context signatures are opaque bytes chosen by the caller: :data:`ISOLATED` for a chunk encoded
+alone, or a signature of the chunks that preceded it.  All KV of one entry is in one positional
+frame, the entry's ``positions``; callers relocate before adding KV computed elsewhere.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from kvreuse.store.keys import ChunkKey
+
+ISOLATED = b"isolated"
+
+# Rough prefill cost of one token through one layer of a 7B-class model on a datacenter GPU;
+# only ratios between entries matter to eviction, so callers with measured times pass those.
+SECONDS_PER_TOKEN_LAYER = 2e-6
+
+
+class PatchLike(Protocol):
+    """What the store needs of a conditioning patch (``kvreuse.Patch``)."""
+
+    nbytes: int
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def apply(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+# fit(delta_k, delta_v) -> patch; deltas: [num_layers, num_tokens, num_kv_heads, head_dim]
+FitPatch = Callable[[torch.Tensor, torch.Tensor], Any]
+
+
+def as_signature(ctx: bytes | str) -> bytes:
+    """Context signatures are bytes; strings are taken as UTF-8."""
+    if isinstance(ctx, str):
+        return ctx.encode()
+    if isinstance(ctx, (bytes, bytearray)):
+        return bytes(ctx)
+    raise TypeError(f"context signature must be bytes or str, got {type(ctx).__name__}")
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class ChunkEntry:
+    """One chunk's KV and metadata.
+
+    Attributes:
+        key: content key of the chunk.
+        token_ids: ``[num_tokens]`` int64 (CPU); a hit is verified against it.
+        positions: ``[num_tokens]`` or ``[3, num_tokens]`` (M-RoPE) int64 (CPU): the frame of all KV here.
+        k, v: base KV, ``[num_layers, num_tokens, num_kv_heads, head_dim]``.
+        context: signature of the context the base KV was computed in.
+        in_context: full KV computed in other contexts, ``{signature: (k, v)}`` with base's shape.
+        patches: conditioning patches ``{signature: Patch}`` fitted on in-context − base.
+        recompute_cost: estimated seconds to recompute this chunk's KV (vision encoder included).
+        hits, last_use: reuse bookkeeping (``last_use`` in ``time.monotonic()`` seconds).
+    """
+
+    key: ChunkKey
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    context: bytes = ISOLATED
+    in_context: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    patches: dict[bytes, Any] = field(default_factory=dict)
+    recompute_cost: float = 0.0
+    hits: int = 0
+    last_use: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.context = as_signature(self.context)
+        if not isinstance(self.key, ChunkKey):
+            raise TypeError(f"key: expected ChunkKey, got {type(self.key).__name__}")
+        self.token_ids = torch.as_tensor(self.token_ids, dtype=torch.int64).cpu()
+        self.positions = torch.as_tensor(self.positions, dtype=torch.int64).cpu()
+        if self.k.dim() != 4 or self.k.shape != self.v.shape or self.k.dtype != self.v.dtype:
+            raise ValueError(f"k, v: expected equal [num_layers, num_tokens, num_kv_heads, head_dim], "
+                             f"got {tuple(self.k.shape)} {self.k.dtype} and {tuple(self.v.shape)} {self.v.dtype}")
+        n = self.k.shape[1]
+        if self.token_ids.shape != (n,):
+            raise ValueError(f"token_ids: expected [{n}], got {tuple(self.token_ids.shape)}")
+        if self.positions.shape not in ((n,), (3, n)):
+            raise ValueError(f"positions: expected [{n}] or [3, {n}], got {tuple(self.positions.shape)}")
+        self.in_context = {as_signature(c): kv for c, kv in self.in_context.items()}
+        for c, (ck, cv) in self.in_context.items():
+            self._check_like_base(c, ck, cv)
+        self.patches = {as_signature(c): p for c, p in self.patches.items()}
+        if self.recompute_cost <= 0:
+            self.recompute_cost = self.num_tokens * self.num_layers * SECONDS_PER_TOKEN_LAYER
+
+    def _check_like_base(self, ctx: bytes, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.shape != self.k.shape or v.shape != self.k.shape or k.dtype != self.k.dtype or v.dtype != self.k.dtype:
+            raise ValueError(f"in-context KV for {ctx!r}: expected {tuple(self.k.shape)} {self.k.dtype}, "
+                             f"got {tuple(k.shape)} {k.dtype} / {tuple(v.shape)} {v.dtype}")
+
+    # shapes
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this entry occupies in a memory tier."""
+        n = _tensor_bytes(self.k) + _tensor_bytes(self.v)
+        n += _tensor_bytes(self.token_ids) + _tensor_bytes(self.positions)
+        n += sum(_tensor_bytes(a) + _tensor_bytes(b) for a, b in self.in_context.values())
+        n += sum(int(p.nbytes) for p in self.patches.values())
+        return n
+
+    @property
+    def demotable(self) -> bool:
+        return bool(self.in_context)
+
+    # mutation
+    def add_context_kv(self, context: bytes | str, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Record KV of this chunk computed in ``context`` (same positional frame as the base).
+
+        k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``.
+        """
+        ctx = as_signature(context)
+        self._check_like_base(ctx, k, v)
+        if ctx != self.context:
+            self.in_context[ctx] = (k.to(self.k.device), v.to(self.k.device))
+
+    def add_patch(self, context: bytes | str, patch: Any) -> None:
+        """Record a conditioning patch for ``context``."""
+        self.patches[as_signature(context)] = patch
+
+    def demote(self, fit: FitPatch | None) -> int:
+        """Replace every full in-context KV by a patch fitted on (in-context − base); returns bytes freed.
+
+        With ``fit=None`` the in-context KV is dropped (the base still serves "blind" reuse).
+        """
+        before = self.nbytes
+        for ctx, (ck, cv) in list(self.in_context.items()):
+            if fit is not None and ctx not in self.patches:
+                # Deltas in fp32: the residue is small next to K and V, so bf16 subtraction would lose it.
+                self.patches[ctx] = fit(ck.float() - self.k.float(), cv.float() - self.v.float())
+            del self.in_context[ctx]
+        return before - self.nbytes
+
+    def touch(self, now: float | None = None) -> None:
+        self.hits += 1
+        self.last_use = time.monotonic() if now is None else now
+
+    # reads
+    def view(self, context: bytes | str | None = None, *, tokens: slice | None = None,
+             layers: slice | None = None) -> "ChunkView":
+        """KV of this chunk as it reads in ``context`` (in the entry's positional frame), optionally partial.
+
+        Uses, in order: the KV computed in exactly that context, the base plus that context's
+        patch, the base alone.  ``tokens`` and ``layers`` are slices over the token and layer axes.
+        """
+        ctx = self.context if context is None else as_signature(context)
+        ts = tokens if tokens is not None else slice(None)
+        ls = layers if layers is not None else slice(None)
+        if ctx == self.context:
+            k, v, how = self.k[ls, ts], self.v[ls, ts], "exact"
+        elif ctx in self.in_context:
+            ck, cv = self.in_context[ctx]
+            k, v, how = ck[ls, ts], cv[ls, ts], "exact"
+        elif ctx in self.patches:
+            pk, pv = self.patches[ctx].apply(self.k, self.v)
+            k, v, how = pk[ls, ts], pv[ls, ts], "patched"
+        else:
+            k, v, how = self.k[ls, ts], self.v[ls, ts], "base"
+        return ChunkView(key=self.key, token_ids=self.token_ids[ts], positions=self.positions[..., ts],
+                         k=k, v=v, how=how, context=ctx)
+
+    def to(self, device: torch.device | str, *, pin: bool = False) -> "ChunkEntry":
+        """A copy of this entry with every tensor on ``device`` (pinned when ``pin`` and CPU)."""
+
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            out = t.to(device, copy=True)
+            return out.pin_memory() if pin and out.device.type == "cpu" else out
+
+        patches = {c: _patch_to(p, device) for c, p in self.patches.items()}
+        return ChunkEntry(key=self.key, token_ids=self.token_ids, positions=self.positions,
+                          k=mv(self.k), v=mv(self.v), context=self.context,
+                          in_context={c: (mv(a), mv(b)) for c, (a, b) in self.in_context.items()},
+                          patches=patches, recompute_cost=self.recompute_cost,
+                          hits=self.hits, last_use=self.last_use)
+
+
+def _patch_to(p: Any, device: torch.device | str) -> Any:
+    to = getattr(p, "to", None)
+    return to(device) if callable(to) else p
+
+
+@dataclass(frozen=True)
+class ChunkView:
+    """A (possibly partial) read of an entry for one context.
+
+    k, v: ``[num_layers', num_tokens', num_kv_heads, head_dim]``; positions: ``[num_tokens']`` or
+    ``[3, num_tokens']``; ``how`` is "exact", "patched" or "base".
+    """
+
+    key: ChunkKey
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    how: str
+    context: bytes

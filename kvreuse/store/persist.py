@@ -1,0 +1,254 @@
+"""On-disk / in-Redis entry format: a msgpack header followed by raw tensor bytes.
+
+Layout::
+
+    prefix   : magic b"KVRCHNK1" | u32 header_len | u64 xxh3_64(header)      (20 bytes, little-endian)
+    header   : msgpack map (format version, key, model fingerprint, shapes, dtype, token ids,
+               positions, contexts, patch ranks, segment table, payload checksum)
+    payload  : segments back to back: k.0, v.0, k.1, v.1, ... (one layer's base K and V each,
+               so a reader can verify and hand out layer i before layer i+1 arrives), then
+               in-context KV ("ctx.J.k", "ctx.J.v") and patch tensors ("patch.J.NAME").
+
+Every segment carries its own xxh3_64 and the header carries xxh3_64 of the whole payload.
+Tensors are stored as their raw bytes (bf16 through a uint8 view), so round trips are bit-exact.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import msgpack
+import numpy as np
+import torch
+import xxhash
+
+from kvreuse.store.entry import ChunkEntry
+from kvreuse.store.keys import ChunkKey
+
+FORMAT_VERSION = 1
+MAGIC = b"KVRCHNK1"
+_PREFIX = struct.Struct("<8sIQ")
+PREFIX_BYTES = _PREFIX.size
+MAX_HEADER_BYTES = 64 << 20
+
+
+class EntryCorrupt(Exception):
+    """A persisted entry failed its magic, header, checksum or identity check; it must not be served."""
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise EntryCorrupt(f"unknown dtype {name!r}")
+    return dt
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """Raw bytes of a tensor as a uint8 array (copies only if t is not a contiguous CPU tensor)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # from the start of the payload
+    nbytes: int
+    checksum: int
+
+
+@dataclass(frozen=True)
+class EntryHeader:
+    """A decoded, verified header; ``payload_offset`` is where the payload starts in the blob."""
+
+    key: ChunkKey
+    model: bytes
+    dtype: str
+    shape: tuple[int, int, int, int]  # [num_layers, num_tokens, num_kv_heads, head_dim]
+    token_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] or [3, num_tokens] int64
+    context: bytes
+    recompute_cost: float
+    hits: int
+    contexts: tuple[bytes, ...]  # in-context KV signatures, index J of "ctx.J.*"
+    patch_contexts: tuple[bytes, ...]  # index J of "patch.J.*"
+    patch_ranks: tuple[Any, ...]
+    segments: dict[str, Segment]
+    payload_offset: int
+    payload_bytes: int
+    checksum: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.payload_offset + self.payload_bytes
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape[0]
+
+
+def _patch_ranks(p: Any) -> Any:
+    r = getattr(p, "ranks", None)
+    if isinstance(r, torch.Tensor):
+        return r.tolist()
+    if isinstance(r, (list, tuple)):
+        return [x.tolist() if isinstance(x, torch.Tensor) else x for x in r]
+    return r if isinstance(r, (int, type(None))) else None
+
+
+def plan(entry: ChunkEntry, model: bytes) -> tuple[bytes, list[np.ndarray]]:
+    """Serialise ``entry``: returns (prefix + header bytes, payload segment buffers in order)."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for i in range(entry.num_layers):
+        tensors += [(f"k.{i}", entry.k[i]), (f"v.{i}", entry.v[i])]
+    contexts = list(entry.in_context)
+    for j, c in enumerate(contexts):
+        ck, cv = entry.in_context[c]
+        tensors += [(f"ctx.{j}.k", ck), (f"ctx.{j}.v", cv)]
+    patch_contexts = list(entry.patches)
+    for j, c in enumerate(patch_contexts):
+        for name, t in entry.patches[c].state_dict().items():
+            tensors.append((f"patch.{j}.{name}", t))
+    bufs, segs, off, total = [], [], 0, xxhash.xxh3_64()
+    for name, t in tensors:
+        b = _raw(t)
+        total.update(b)
+        segs.append([name, _dtype_name(t.dtype), list(t.shape), off, b.nbytes, xxhash.xxh3_64_intdigest(b)])
+        bufs.append(b)
+        off += b.nbytes
+    header = {
+        "format": FORMAT_VERSION, "key": entry.key.digest, "model": model,
+        "dtype": _dtype_name(entry.dtype), "shape": list(entry.k.shape),
+        "token_ids": _raw(entry.token_ids).tobytes(),
+        "positions": _raw(entry.positions).tobytes(), "positions_shape": list(entry.positions.shape),
+        "context": entry.context, "recompute_cost": float(entry.recompute_cost), "hits": int(entry.hits),
+        "contexts": contexts, "patch_contexts": patch_contexts,
+        "patch_ranks": [_patch_ranks(entry.patches[c]) for c in patch_contexts],
+        "segments": segs, "payload_bytes": off, "checksum": total.intdigest(),
+    }
+    hb = msgpack.packb(header, use_bin_type=True)
+    return _PREFIX.pack(MAGIC, len(hb), xxhash.xxh3_64_intdigest(hb)) + hb, bufs
+
+
+def encode(entry: ChunkEntry, model: bytes) -> bytes:
+    """The whole serialised entry as one bytes object (for Redis)."""
+    head, bufs = plan(entry, model)
+    return b"".join([head, *(memoryview(b) for b in bufs)])
+
+
+def header_length(prefix: bytes) -> int:
+    """Length of the msgpack header given the first PREFIX_BYTES bytes of a blob."""
+    if len(prefix) < PREFIX_BYTES:
+        raise EntryCorrupt("truncated prefix")
+    magic, n, _ = _PREFIX.unpack_from(prefix)
+    if magic != MAGIC:
+        raise EntryCorrupt("bad magic")
+    if n > MAX_HEADER_BYTES:
+        raise EntryCorrupt(f"header length {n} too large")
+    return n
+
+
+def decode_header(head: bytes, *, model: bytes, key: ChunkKey | None = None) -> EntryHeader:
+    """Parse and verify prefix + header.  Raises EntryCorrupt on any mismatch (including another model)."""
+    n = header_length(head)
+    _, _, hsum = _PREFIX.unpack_from(head)
+    hb = bytes(head[PREFIX_BYTES:PREFIX_BYTES + n])
+    if len(hb) != n or xxhash.xxh3_64_intdigest(hb) != hsum:
+        raise EntryCorrupt("header checksum mismatch")
+    try:
+        h = msgpack.unpackb(hb, raw=False)
+        if h["format"] != FORMAT_VERSION:
+            raise EntryCorrupt(f"format {h['format']} != {FORMAT_VERSION}")
+        if h["model"] != model:
+            raise EntryCorrupt("entry belongs to another model fingerprint")
+        hk = ChunkKey(h["key"])
+        if key is not None and hk != key:
+            raise EntryCorrupt("entry key does not match its name")
+        shape = tuple(int(x) for x in h["shape"])
+        tok = torch.from_numpy(np.frombuffer(h["token_ids"], dtype="<i8").copy())
+        pos = torch.from_numpy(np.frombuffer(h["positions"], dtype="<i8").copy()).reshape(h["positions_shape"])
+        segs = {s[0]: Segment(s[0], s[1], tuple(s[2]), int(s[3]), int(s[4]), int(s[5])) for s in h["segments"]}
+        end = 0
+        for s in segs.values():
+            if s.offset != end:
+                raise EntryCorrupt("segment table is not contiguous")
+            end += s.nbytes
+        if end != h["payload_bytes"]:
+            raise EntryCorrupt("segment table does not cover the payload")
+        return EntryHeader(
+            key=hk, model=h["model"], dtype=h["dtype"], shape=shape, token_ids=tok, positions=pos,
+            context=h["context"], recompute_cost=float(h["recompute_cost"]), hits=int(h["hits"]),
+            contexts=tuple(h["contexts"]), patch_contexts=tuple(h["patch_contexts"]),
+            patch_ranks=tuple(h["patch_ranks"]), segments=segs, payload_offset=PREFIX_BYTES + n,
+            payload_bytes=int(h["payload_bytes"]), checksum=int(h["checksum"]))
+    except EntryCorrupt:
+        raise
+    except Exception as e:  # malformed msgpack or fields: never served
+        raise EntryCorrupt(f"malformed header: {type(e).__name__}: {e}") from None
+
+
+def segment_tensor(h: EntryHeader, seg: Segment, raw: Any, *, device: torch.device | str = "cpu",
+                   pin: bool = False) -> torch.Tensor:
+    """Verify one segment's bytes (a buffer of exactly seg.nbytes) and return it as a tensor on ``device``."""
+    arr = np.frombuffer(raw, dtype=np.uint8)
+    if arr.nbytes != seg.nbytes:
+        raise EntryCorrupt(f"segment {seg.name}: truncated ({arr.nbytes} of {seg.nbytes} bytes)")
+    if xxhash.xxh3_64_intdigest(arr) != seg.checksum:
+        raise EntryCorrupt(f"segment {seg.name}: checksum mismatch")
+    u8 = torch.empty(seg.nbytes, dtype=torch.uint8, pin_memory=pin and torch.cuda.is_available())
+    u8.numpy()[:] = arr
+    t = u8.view(_dtype(seg.dtype)).reshape(seg.shape)
+    return t if torch.device(device).type == "cpu" else t.to(device, non_blocking=pin)
+
+
+def verify_payload(h: EntryHeader, chunks: Iterator[Any]) -> None:
+    """Check the whole-payload checksum over the payload streamed as buffers."""
+    total, n = xxhash.xxh3_64(), 0
+    for c in chunks:
+        total.update(c)
+        n += memoryview(c).nbytes
+    if n != h.payload_bytes or total.intdigest() != h.checksum:
+        raise EntryCorrupt("payload checksum mismatch or truncated payload")
+
+
+def assemble(h: EntryHeader, tensors: dict[str, torch.Tensor],
+             patch_from_state_dict: Callable[[dict[str, torch.Tensor]], Any] | None) -> ChunkEntry:
+    """Build an entry from a verified header and its decoded segment tensors."""
+    L = h.num_layers
+    k = torch.stack([tensors[f"k.{i}"] for i in range(L)]) if L else torch.empty(h.shape, dtype=_dtype(h.dtype))
+    v = torch.stack([tensors[f"v.{i}"] for i in range(L)]) if L else torch.empty(h.shape, dtype=_dtype(h.dtype))
+    in_ctx = {c: (tensors[f"ctx.{j}.k"], tensors[f"ctx.{j}.v"]) for j, c in enumerate(h.contexts)}
+    patches = {}
+    for j, c in enumerate(h.patch_contexts):
+        pre = f"patch.{j}."
+        sd = {n[len(pre):]: t for n, t in tensors.items() if n.startswith(pre)}
+        if patch_from_state_dict is None:
+            continue  # no patch class available: the base still serves
+        patches[c] = patch_from_state_dict(sd)
+    return ChunkEntry(key=h.key, token_ids=h.token_ids, positions=h.positions, k=k, v=v, context=h.context,
+                      in_context=in_ctx, patches=patches, recompute_cost=h.recompute_cost, hits=h.hits)
+
+
+def decode(blob: Any, *, model: bytes, key: ChunkKey | None = None,
+           patch_from_state_dict: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> ChunkEntry:
+    """Decode and fully verify a serialised entry held in memory.  Raises EntryCorrupt."""
+    mv = memoryview(blob)
+    if len(mv) < PREFIX_BYTES:
+        raise EntryCorrupt("truncated prefix")
+    h = decode_header(mv[:PREFIX_BYTES + header_length(mv[:PREFIX_BYTES])], model=model, key=key)
+    if len(mv) != h.total_bytes:
+        raise EntryCorrupt(f"blob is {len(mv)} bytes, header says {h.total_bytes}")
+    p = h.payload_offset
+    verify_payload(h, iter([mv[p:]]))
+    tensors = {s.name: segment_tensor(h, s, mv[p + s.offset:p + s.offset + s.nbytes]) for s in h.segments.values()}
+    return assemble(h, tensors, patch_from_state_dict)

@@ -1,0 +1,209 @@
+"""Disk tier: one file per entry under ``disk_path/<model fingerprint hex>/``.
+
+Writes go to a temporary name, are fsynced and renamed, so a file with the final name is always
+complete.  On open the tier deletes leftover temporary files, indexes every entry file and deletes
+those that fail their header, their checksum, or belong to another model.  A directory is owned by
+one store at a time (an exclusive ``flock`` on ``.lock``); several models may share one
+``disk_path``, each in its own subdirectory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import uuid
+from typing import Callable
+
+from kvreuse.store.config import StoreConfigError
+from kvreuse.store.entry import ChunkEntry
+from kvreuse.store.keys import ChunkKey
+from kvreuse.store.persist import (PREFIX_BYTES, EntryCorrupt, EntryHeader, decode_header, header_length, plan,
+                                   verify_payload)
+from kvreuse.store.policy import EvictionPolicy
+
+SUFFIX = ".kvc"
+_READ_BLOCK = 8 << 20
+
+
+class FileReader:
+    """Random reads from one entry file (the open descriptor survives a concurrent unlink)."""
+
+    def __init__(self, fd: int, header: EntryHeader) -> None:
+        self.fd, self.header = fd, header
+
+    def read(self, offset: int, n: int) -> bytes:
+        b = os.pread(self.fd, n, offset)
+        if len(b) != n:
+            raise EntryCorrupt(f"short read at {offset}: {len(b)} of {n} bytes")
+        return b
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _read_header(fd: int, key: ChunkKey, model: bytes) -> EntryHeader:
+    prefix = os.pread(fd, PREFIX_BYTES, 0)
+    n = header_length(prefix)
+    return decode_header(os.pread(fd, PREFIX_BYTES + n, 0), model=model, key=key)
+
+
+class DiskTier:
+    """Entry files on local disk under a byte budget (file bytes, headers included)."""
+
+    name = "disk"
+
+    def __init__(self, root: str, budget_bytes: int, model: bytes, policy: EvictionPolicy) -> None:
+        self.dir = os.path.join(root, model.hex())
+        self.budget_bytes, self.model, self.policy = budget_bytes, model, policy
+        os.makedirs(self.dir, exist_ok=True)
+        self._lock = open(os.path.join(self.dir, ".lock"), "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise StoreConfigError(f"disk_path: {self.dir} is in use by another store process") from None
+        self.index: dict[ChunkKey, EntryHeader] = {}
+        self.used_bytes = 0
+        self.dropped_corrupt = 0
+        self._scan()
+
+    def path(self, key: ChunkKey) -> str:
+        return os.path.join(self.dir, key.hex() + SUFFIX)
+
+    def __contains__(self, key: ChunkKey) -> bool:
+        return key in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _scan(self) -> None:
+        for name in os.listdir(self.dir):
+            p = os.path.join(self.dir, name)
+            if name.endswith(".tmp"):
+                os.unlink(p)  # a write that never reached its rename
+                continue
+            if not name.endswith(SUFFIX):
+                continue
+            try:
+                key = ChunkKey.from_hex(name[: -len(SUFFIX)])
+                h = self._verify_file(p, key)
+            except (EntryCorrupt, ValueError, OSError):
+                self._drop_file(p)
+                continue
+            self._add(h)
+        while self.used_bytes > self.budget_bytes:  # budget lowered since the last run
+            self.remove(self.policy.peek(), evicted=True)
+
+    def _verify_file(self, path: str, key: ChunkKey) -> EntryHeader:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            h = _read_header(fd, key, self.model)
+            if os.fstat(fd).st_size != h.total_bytes:
+                raise EntryCorrupt("file size does not match its header")
+
+            def blocks():
+                off, end = h.payload_offset, h.total_bytes
+                while off < end:
+                    b = os.pread(fd, min(_READ_BLOCK, end - off), off)
+                    if not b:
+                        return
+                    off += len(b)
+                    yield b
+
+            verify_payload(h, blocks())
+            return h
+        finally:
+            os.close(fd)
+
+    def _drop_file(self, path: str) -> None:
+        self.dropped_corrupt += 1
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def _add(self, h: EntryHeader) -> None:
+        self.index[h.key] = h
+        self.used_bytes += h.total_bytes
+        self.policy.update(h.key, nbytes=h.total_bytes, cost=h.recompute_cost, hits=h.hits)
+
+    def put(self, entry: ChunkEntry, make_room: Callable[[int], bool]) -> int:
+        """Write ``entry`` durably; ``make_room(n)`` must free ``n`` bytes of budget or return False.
+
+        Returns the bytes written, or 0 when the entry does not fit.
+        """
+        if entry.key in self.index:
+            self.remove(entry.key)
+        head, bufs = plan(entry, self.model)
+        n = len(head) + sum(b.nbytes for b in bufs)
+        if n > self.budget_bytes or not make_room(n):
+            return 0
+        assert self.used_bytes + n <= self.budget_bytes
+        tmp = os.path.join(self.dir, f".{entry.key.hex()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(head)
+                for b in bufs:
+                    f.write(memoryview(b))
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.path(entry.key))
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        self._add(decode_header(head, model=self.model, key=entry.key))
+        return n
+
+    def open(self, key: ChunkKey) -> FileReader | None:
+        """A reader over ``key``'s file, or None (missing or bad file: dropped)."""
+        if key not in self.index:
+            return None
+        try:
+            fd = os.open(self.path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            self.remove(key)
+            return None
+        try:
+            return FileReader(fd, _read_header(fd, key, self.model))
+        except (EntryCorrupt, OSError):
+            os.close(fd)
+            self.drop(key)
+            return None
+
+    def read_blob(self, key: ChunkKey) -> bytes | None:
+        r = self.open(key)
+        if r is None:
+            return None
+        try:
+            return r.read(0, r.header.total_bytes)
+        finally:
+            r.close()
+
+    def drop(self, key: ChunkKey) -> None:
+        """Remove an entry found to be corrupt."""
+        self.remove(key)
+        self.dropped_corrupt += 1
+
+    def remove(self, key: ChunkKey, *, evicted: bool = False) -> None:
+        h = self.index.pop(key, None)
+        if h is None:
+            return
+        self.used_bytes -= h.total_bytes
+        (self.policy.evicted if evicted else self.policy.remove)(key)
+        try:
+            os.unlink(self.path(key))
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
