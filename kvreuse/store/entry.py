@@ -32,8 +32,9 @@ class PatchLike(Protocol):
     def apply(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-# fit(delta_k, delta_v) -> patch; deltas: [num_layers, num_tokens, num_kv_heads, head_dim]
-FitPatch = Callable[[torch.Tensor, torch.Tensor], Any]
+# fit(delta_k, delta_v, *, base_k, base_v, dtype) -> patch (``kvreuse.fit_patch``'s signature);
+# deltas and bases: [num_layers, num_tokens, num_kv_heads, head_dim]
+FitPatch = Callable[..., Any]
 
 
 def as_signature(ctx: bytes | str) -> bytes:
@@ -161,7 +162,8 @@ class ChunkEntry:
         for ctx, (ck, cv) in list(self.in_context.items()):
             if fit is not None and ctx not in self.patches:
                 # Deltas in fp32: the residue is small next to K and V, so bf16 subtraction would lose it.
-                self.patches[ctx] = fit(ck.float() - self.k.float(), cv.float() - self.v.float())
+                self.patches[ctx] = fit(ck.float() - self.k.float(), cv.float() - self.v.float(),
+                                        base_k=self.k, base_v=self.v, dtype=self.k.dtype)
             del self.in_context[ctx]
         return before - self.nbytes
 
@@ -186,8 +188,14 @@ class ChunkEntry:
             ck, cv = self.in_context[ctx]
             k, v, how = ck[ls, ts], cv[ls, ts], "exact"
         elif ctx in self.patches:
-            pk, pv = self.patches[ctx].apply(self.k, self.v)
-            k, v, how = pk[ls, ts], pv[ls, ts], "patched"
+            start, stop, step = ts.indices(self.num_tokens)
+            if step != 1:
+                raise ValueError(f"tokens: only contiguous ranges, got step {step}")
+            patch = self.patches[ctx]
+            if (start, stop) != (0, self.num_tokens):
+                patch = patch.slice_tokens(start, stop)
+            pk, pv = patch.apply(self.k[:, start:stop], self.v[:, start:stop])
+            k, v, how = pk[ls], pv[ls], "patched"
         else:
             k, v, how = self.k[ls, ts], self.v[ls, ts], "base"
         return ChunkView(key=self.key, token_ids=self.token_ids[ts], positions=self.positions[..., ts],

@@ -99,6 +99,8 @@ class EntryHeader:
 
 def _patch_ranks(p: Any) -> Any:
     r = getattr(p, "ranks", None)
+    if callable(r):
+        r = r()
     if isinstance(r, torch.Tensor):
         return r.tolist()
     if isinstance(r, (list, tuple)):
@@ -222,11 +224,14 @@ def verify_payload(h: EntryHeader, chunks: Iterator[Any]) -> None:
 
 
 def assemble(h: EntryHeader, tensors: dict[str, torch.Tensor],
-             patch_from_state_dict: Callable[[dict[str, torch.Tensor]], Any] | None) -> ChunkEntry:
-    """Build an entry from a verified header and its decoded segment tensors."""
+             patch_from_state_dict: Callable[[dict[str, torch.Tensor]], Any] | None,
+             k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> ChunkEntry:
+    """Build an entry from a verified header and its decoded segment tensors (or base ``k``, ``v`` given whole)."""
     L = h.num_layers
-    k = torch.stack([tensors[f"k.{i}"] for i in range(L)]) if L else torch.empty(h.shape, dtype=_dtype(h.dtype))
-    v = torch.stack([tensors[f"v.{i}"] for i in range(L)]) if L else torch.empty(h.shape, dtype=_dtype(h.dtype))
+    if k is None or v is None:
+        empty = torch.empty(h.shape, dtype=_dtype(h.dtype))
+        k = torch.stack([tensors[f"k.{i}"] for i in range(L)]) if L else empty
+        v = torch.stack([tensors[f"v.{i}"] for i in range(L)]) if L else empty
     in_ctx = {c: (tensors[f"ctx.{j}.k"], tensors[f"ctx.{j}.v"]) for j, c in enumerate(h.contexts)}
     patches = {}
     for j, c in enumerate(h.patch_contexts):

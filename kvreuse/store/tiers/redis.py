@@ -134,7 +134,7 @@ class RedisTier:
 
     def touch(self, key: ChunkKey, *, nbytes: int, cost: float, hits: int) -> None:
         delta = (hits + 1) * cost / max(nbytes, 1)
-        self._call(lambda c: self._touch(keys=[self._meta[0 if False else 3], self._meta[1], self._name(key)],
+        self._call(lambda c: self._touch(keys=[self._meta[3], self._meta[1], self._name(key)],
                                          args=[self.policy, time.time(), delta], client=c))
 
     def contains(self, key: ChunkKey) -> bool:
