@@ -162,8 +162,11 @@ class ChunkEntry:
         for ctx, (ck, cv) in list(self.in_context.items()):
             if fit is not None and ctx not in self.patches:
                 # Deltas in fp32: the residue is small next to K and V, so bf16 subtraction would lose it.
-                self.patches[ctx] = fit(ck.float() - self.k.float(), cv.float() - self.v.float(),
-                                        base_k=self.k, base_v=self.v, dtype=self.k.dtype)
+                try:
+                    self.patches[ctx] = fit(ck.float() - self.k.float(), cv.float() - self.v.float(),
+                                            base_k=self.k, base_v=self.v, dtype=self.k.dtype)
+                except (RuntimeError, ValueError):
+                    pass  # e.g. non-finite KV: no patch for this context; the base still serves it "blind"
             del self.in_context[ctx]
         return before - self.nbytes
 
