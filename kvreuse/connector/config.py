@@ -1,0 +1,126 @@
+"""Connector configuration, built once from `kv_connector_extra_config` and validated there.
+
+Every key is optional::
+
+    {"chunking": {"min_tokens": 32, "max_tokens": 256, "avg_tokens": 64, "boundary_tokens": ["<|im_start|>"]},
+     "policy": {"mode": "any" | "patched_or_exact", "patch_energy": 0.99, "patch_max_rank": 16},
+     "store": {"device_bytes": "1GiB", "host_bytes": ..., "disk_path": ..., ...},
+     "save": true, "load": true}
+
+A bad key or value raises `ConnectorConfigError` naming the key (e.g. `policy.mode`), which
+vLLM surfaces at startup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from kvreuse.errors import KVReuseError
+from kvreuse.store.config import StoreConfig, StoreConfigError
+
+POLICY_MODES = ("any", "patched_or_exact")
+DEFAULT_STORE = {"device_bytes": "1GiB"}
+
+
+class ConnectorConfigError(KVReuseError, ValueError):
+    """A `kv_connector_extra_config` value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ChunkingConfig:
+    """Content-defined cuts: a cut lands where the rolling hash hits, between min and max tokens.
+
+    `boundary_tokens`: token strings that always start a new chunk (message starts); resolved to
+    ids by the tokenizer at startup.
+    """
+
+    min_tokens: int = 16
+    avg_tokens: int = 64
+    max_tokens: int = 256
+    boundary_tokens: tuple[str, ...] = ("<|im_start|>",)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_tokens <= self.avg_tokens <= self.max_tokens:
+            raise ConnectorConfigError(
+                f"chunking: need 1 <= min_tokens <= avg_tokens <= max_tokens, got "
+                f"{self.min_tokens}, {self.avg_tokens}, {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """`mode="patched_or_exact"` never serves a base KV in a context it was not fitted for (blind)."""
+
+    mode: str = "any"
+    patch_energy: float = 0.99
+    patch_max_rank: int = 16
+    capture_patches: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in POLICY_MODES:
+            raise ConnectorConfigError(f"policy.mode: expected one of {POLICY_MODES}, got {self.mode!r}")
+        if not 0.0 < self.patch_energy <= 1.0:
+            raise ConnectorConfigError(f"policy.patch_energy: must be in (0, 1], got {self.patch_energy!r}")
+        if self.patch_max_rank < 0:
+            raise ConnectorConfigError(f"policy.patch_max_rank: must be >= 0, got {self.patch_max_rank!r}")
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    store: StoreConfig = field(default_factory=lambda: StoreConfig.from_dict(DEFAULT_STORE))
+    save: bool = True
+    load: bool = True
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "ConnectorConfig":
+        """Build from `kv_connector_extra_config` (unknown keys are errors, naming the key)."""
+        extra = dict(extra or {})
+        _known("", extra, {f.name for f in fields(cls)})
+        kw: dict[str, Any] = {}
+        if "chunking" in extra:
+            kw["chunking"] = _section("chunking", extra["chunking"], ChunkingConfig)
+        if "policy" in extra:
+            kw["policy"] = _section("policy", extra["policy"], PolicyConfig)
+        if "store" in extra:
+            try:
+                kw["store"] = StoreConfig.from_dict(extra["store"])
+            except StoreConfigError as e:
+                raise ConnectorConfigError(f"store.{e}") from None
+        for flag in ("save", "load"):
+            if flag in extra:
+                if not isinstance(extra[flag], bool):
+                    raise ConnectorConfigError(f"{flag}: expected true or false, got {extra[flag]!r}")
+                kw[flag] = extra[flag]
+        return cls(**kw)
+
+
+def _known(prefix: str, d: Mapping[str, Any], known: set[str]) -> None:
+    for k in d:
+        if k not in known:
+            raise ConnectorConfigError(f"{prefix}{k}: unknown kvreuse config key (known: {', '.join(sorted(known))})")
+
+
+def _section(name: str, value: Any, cls):
+    if not isinstance(value, Mapping):
+        raise ConnectorConfigError(f"{name}: expected an object, got {type(value).__name__}")
+    types = {f.name: f.type for f in fields(cls)}
+    _known(f"{name}.", value, set(types))
+    kw = {}
+    for k, v in value.items():
+        want = types[k]
+        if "tuple" in str(want):
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+                raise ConnectorConfigError(f"{name}.{k}: expected a list of strings, got {v!r}")
+            v = tuple(v)
+        elif want in ("int", int) and (not isinstance(v, int) or isinstance(v, bool)):
+            raise ConnectorConfigError(f"{name}.{k}: expected an integer, got {v!r}")
+        elif want in ("float", float) and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise ConnectorConfigError(f"{name}.{k}: expected a number, got {v!r}")
+        elif want in ("bool", bool) and not isinstance(v, bool):
+            raise ConnectorConfigError(f"{name}.{k}: expected true or false, got {v!r}")
+        elif want in ("str", str) and not isinstance(v, str):
+            raise ConnectorConfigError(f"{name}.{k}: expected a string, got {v!r}")
+        kw[k] = v
+    return cls(**kw)

@@ -1,0 +1,205 @@
+"""KVReuseConnector: vLLM's v1 connector API translated to kvreuse's scheduler and worker sides.
+
+Scheduler role (runs in the engine core): `get_num_new_matched_tokens` → claim,
+`update_state_after_alloc` → commit the claim, `build_connector_meta` → loads and saves for the
+step, `update_connector_output` → forget keys the worker lost, `request_finished` → drop state.
+
+Worker role (runs in each worker): `register_kv_caches`, `start_load_kv` → fetch claimed chunks,
+`wait_for_layer_load` → relocate + write that layer, `wait_for_save` → copy new chunks out of the
+paged cache for the store, `get_block_ids_with_load_errors` → failed loads, recomputed by vLLM.
+
+Configuration is `kv_connector_extra_config` (see `kvreuse.connector.config`); metrics go through
+`build_kv_connector_stats` / `build_prom_metrics` into vLLM's own `/metrics`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+
+from kvreuse.connector.config import ConnectorConfig, ConnectorConfigError
+from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport
+from kvreuse.connector.stats import KVReuseConnectorStats, ReuseStats
+from kvreuse.rope.spec import RopeSpec
+from kvreuse.store import ModelFingerprint
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvreuse.connector")
+_GAUGE_PERIOD_S = 1.0
+
+
+def model_fingerprint(vllm_config: "VllmConfig", tp_rank: int = 0) -> ModelFingerprint:
+    """Identity of the served weights: model, revision, HF config, dtype and TP placement."""
+    mc = vllm_config.model_config
+    hf = mc.hf_config
+    cfg = json.dumps(hf.to_dict(), sort_keys=True, default=str).encode()
+    weights = f"{mc.model}@{mc.revision or ''}#{hashlib.sha256(cfg).hexdigest()[:32]}"
+    arch = (getattr(hf, "architectures", None) or [type(hf).__name__])[0]
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    return ModelFingerprint(arch, weights, str(mc.dtype), tp_rank, tp)
+
+
+def _boundary_ids(vllm_config: "VllmConfig", names: tuple[str, ...]) -> frozenset[int]:
+    if not names:
+        return frozenset()
+    try:
+        from transformers import AutoTokenizer
+
+        mc = vllm_config.model_config
+        tok = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
+                                            trust_remote_code=mc.trust_remote_code)
+        ids = tok.convert_tokens_to_ids(list(names))
+        unk = tok.unk_token_id
+        return frozenset(i for i in ids if i is not None and i != unk)
+    except Exception as e:  # no tokenizer: content-defined cuts alone still work
+        log.warning("kvreuse: cannot resolve boundary tokens %s (%s); using content-defined cuts only", names, e)
+        return frozenset()
+
+
+class KVReuseConnector(KVConnectorBase_V1):
+    """Position-free chunk reuse: stored chunks are placed at any position, in any order."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        allow_faults = bool(extra.pop("allow_fault_injection", False))
+        self.cfg = ConnectorConfig.from_extra_config(extra)
+        # A failed load is recomputed, never fatal (DESIGN: a cache miss is never an error).
+        self._kv_transfer_config.kv_load_failure_policy = "recompute"
+        self._scheduler = self._worker = None
+        self._last_gauges = 0.0
+        key_fp = model_fingerprint(vllm_config, 0)
+        if role == KVConnectorRole.SCHEDULER:
+            from kvreuse.connector.scheduler import SchedulerSide
+
+            self._scheduler = SchedulerSide(self.cfg, key_fp.digest,
+                                            _boundary_ids(vllm_config, self.cfg.chunking.boundary_tokens),
+                                            allow_faults)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            from kvreuse.connector.worker import WorkerSide
+
+            try:
+                rank = get_tensor_model_parallel_rank()
+            except Exception:
+                rank = 0
+            rope = RopeSpec.from_hf_config(vllm_config.model_config.hf_text_config)
+            self._worker = WorkerSide(self.cfg, rope, model_fingerprint(vllm_config, rank))
+            self._checked_isa = False
+
+    # ============================================================ worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        mc = self._vllm_config.model_config
+        pc = self._vllm_config.parallel_config
+        heads = mc.get_num_kv_heads(pc)
+        backend = None
+        ctx = self._vllm_config.compilation_config.static_forward_context
+        layer = ctx.get(next(iter(kv_caches)))
+        if layer is not None and hasattr(layer, "get_attn_backend"):
+            backend = layer.get_attn_backend().get_name()
+        self._worker.register(kv_caches, backend, heads, mc.get_head_size())
+
+    def _check_isa(self) -> None:
+        if self._checked_isa:
+            return
+        ctx = self._vllm_config.compilation_config.static_forward_context
+        for name in self._worker.layers:
+            if getattr(ctx.get(name), "isa", None) == "amx":
+                from kvreuse.errors import KVReuseError
+
+                raise KVReuseError("kvreuse: the CPU backend's AMX path prepacks the KV cache, whose layout kvreuse "
+                                   "cannot address; serve with --dtype float32 or on a CPU without AMX")
+        self._checked_isa = True
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        """Fetch this step's claimed chunks; layers are written in `wait_for_layer_load`."""
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVReuseMetadata)
+        self._check_isa()
+        self._worker.start_load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Relocate and write this layer's KV of the claimed chunks before its attention runs."""
+        self._worker.load_layer(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # saves read every layer at once in wait_for_save, after the forward wrote them
+
+    def wait_for_save(self) -> None:
+        """Copy new chunks out of the paged cache; the store put runs off the critical path."""
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVReuseMetadata)
+        self._worker.finish_loads()
+        self._worker.save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_failed_blocks() if self._worker is not None else set()
+
+    def build_connector_worker_meta(self) -> KVReuseWorkerReport | None:
+        lost = self._worker.take_lost_keys()
+        return KVReuseWorkerReport(lost) if lost else None
+
+    def get_kv_connector_stats(self) -> KVReuseConnectorStats | None:
+        if self._worker is not None:
+            s = self._worker.take_stats()
+            now = time.monotonic()
+            plain = ReuseStats.from_dict({**s.to_dict(), "store_bytes": {}, "store_budget_bytes": {},
+                                          "store_entries": {}})
+            if plain.is_empty() and now - self._last_gauges < _GAUGE_PERIOD_S:
+                return None
+            self._last_gauges = now
+        else:
+            s = self._scheduler.take_stats()
+            if s.is_empty():
+                return None
+        return KVReuseConnectorStats(data=s.to_dict())
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+
+    # ============================================================ scheduler side
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens placed from the store after vLLM's prefix hit (a chunk-boundary claim; pure)."""
+        return self._scheduler.matched(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: "Request", blocks: Any, num_external_tokens: int) -> None:
+        self._scheduler.after_alloc(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVReuseMetadata:
+        kvm = self._kv_cache_manager
+        return self._scheduler.build_meta(scheduler_output, lambda rid: kvm.get_block_ids(rid)[0])
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        rep = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(rep, KVReuseWorkerReport):
+            self._scheduler.lost(rep.lost_keys)
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._scheduler.finished(request)
+        return False, None
+
+    # ============================================================ metrics
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVReuseConnectorStats:
+        return KVReuseConnectorStats(data=ReuseStats.from_dict(data).to_dict())
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        from kvreuse.connector.prom import KVReusePromMetrics
+
+        return KVReusePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+__all__ = ["ConnectorConfigError", "KVReuseConnector"]

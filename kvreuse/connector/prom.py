@@ -1,0 +1,89 @@
+"""Prometheus exposition of `ReuseStats` through vLLM's connector hook (vLLM's own `/metrics`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
+
+from kvreuse.connector.stats import ReuseStats
+from kvreuse.store.stats import LATENCY_BUCKETS_SECONDS
+
+# name (without _total), kind, documentation, extra label
+METRICS = [
+    ("kvreuse_chunk_lookups", "counter", "Chunks looked up after vLLM's prefix hit, by result", "result"),
+    ("kvreuse_claims", "counter", "Chunks claimed (placed from the store), by reuse policy", "policy"),
+    ("kvreuse_reused_tokens", "counter", "Prompt tokens placed from the store instead of prefilled", None),
+    ("kvreuse_saved_chunks", "counter", "Chunks whose KV was handed to the store", None),
+    ("kvreuse_captured_patches", "counter", "Conditioning patches captured (chunk recomputed in a new context)", None),
+    ("kvreuse_loaded_bytes", "counter", "KV bytes loaded from the store, by tier", "tier"),
+    ("kvreuse_saved_bytes", "counter", "KV bytes saved to the store, by tier", "tier"),
+    ("kvreuse_evictions", "counter", "Entries evicted under pressure, by tier", "tier"),
+    ("kvreuse_demotions", "counter", "Entries demoted from full in-context KV to base + patch", None),
+    ("kvreuse_rehydrations", "counter", "Entries loaded back from a lower tier, by tier", "tier"),
+    ("kvreuse_load_failures", "counter", "Claimed chunks that failed to load (recomputed by vLLM)", None),
+    ("kvreuse_store_bytes", "gauge", "Bytes held by the store, by tier", "tier"),
+    ("kvreuse_store_budget_bytes", "gauge", "Byte budget of the store, by tier", "tier"),
+    ("kvreuse_store_entries", "gauge", "Entries held by the store, by tier", "tier"),
+    ("kvreuse_load_seconds", "histogram", "Time to place one request's claimed chunks", None),
+    ("kvreuse_save_seconds", "histogram", "Time to read one request's new chunks out of the paged cache", None),
+]
+
+_FIELD = {"kvreuse_chunk_lookups": None, "kvreuse_claims": "claims", "kvreuse_reused_tokens": "reused_tokens",
+          "kvreuse_saved_chunks": "saved_chunks", "kvreuse_captured_patches": "captured_patches",
+          "kvreuse_loaded_bytes": "bytes_loaded", "kvreuse_saved_bytes": "bytes_saved",
+          "kvreuse_evictions": "evictions", "kvreuse_demotions": "demotions", "kvreuse_rehydrations": "rehydrations",
+          "kvreuse_load_failures": "load_failures", "kvreuse_store_bytes": "store_bytes",
+          "kvreuse_store_budget_bytes": "store_budget_bytes", "kvreuse_store_entries": "store_entries",
+          "kvreuse_load_seconds": "load_seconds", "kvreuse_save_seconds": "save_seconds"}
+
+
+class KVReusePromMetrics(KVConnectorPromMetrics):
+    """Registers the kvreuse_* families with vLLM's metric classes and records each step's stats."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._families: dict[str, Any] = {}
+        for name, kind, doc, extra in METRICS:
+            labels = list(labelnames) + ([extra] if extra else [])
+            if kind == "counter":
+                m = self._counter_cls(name=name, documentation=doc, labelnames=labels)
+            elif kind == "gauge":
+                m = self._gauge_cls(name=name, documentation=doc, labelnames=labels, multiprocess_mode="mostrecent")
+            else:
+                m = self._histogram_cls(name=name, documentation=doc, labelnames=labels,
+                                        buckets=list(LATENCY_BUCKETS_SECONDS))
+            self._families[name] = (m, kind, extra)
+        # Pre-create the label sets that should read 0 before the first event.
+        for idx, values in per_engine_labelvalues.items():
+            for r in ("hit", "miss"):
+                self._families["kvreuse_chunk_lookups"][0].labels(*values, r)
+            self._families["kvreuse_reused_tokens"][0].labels(*values)
+            self._families["kvreuse_load_failures"][0].labels(*values)
+            self._families["kvreuse_demotions"][0].labels(*values)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        s = ReuseStats.from_dict(transfer_stats_data)
+        values = self.per_engine_labelvalues[engine_idx]
+        m, _, _ = self._families["kvreuse_chunk_lookups"]
+        if s.lookups_hit:
+            m.labels(*values, "hit").inc(s.lookups_hit)
+        if s.lookups_miss:
+            m.labels(*values, "miss").inc(s.lookups_miss)
+        for name, (m, kind, extra) in self._families.items():
+            attr = _FIELD[name]
+            if attr is None:
+                continue
+            v = getattr(s, attr)
+            if kind == "histogram":
+                for x in v:
+                    m.labels(*values).observe(x)
+            elif kind == "gauge":
+                for tier, x in v.items():
+                    m.labels(*values, tier).set(x)
+            elif isinstance(v, dict):
+                for lab, x in v.items():
+                    if x:
+                        m.labels(*values, lab).inc(x)
+            elif v:
+                m.labels(*values).inc(v)

@@ -1,0 +1,88 @@
+"""Connector statistics: a plain mergeable object, and its vLLM `KVConnectorStats` carrier.
+
+Counters are deltas since the last report (vLLM sums them per step and the Prometheus side
+increments by them); tier gauges are the store's latest occupancy.  The Prometheus exposition
+lives in `kvreuse.connector.prom`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+
+def _add_maps(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+@dataclass
+class ReuseStats:
+    """What the connector did since the last report (counters) and the store's state (gauges)."""
+
+    lookups_hit: int = 0
+    lookups_miss: int = 0
+    claims: dict[str, int] = field(default_factory=dict)        # policy -> chunks
+    reused_tokens: int = 0
+    saved_chunks: int = 0
+    captured_patches: int = 0
+    load_failures: int = 0
+    bytes_loaded: dict[str, int] = field(default_factory=dict)  # tier -> bytes
+    bytes_saved: dict[str, int] = field(default_factory=dict)
+    evictions: dict[str, int] = field(default_factory=dict)
+    rehydrations: dict[str, int] = field(default_factory=dict)
+    demotions: int = 0
+    load_seconds: list[float] = field(default_factory=list)     # one observation per request load
+    save_seconds: list[float] = field(default_factory=list)
+    store_bytes: dict[str, int] = field(default_factory=dict)   # gauges
+    store_budget_bytes: dict[str, int] = field(default_factory=dict)
+    store_entries: dict[str, int] = field(default_factory=dict)
+
+    _GAUGES = ("store_bytes", "store_budget_bytes", "store_entries")
+
+    def merge(self, other: "ReuseStats") -> "ReuseStats":
+        """Sum of counters; gauges are summed per tier across workers (each holds its own store)."""
+        out = ReuseStats()
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, dict):
+                v = _add_maps(a, b) if f.name not in self._GAUGES else {**a, **b}
+            else:
+                v = a + b
+            setattr(out, f.name, v)
+        return out
+
+    def is_empty(self) -> bool:
+        return self == ReuseStats()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "ReuseStats":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+class KVReuseConnectorStats(KVConnectorStats):
+    """vLLM's carrier: `data` is `ReuseStats.to_dict()` (serializable across processes)."""
+
+    def reset(self) -> None:
+        self.data = ReuseStats().to_dict()
+
+    def aggregate(self, other: KVConnectorStats) -> "KVReuseConnectorStats":
+        merged = ReuseStats.from_dict(self.data).merge(ReuseStats.from_dict(other.data))
+        return KVReuseConnectorStats(data=merged.to_dict())
+
+    def reduce(self) -> dict[str, int | float]:
+        s = ReuseStats.from_dict(self.data)
+        n = len(s.load_seconds)
+        return {"chunk_hits": s.lookups_hit, "chunk_misses": s.lookups_miss, "reused_tokens": s.reused_tokens,
+                "load_failures": s.load_failures, "avg_load_ms": round(1e3 * sum(s.load_seconds) / n, 3) if n else 0.0}
+
+    def is_empty(self) -> bool:
+        return ReuseStats.from_dict(self.data).is_empty()

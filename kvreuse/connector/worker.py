@@ -1,0 +1,283 @@
+"""Worker side: place claimed chunks into the paged KV cache layer by layer; save new chunks.
+
+Load: `start_load` fetches each claimed chunk's view from the store (KV as it reads in the chosen
+recorded context, in the entry's positional frame); `load_layer` then relocates layer i's keys to
+the request's positions and scatters K and V into the layer's paged cache through the slot
+mapping.  A chunk that cannot be fetched fails the rest of its request's claim: those blocks are
+reported through `failed_block_ids` and vLLM recomputes them.
+
+Save: after the step that computed a request's prompt, each new chunk's K/V is gathered out of
+the paged cache (a copy: the blocks may be reused once the request ends) and handed to a
+background thread that puts it in the store — a new entry, or, for a stored chunk computed in a
+new context, that context's KV (relocated to the entry's frame) plus a fitted conditioning patch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from kvreuse.connector.claim import SaveItem, context_signature
+from kvreuse.connector.config import ConnectorConfig
+from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
+from kvreuse.connector.stats import ReuseStats
+from kvreuse.errors import KVReuseError
+from kvreuse.ops import relocate
+from kvreuse.paged import Layout, PagedSpec, block_slots, gather_kv, scatter_kv
+from kvreuse.patch import fit_patch
+from kvreuse.rope.spec import RopeSpec
+from kvreuse.store import ChunkEntry, ChunkKey, ChunkStore, ModelFingerprint
+
+log = logging.getLogger("kvreuse.connector")
+
+
+def layer_index(name: str) -> int:
+    """Index of a decoder layer from vLLM's layer name (`model.layers.3.self_attn.attn` -> 3)."""
+    m = re.search(r"\.(\d+)\.", name) or re.search(r"(\d+)", name)
+    if m is None:
+        raise KVReuseError(f"cannot find a layer index in attention layer name {name!r}")
+    return int(m.group(1))
+
+
+def detect_layout(kv_cache: torch.Tensor, backend_name: str | None) -> Layout:
+    """The paged layout of a layer's cache tensor, from the backend and the tensor's rank."""
+    name = (backend_name or "").upper()
+    if kv_cache.dim() == 4 and (name.startswith("CPU") or kv_cache.device.type == "cpu"):
+        return Layout.CPU_ATTN
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+        return Layout.FLASH
+    if kv_cache.dim() == 5 and kv_cache.shape[1] == 2:
+        return Layout.HND
+    raise KVReuseError(f"unsupported paged KV layout: backend {backend_name!r}, cache shape {list(kv_cache.shape)}")
+
+
+@dataclass
+class _Job:
+    """One layer-independent placement: the chunks of one request's claim, concatenated."""
+
+    k: list[torch.Tensor]  # per item: [num_layers, n_i, H, D] (entry frame)
+    v: list[torch.Tensor]
+    src_pos: torch.Tensor  # [N]
+    dst_pos: torch.Tensor  # [N]
+    slots: torch.Tensor    # [N]
+
+
+class WorkerSide:
+    def __init__(self, cfg: ConnectorConfig, rope: RopeSpec, fingerprint: ModelFingerprint) -> None:
+        self.cfg, self.rope = cfg, rope
+        self.store = ChunkStore(cfg.store, fingerprint)
+        self.layers: dict[str, int] = {}
+        self.caches: dict[str, torch.Tensor] = {}
+        self.spec: PagedSpec | None = None
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-save")
+        self._pending: dict[bytes, Future] = {}
+        self._frames: dict[bytes, torch.Tensor] = {}  # key -> positions of the stored entry
+        self._lock = threading.Lock()
+        self._stats = ReuseStats()
+        self._last_store = None
+        self._jobs: list[_Job] = []
+        self._layers_done: set[str] = set()
+        self._failed_blocks: set[int] = set()
+        self._lost: list[bytes] = []
+        self._load_t = 0.0
+
+    # ---------------------------------------------------------------- setup
+    def register(self, kv_caches: dict[str, torch.Tensor], backend_name: str | None, num_kv_heads: int,
+                 head_size: int) -> None:
+        self.caches = dict(kv_caches)
+        self.layers = {n: layer_index(n) for n in kv_caches}
+        if sorted(self.layers.values()) != list(range(len(self.layers))):
+            # hybrid/odd models: fall back to registration order
+            self.layers = {n: i for i, n in enumerate(kv_caches)}
+        first = next(iter(kv_caches.values()))
+        layout = detect_layout(first, backend_name)
+        self.spec = PagedSpec.of(first, layout, num_kv_heads=num_kv_heads, head_size=head_size)
+        log.info("kvreuse: %d layers, layout %s, block size %d", len(self.layers), layout.value, self.spec.block_size)
+
+    # ---------------------------------------------------------------- load
+    def start_load(self, meta: KVReuseMetadata) -> None:
+        """Fetch every claimed chunk of this step (layers are placed in `load_layer`)."""
+        self._jobs, self._layers_done = [], set()
+        t0 = time.perf_counter()
+        for req in meta.loads:
+            job = self._fetch(req)
+            if job is not None:
+                self._jobs.append(job)
+        self._load_t = time.perf_counter() - t0 if meta.loads else 0.0
+
+    def _fetch(self, req: ReqLoad) -> _Job | None:
+        assert self.spec is not None
+        ks, vs, src, dst, placed = [], [], [], [], 0
+        for n, item in enumerate(req.items):
+            fut = self._pending.get(item.key)
+            if fut is not None:
+                fut.result()
+            tier = self.store.contains(ChunkKey(item.key))
+            view = None
+            if not (req.inject_failure and n == 0) and tier is not None:
+                view = self.store.get(ChunkKey(item.key), list(item.token_ids), context=item.context,
+                                      tokens=slice(item.src_start, item.src_end))
+            if view is None:
+                first_bad = item.dst_start
+                self._fail(req, first_bad, item.key)
+                break
+            policy = "recall" if view.how == "patched" and item.policy in ("exact", "survival") else item.policy
+            ntok = item.src_end - item.src_start
+            ks.append(view.k)
+            vs.append(view.v)
+            src.append(view.positions)
+            dst.append(torch.arange(item.dst_start, item.dst_start + ntok))
+            with self._lock:
+                self._stats.claims[policy] = self._stats.claims.get(policy, 0) + 1
+                self._stats.reused_tokens += ntok
+                nb = 2 * view.k.numel() * view.k.element_size()
+                self._stats.bytes_loaded[tier] = self._stats.bytes_loaded.get(tier, 0) + nb
+            placed += ntok
+        if not ks:
+            return None
+        start = req.items[0].dst_start
+        slots = block_slots(req.block_ids, self.spec.block_size, start, start + placed)
+        return _Job(ks, vs, torch.cat(src), torch.cat(dst), slots)
+
+    def _fail(self, req: ReqLoad, first_bad: int, key: bytes) -> None:
+        assert self.spec is not None
+        bs = self.spec.block_size
+        blocks = req.block_ids[first_bad // bs: -(-req.end // bs)]
+        with self._lock:
+            self._failed_blocks.update(blocks)
+            self._stats.load_failures += 1
+            self._lost.append(key)
+        log.warning("kvreuse: request %s: chunk %s failed to load; %d blocks recomputed", req.req_id, key.hex()[:12],
+                    len(blocks))
+
+    def load_layer(self, layer_name: str) -> None:
+        """Relocate and write this layer's share of every claimed chunk of the step."""
+        if not self._jobs or layer_name in self._layers_done or layer_name not in self.layers:
+            return
+        t0 = time.perf_counter()
+        i = self.layers[layer_name]
+        cache = self.caches[layer_name]
+        for job in self._jobs:
+            k = torch.cat([x[i] for x in job.k])       # [N, H, D]
+            v = torch.cat([x[i] for x in job.v])
+            k = relocate(k, job.src_pos, job.dst_pos, self.rope)
+            scatter_kv(cache, self.spec, k, v, job.slots)
+        self._layers_done.add(layer_name)
+        self._load_t += time.perf_counter() - t0
+        if len(self._layers_done) == len(self.layers):
+            with self._lock:
+                self._stats.load_seconds.append(self._load_t)
+            self._jobs = []
+
+    def finish_loads(self) -> None:
+        """Place any layer whose attention did not call `wait_for_layer_load` (then nothing is lost)."""
+        for name in list(self.layers):
+            if self._jobs:
+                self.load_layer(name)
+
+    def take_failed_blocks(self) -> set[int]:
+        with self._lock:
+            out, self._failed_blocks = self._failed_blocks, set()
+        return out
+
+    def take_lost_keys(self) -> list[bytes]:
+        with self._lock:
+            out, self._lost = self._lost, []
+        return out
+
+    # ---------------------------------------------------------------- save
+    def save(self, meta: KVReuseMetadata) -> None:
+        """Copy each new chunk's KV out of the paged cache; the store put runs in the background."""
+        if not meta.saves:
+            return
+        assert self.spec is not None
+        t0 = time.perf_counter()
+        names = sorted(self.layers, key=self.layers.get)
+        for req in meta.saves:
+            idx = torch.cat([torch.arange(it.start, it.end) for it in req.items])
+            slots = block_slots(req.block_ids, self.spec.block_size, 0, int(idx.max()) + 1)[idx]
+            kv = [gather_kv(self.caches[n], self.spec, slots) for n in names]
+            k = torch.stack([a for a, _ in kv])  # [L, N, H, D]
+            v = torch.stack([b for _, b in kv])
+            off = 0
+            for it in req.items:
+                n = it.end - it.start
+                ki, vi = k[:, off:off + n].clone(), v[:, off:off + n].clone()
+                off += n
+                fut = self._saver.submit(self._put, it, ki, vi)
+                self._pending[it.key] = fut
+                fut.add_done_callback(lambda f, key=it.key: self._pending.pop(key, None) if self._pending.get(key) is f else None)
+        with self._lock:
+            self._stats.save_seconds.append(time.perf_counter() - t0)
+
+    def _put(self, it: SaveItem, k: torch.Tensor, v: torch.Tensor) -> None:
+        key = ChunkKey(it.key)
+        ctx = context_signature(it.preceding)
+        pos = torch.arange(it.start, it.end)
+        try:
+            if self.store.contains(key, list(it.token_ids)) is None:
+                ok = self.store.put(ChunkEntry(key=key, token_ids=torch.tensor(it.token_ids), positions=pos,
+                                               k=k, v=v, context=ctx))
+                if ok:
+                    self._frames[it.key] = pos
+                    with self._lock:
+                        self._stats.saved_chunks += 1
+                        nb = 2 * k.numel() * k.element_size()
+                        self._stats.bytes_saved[self.store.contains(key) or "none"] = \
+                            self._stats.bytes_saved.get(self.store.contains(key) or "none", 0) + nb
+                else:
+                    self._lost.append(it.key)
+                return
+            self._put_context(key, it, ctx, pos, k, v)
+        except Exception:  # a failed save is a future miss, never a failed request
+            log.exception("kvreuse: saving chunk %s failed", key.hex()[:12])
+            with self._lock:
+                self._lost.append(it.key)
+
+    def _put_context(self, key: ChunkKey, it: SaveItem, ctx: bytes, pos: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """A stored chunk computed in another context: keep that KV and capture its patch."""
+        h = self.store.fetch(key, list(it.token_ids))
+        if h is None:
+            return
+        base = h.result()
+        k_rel = relocate(k, pos, base.positions, self.rope)  # into the entry's frame
+        self.store.add_context_kv(key, ctx, k_rel, v)
+        if self.cfg.policy.capture_patches and self.cfg.policy.patch_max_rank > 0:
+            p = self.cfg.policy
+            patch = fit_patch(k_rel.float() - base.k.float(), v.float() - base.v.float(), energy=p.patch_energy,
+                              max_rank=p.patch_max_rank, base_k=base.k, base_v=base.v, dtype=base.k.dtype)
+            if self.store.add_patch(key, ctx, patch):
+                with self._lock:
+                    self._stats.captured_patches += 1
+
+    # ---------------------------------------------------------------- stats
+    def take_stats(self) -> ReuseStats:
+        with self._lock:
+            s, self._stats = self._stats, ReuseStats()
+        snap = self.store.snapshot_stats()
+        last = self._last_store
+        for name, t in snap.tiers.items():
+            s.store_bytes[name], s.store_budget_bytes[name], s.store_entries[name] = \
+                t.used_bytes, t.budget_bytes, t.entries
+            prev = last.tiers.get(name) if last is not None else None
+            ev = t.evictions - (prev.evictions if prev else 0)
+            if ev:
+                s.evictions[name] = ev
+            if name in ("disk", "redis"):
+                rh = t.hits - (prev.hits if prev else 0)
+                if rh:
+                    s.rehydrations[name] = rh
+        s.demotions = snap.demotions - (last.demotions if last is not None else 0)
+        self._last_store = snap
+        return s
+
+    def close(self) -> None:
+        self._saver.shutdown(wait=True)
+        self.store.close()
