@@ -1,6 +1,8 @@
 """Plain-PyTorch reference of the relocation operator: the CPU path and every kernel's oracle.
 
-All math is fp32 (or fp64 for fp64 inputs) with a single rounding back to the input dtype.
+Math is fp32 for 16-bit inputs and fp64 for fp32/fp64 inputs (so that an fp32 cache stays
+within the rounding of its own dtype), with a single rounding back to the input dtype.  The
+table values themselves are always the engine's fp32 cos/sin.
 """
 
 from __future__ import annotations
@@ -25,18 +27,31 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox:
     return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
 
 
-def delta_cos_sin(rope: RopeSpec, src_pos: torch.Tensor, dst_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of the rotation that takes the table's angle at src to the table's angle at dst.
+def delta_cos_sin(rope: RopeSpec, src_pos: torch.Tensor, dst_pos: torch.Tensor,
+                  dtype: torch.dtype = torch.float32,
+                  table_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the map that undoes the table's rotation at src and applies the table's at dst.
 
-    Composed from the two table rows (`cos(b - a) = cos b cos a + sin b sin a`) rather than from
-    `fl(b - a)`: at positions near 1e5 the fp32 angle difference alone loses ~4e-3 rad.  Tokens
-    that do not move get exactly (1, 0), so a zero shift is the identity bit for bit.
-    # returns cos, sin: [num_tokens, rotary_dim // 2] fp32
+    Each table row `(c, s)` is the engine's fp32 `cos/sin(angle) * mscale`, rounded to
+    `table_dtype` when the engine rotates in that dtype (vLLM and HF cast the table to the
+    activation dtype, so bf16 keys were rotated by a bf16 table).  A row is not exactly a
+    unit rotation (`c² + s²` differs from `mscale²` by an fp32 rounding), so the exact inverse is
+    `(c, -s) / (c² + s²)`.  Hence `cosΔ = (c_d c_s + s_d s_s) / (c_s² + s_s²)` and
+    `sinΔ = (s_d c_s − c_d s_s) / (c_s² + s_s²)`, computed in `dtype`.  Composed from the two table
+    rows rather than from `fl(angle_d − angle_s)`: near position 1e5 the fp32 angle difference alone
+    loses ~4e-3 rad.  Tokens that do not move get exactly (1, 0): a zero shift is the identity.
+    # returns cos, sin: [num_tokens, rotary_dim // 2] in `dtype` (fp32, or fp64 for fp32 caches)
     """
-    cs, ss = rope.cos_sin(src_pos)
-    cd, sd = rope.cos_sin(dst_pos)
-    cos = cd * cs + sd * ss
-    sin = sd * cs - cd * ss
+    rows = []
+    for pos in (src_pos, dst_pos):
+        c, s = rope.cos_sin(pos, with_mscale=True)
+        if table_dtype is not None:  # the engine rotates 16-bit keys with its table rounded to that dtype
+            c, s = c.to(table_dtype), s.to(table_dtype)
+        rows += [c.to(dtype), s.to(dtype)]
+    cs, ss, cd, sd = rows
+    norm = cs * cs + ss * ss
+    cos = (cd * cs + sd * ss) / norm
+    sin = (sd * cs - cd * ss) / norm
     same = _same_angle(rope, src_pos, dst_pos)
     if same is not None:
         cos = torch.where(same, torch.ones_like(cos), cos)
@@ -55,8 +70,17 @@ def _same_angle(rope: RopeSpec, src: torch.Tensor, dst: torch.Tensor) -> torch.T
     return eq[axis].transpose(0, 1)                                  # [N, half]
 
 
+def source_table_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """Rounding of the table the engine rotates keys with: vLLM and HF cast their fp32 cos/sin
+    table to the activation dtype, so 16-bit keys carry a 16-bit-rounded rotation.  Undoing exactly
+    that one (and applying the same at the destination) makes relocated keys what a re-prefill
+    would write, and relocation chains invertible to within one rounding."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """fp32 for 16-bit data; fp64 for fp32/fp64 data."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def relocate_reference(k: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, rope: RopeSpec,
@@ -66,8 +90,8 @@ def relocate_reference(k: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Te
     k: `[..., num_tokens, num_kv_heads, head_dim]`; delta_k: broadcastable to k, any float dtype.
     Returns a new tensor of k's dtype: channels outside the rotary slice are copied unchanged.
     """
-    cos, sin = delta_cos_sin(rope, src_pos.to(k.device), dst_pos.to(k.device))
     ct = compute_dtype(k.dtype)
+    cos, sin = delta_cos_sin(rope, src_pos.to(k.device), dst_pos.to(k.device), ct, source_table_dtype(k.dtype))
     lo, hi = rope.rot_offset, rope.rot_offset + rope.rotary_dim
     x = k.to(ct)
     if delta_k is not None:
