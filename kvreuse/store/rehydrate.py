@@ -91,13 +91,20 @@ class Rehydration:
 
 def _read_into(reader: BlobReader, seg: Segment, dst: torch.Tensor) -> None:
     """Read one segment, verify its checksum, copy its bytes into ``dst`` (contiguous, same dtype/shape)."""
-    raw = reader.read(reader.header.payload_offset + seg.offset, seg.nbytes)
-    arr = np.frombuffer(raw, dtype=np.uint8)
-    if xxhash.xxh3_64_intdigest(arr) != seg.checksum:
-        raise EntryCorrupt(f"segment {seg.name}: checksum mismatch")
     if tuple(dst.shape) != seg.shape or dst.dtype != _dtype(seg.dtype):
         raise EntryCorrupt(f"segment {seg.name}: shape/dtype disagree with the header")
+    offset = reader.header.payload_offset + seg.offset
     u8 = dst.reshape(-1).view(torch.uint8)
+    direct = getattr(reader, "read_into", None)
+    if direct is not None and dst.device.type == "cpu":
+        out = u8.numpy()
+        direct(offset, memoryview(out))  # straight into the destination; verified in place before use
+        if xxhash.xxh3_64_intdigest(out) != seg.checksum:
+            raise EntryCorrupt(f"segment {seg.name}: checksum mismatch")
+        return
+    arr = np.frombuffer(reader.read(offset, seg.nbytes), dtype=np.uint8)
+    if xxhash.xxh3_64_intdigest(arr) != seg.checksum:
+        raise EntryCorrupt(f"segment {seg.name}: checksum mismatch")
     if dst.device.type == "cpu":
         u8.numpy()[:] = arr
     else:

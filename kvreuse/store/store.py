@@ -34,13 +34,13 @@ from kvreuse.store.config import StoreConfig
 from kvreuse.store.entry import ChunkEntry, ChunkView, as_signature
 from kvreuse.store.keys import ChunkKey, ModelFingerprint, token_bytes
 from kvreuse.store.persist import EntryCorrupt, encode
+from kvreuse.store.placement import _AUTO, TierStack
 from kvreuse.store.policy import make_policy
 from kvreuse.store.rehydrate import ChunkLoadError, Rehydration, load_layers
 from kvreuse.store.stats import StoreStats
 from kvreuse.store.tiers import DiskTier, MemoryTier, RedisTier, device_tier, host_tier
 from kvreuse.store.tiers.redis import MAX_VALUE_BYTES
 
-_AUTO = "auto"
 Tokens = Sequence[int] | torch.Tensor
 
 
@@ -77,7 +77,7 @@ class ChunkStore:
                      if config.disk_path and config.disk_bytes else None)
         self.redis = (RedisTier(config.redis_url, config.redis_bytes, self.model, policy=policy,
                                 namespace=redis_namespace) if config.redis_url and config.redis_bytes else None)
-        self._fit = fit_patch
+        self.tiers = TierStack(self.memory, self.disk, self.redis, self.stats, fit_patch)
         self._write_through = redis_write_through and self.redis is not None
         self._pending_limit, self._pending_bytes = write_through_pending_bytes, 0
         self._pending: set[Future] = set()
@@ -109,13 +109,13 @@ class ChunkStore:
                 return True
         n = entry.nbytes
         for i, t in enumerate(self.memory):
-            if n <= t.budget_bytes and self._make_room(i, n):
+            if n <= t.budget_bytes and self.tiers.make_room(i, n):
                 t.insert(t.adopt(entry))
                 ts = self.stats.tier(t.name)
                 ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + n
                 return True
             self.stats.tier(t.name).rejected_puts += 1
-        return self.disk is not None and self._disk_put(entry)
+        return self.disk is not None and self.tiers.disk_put(entry)
 
     def _merge_into(self, i: int, new: ChunkEntry) -> None:
         t, e = self.memory[i], self.memory[i].entries[new.key]
@@ -125,7 +125,7 @@ class ChunkStore:
         add_patch = {c: p for c, p in new.patches.items() if c not in e.patches}
         grow = sum(a.numel() * a.element_size() * 2 for a, _ in add_ctx.values())
         grow += sum(int(p.nbytes) for p in add_patch.values())
-        if not grow or not self._make_room(i, grow, protect=new.key):
+        if not grow or not self.tiers.make_room(i, grow, protect=new.key):
             return
         for c, (k, v) in add_ctx.items():
             e.add_context_kv(c, k, v)
@@ -158,7 +158,7 @@ class ChunkStore:
                     e = t.entries[key]
                     if as_signature(context) in e.patches:
                         return True
-                    if not self._make_room(i, int(patch.nbytes), protect=key):
+                    if not self.tiers.make_room(i, int(patch.nbytes), protect=key):
                         return False
                     e.add_patch(context, patch)
                     t.resized(key)
@@ -172,7 +172,7 @@ class ChunkStore:
             for t in self.memory:
                 for k in [key] if key is not None else list(t.entries):
                     if k in t and t.entries[k].demotable:
-                        freed += self._demote(t, k)
+                        freed += self.tiers.demote(t, k)
         return freed
 
     def evict(self, key: ChunkKey) -> bool:
@@ -181,8 +181,8 @@ class ChunkStore:
             for i, t in enumerate(self.memory):
                 if key in t:
                     e = t.pop(key, evicted=True)
-                    self._count_eviction(t.name, e.nbytes)
-                    self._spill(i + 1, e)
+                    self.tiers.count_eviction(t.name, e.nbytes)
+                    self.tiers.spill(i + 1, e)
                     return True
         return False
 
@@ -234,7 +234,6 @@ class ChunkStore:
             self.stats.lookup_seconds.observe(time.perf_counter() - t0)
 
     def _fetch(self, key: ChunkKey, tok: bytes, t0: float) -> Rehydration | None:
-        reader, source = None, None
         with self._lock:
             self.stats.lookups += 1
             for i, t in enumerate(self.memory):
@@ -247,7 +246,7 @@ class ChunkStore:
                 e.touch()
                 t.touched(key)
                 self.stats.tier(t.name).hits += 1
-                return Rehydration.completed(self._promote(i, e) if i else e, t.name)
+                return Rehydration.completed(self.tiers.promote(i, e) if i else e, t.name)
             h = self._inflight.get(key)
             if h is not None:
                 if token_bytes(h.token_ids) != tok:
@@ -255,33 +254,40 @@ class ChunkStore:
                 self.stats.shared_rehydrations += 1
                 return h
             if self.disk is not None:
-                reader, source = self.disk.open(key), "disk"
-                if reader is None:
-                    self.stats.tier("disk").misses += 1
-        if reader is None and self.redis is not None:
-            reader, source = self.redis.open(key), "redis"  # network: outside the lock
-            if reader is None:
-                self.stats.tier("redis").misses += 1
+                reader = self.disk.open(key)
+                if reader is not None:
+                    return self._start_load(key, tok, reader, "disk", t0)
+                self.stats.tier("disk").misses += 1
+        reader = self.redis.open(key) if self.redis is not None else None  # network: outside the lock
         if reader is None:
+            if self.redis is not None:
+                self.stats.tier("redis").misses += 1
             self.stats.misses += 1
             return None
         with self._lock:
-            h = self._inflight.get(key)
-            if h is not None or token_bytes(reader.header.token_ids) != tok:
+            h = self._inflight.get(key)  # another lookup started it while we were away
+            if h is not None:
                 reader.close()
-                if h is None or token_bytes(h.token_ids) != tok:
+                if token_bytes(h.token_ids) != tok:
                     return self._mismatch()
                 self.stats.shared_rehydrations += 1
                 return h
-            self.stats.tier(source).hits += 1
-            hd = reader.header
-            h = Rehydration(key, source, hd.num_layers, hd.token_ids, hd.positions)
-            need = hd.payload_bytes + 8 * (hd.token_ids.numel() + hd.positions.numel())
-            dest = next((i for i, t in enumerate(self.memory) if need <= t.budget_bytes - sum(t.reserved.values())
-                         and self._make_room(i, need)), None)
-            if dest is not None:
-                self.memory[dest].reserve(key, need)
-            self._inflight[key] = h
+            return self._start_load(key, tok, reader, "redis", t0)
+
+    def _start_load(self, key: ChunkKey, tok: bytes, reader: Any, source: str, t0: float) -> Rehydration | None:
+        """With the lock held: verify, reserve room in the fastest memory tier that can take it, start the load."""
+        hd = reader.header
+        if token_bytes(hd.token_ids) != tok:
+            reader.close()
+            return self._mismatch()
+        self.stats.tier(source).hits += 1
+        h = Rehydration(key, source, hd.num_layers, hd.token_ids, hd.positions)
+        need = hd.payload_bytes + 8 * (hd.token_ids.numel() + hd.positions.numel())  # >= the entry's nbytes
+        dest = next((i for i, t in enumerate(self.memory) if need <= t.budget_bytes - sum(t.reserved.values())
+                     and self.tiers.make_room(i, need)), None)
+        if dest is not None:
+            self.memory[dest].reserve(key, need)
+        self._inflight[key] = h
         self._loads.submit(self._rehydrate, h, reader, dest, t0)
         return h
 
@@ -345,91 +351,6 @@ class ChunkStore:
         with self._lock:
             self.stats.hits_by_policy[label] = self.stats.hits_by_policy.get(label, 0) + 1
 
-    # ---------------------------------------------------------------- pressure
-    def _make_room(self, i: int, n: int, protect: ChunkKey | None = None) -> bool:
-        t = self.memory[i]
-        if t.used_bytes + n <= t.budget_bytes:
-            return True
-        if n > t.budget_bytes - sum(t.reserved.values()) - (t._sizes.get(protect, 0) if protect else 0):
-            return False
-        for k in t.policy.victims():  # demote first, lowest priority first
-            if t.used_bytes + n <= t.budget_bytes:
-                return True
-            if t.entries[k].demotable:
-                self._demote(t, k)
-        while t.used_bytes + n > t.budget_bytes:
-            victim = t.policy.peek()
-            if victim == protect:
-                victim = next((k for k in t.policy.victims() if k != protect), None)
-            if victim is None:
-                return False
-            e = t.pop(victim, evicted=True)
-            self._count_eviction(t.name, e.nbytes)
-            self._spill(i + 1, e)
-        return True
-
-    def _demote(self, t: MemoryTier, key: ChunkKey) -> int:
-        freed = t.entries[key].demote(self._fit_fn())
-        t.resized(key)
-        self.stats.demotions += 1
-        self.stats.demoted_bytes += freed
-        return freed
-
-    def _spill(self, j: int, e: ChunkEntry) -> None:
-        n = e.nbytes
-        if j < len(self.memory):
-            t = self.memory[j]
-            if n <= t.budget_bytes and self._make_room(j, n):
-                t.insert(t.adopt(e))
-                self.stats.bytes_moved += n
-                return
-        if self.disk is not None:
-            h = self.disk.index.get(e.key)
-            if h is not None and h.contexts == tuple(e.in_context) and h.patch_contexts == tuple(e.patches):
-                return  # the disk already has this content
-            if self._disk_put(e):
-                self.stats.bytes_moved += n
-
-    def _disk_put(self, e: ChunkEntry) -> bool:
-        n = self.disk.put(e, self._disk_room)
-        ts = self.stats.tier("disk")
-        if n:
-            ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + n
-        else:
-            ts.rejected_puts += 1
-        return bool(n)
-
-    def _disk_room(self, n: int) -> bool:
-        d = self.disk
-        while d.used_bytes + n > d.budget_bytes:
-            victim = d.policy.peek()
-            if victim is None:
-                return False
-            h = d.index[victim]
-            if self.redis is not None and not self.redis.contains(victim):
-                blob = d.read_blob(victim)
-                if blob is not None:
-                    self.redis.put_blob(victim, blob, cost=h.recompute_cost, hits=h.hits)
-            d.remove(victim, evicted=True)
-            self._count_eviction("disk", h.total_bytes)
-        return True
-
-    def _count_eviction(self, tier: str, n: int) -> None:
-        ts = self.stats.tier(tier)
-        ts.evictions, ts.evicted_bytes = ts.evictions + 1, ts.evicted_bytes + n
-
-    def _promote(self, i: int, e: ChunkEntry) -> ChunkEntry:
-        top, n = self.memory[0], e.nbytes
-        if n > top.budget_bytes - sum(top.reserved.values()):
-            return e
-        self.memory[i].pop(e.key)
-        ok = self._make_room(0, n)
-        assert ok
-        e = top.adopt(e)
-        top.insert(e)
-        self.stats.bytes_moved += n
-        return e
-
     def _mismatch(self) -> None:
         self.stats.token_mismatches += 1
         self.stats.misses += 1
@@ -468,15 +389,6 @@ class ChunkStore:
                 self._pending_bytes -= n
 
     # ---------------------------------------------------------------- misc
-    def _fit_fn(self) -> Any:
-        if self._fit == _AUTO:
-            try:
-                from kvreuse.patch import fit_patch
-            except ImportError:
-                fit_patch = None
-            self._fit = fit_patch
-        return self._fit
-
     @staticmethod
     def _patch_loader() -> Any:
         try:

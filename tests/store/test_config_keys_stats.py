@@ -131,7 +131,7 @@ def test_cost_aware_prefers_cost_per_byte_and_frequency_and_ages():
     p.update("new", nbytes=1000, cost=1.0, hits=0)  # starts from the clock, above the evicted one
     assert p.victims()[0] == "new" and p._prio["new"][0] == pytest.approx(2e-3)
     evicted = []
-    for i in range(6):  # a stream of one-off entries raises the clock until the idle popular entry ages out
+    for i in range(20):  # a stream of one-off entries raises the clock until the idle popular entry ages out
         p.update(f"x{i}", nbytes=100, cost=1.0, hits=0)
         v = p.peek()
         evicted.append(v)

@@ -37,6 +37,15 @@ class FileReader:
             raise EntryCorrupt(f"short read at {offset}: {len(b)} of {n} bytes")
         return b
 
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Read exactly ``len(out)`` bytes at ``offset`` straight into ``out`` (no intermediate copy)."""
+        done, n = 0, out.nbytes
+        while done < n:
+            got = os.preadv(self.fd, [out[done:]], offset + done)
+            if got <= 0:
+                raise EntryCorrupt(f"short read at {offset}: {done} of {n} bytes")
+            done += got
+
     def close(self) -> None:
         os.close(self.fd)
 
