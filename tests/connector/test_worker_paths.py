@@ -1,0 +1,91 @@
+"""Worker side on synthetic paged caches (CPU_ATTN and FLASH): save, then load at a new position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from kvreuse.connector.claim import LoadItem, SaveItem, context_signature  # noqa: E402
+from kvreuse.connector.config import ConnectorConfig  # noqa: E402
+from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, ReqLoad, ReqSave  # noqa: E402
+from kvreuse.connector.stats import KVReuseConnectorStats, ReuseStats  # noqa: E402
+from kvreuse.connector.worker import WorkerSide, detect_layout, layer_index  # noqa: E402
+from kvreuse.ops import relocate  # noqa: E402
+from kvreuse.paged import Layout, PagedSpec, block_slots, gather_kv, scatter_kv  # noqa: E402
+from kvreuse.rope.spec import RopeSpec  # noqa: E402
+from kvreuse.store import ModelFingerprint  # noqa: E402
+
+L, H, D, BS, NB = 2, 2, 32, 16, 8
+ROPE = RopeSpec.from_hf_config({"hidden_size": 64, "num_attention_heads": 2, "head_dim": D, "rope_theta": 10000.0,
+                                "max_position_embeddings": 4096, "model_type": "llama"})
+
+
+def make_caches(layout: Layout, dtype=torch.float32):
+    shape = {Layout.CPU_ATTN: (NB, H, BS, 2 * D), Layout.FLASH: (2, NB, BS, H, D)}[layout]
+    return {f"model.layers.{i}.self_attn.attn": torch.zeros(shape, dtype=dtype) for i in range(L)}
+
+
+@pytest.mark.parametrize("layout", [Layout.CPU_ATTN, Layout.FLASH])
+def test_save_then_load_relocated(layout):
+    w = WorkerSide(ConnectorConfig(), ROPE, ModelFingerprint("Tiny", "w", "float32"))
+    caches = make_caches(layout)
+    w.register(caches, "CPU_ATTN" if layout is Layout.CPU_ATTN else "FLASH_ATTN", H, D)
+    spec = w.spec
+    # request 1: chunk of 20 tokens at positions 5..25 in blocks [3, 1]
+    n, src0, dst0 = 20, 5, 37
+    k = torch.randn(L, n, H, D)
+    v = torch.randn(L, n, H, D)
+    blocks1 = [3, 1]
+    slots1 = block_slots(blocks1, BS, src0, src0 + n)
+    for i, name in enumerate(caches):
+        scatter_kv(caches[name], spec, k[i], v[i], slots1)
+    toks = tuple(range(100, 100 + n))
+    key = b"k" * 16
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", blocks1, [SaveItem(key, toks, src0, src0 + n, (), True)])]))
+    w._saver.submit(lambda: None).result()
+    # request 2: the same chunk at 37..57 in blocks [6, 0, 2, 5]
+    blocks2 = [6, 0, 2, 5]
+    item = LoadItem(key, toks, 0, n, dst0, context_signature(()), "reorder")
+    w.start_load(KVReuseMetadata(loads=[ReqLoad("r2", blocks2, [item])]))
+    for name in caches:
+        w.load_layer(name)
+    slots2 = block_slots(blocks2, BS, dst0, dst0 + n)
+    for i, name in enumerate(caches):
+        gk, gv = gather_kv(caches[name], spec, slots2)
+        want = relocate(k[i], torch.arange(src0, src0 + n), torch.arange(dst0, dst0 + n), ROPE)
+        torch.testing.assert_close(gk, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gv, v[i])
+    s = w.take_stats()
+    assert s.claims == {"reorder": 1} and s.reused_tokens == n and s.saved_chunks == 1
+    assert s.store_entries["device"] == 1
+    w.close()
+
+
+def test_failed_load_reports_blocks_and_lost_key():
+    w = WorkerSide(ConnectorConfig(), ROPE, ModelFingerprint("Tiny", "w", "float32"))
+    caches = make_caches(Layout.CPU_ATTN)
+    w.register(caches, "CPU_ATTN", H, D)
+    item = LoadItem(b"z" * 16, tuple(range(40)), 0, 40, 20, context_signature(()), "exact")
+    w.start_load(KVReuseMetadata(loads=[ReqLoad("r", [4, 5, 6, 7], [item])]))
+    assert w.take_failed_blocks() == {5, 6, 7}   # tokens 20..60 live in blocks 1..3 of the request
+    assert w.take_lost_keys() == [b"z" * 16]
+    assert w.take_stats().load_failures == 1
+    w.close()
+
+
+def test_layout_and_layer_names():
+    assert layer_index("model.layers.11.self_attn.attn") == 11
+    assert detect_layout(torch.zeros(2, 2, 16, 64), "CPU_ATTN") is Layout.CPU_ATTN
+    assert detect_layout(torch.zeros(2, 4, 16, 2, 32), "FLASH_ATTN") is Layout.FLASH
+
+
+def test_stats_merge_and_carrier():
+    a = ReuseStats(lookups_hit=2, claims={"exact": 1}, load_seconds=[0.1], store_bytes={"device": 10})
+    b = ReuseStats(lookups_hit=1, claims={"exact": 2, "blind": 1}, store_bytes={"device": 12})
+    m = a.merge(b)
+    assert m.lookups_hit == 3 and m.claims == {"exact": 3, "blind": 1} and m.load_seconds == [0.1]
+    c = KVReuseConnectorStats(data=a.to_dict()).aggregate(KVReuseConnectorStats(data=b.to_dict()))
+    assert ReuseStats.from_dict(c.data) == m and not c.is_empty()
+    assert KVReuseWorkerReport([b"1"]).aggregate(KVReuseWorkerReport([b"2"])).lost_keys == [b"1", b"2"]
