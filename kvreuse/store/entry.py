@@ -220,8 +220,14 @@ class ChunkEntry:
 
 
 def _patch_to(p: Any, device: torch.device | str) -> Any:
+    """The patch with its factors on ``device`` (through ``to`` or a state-dict round trip)."""
     to = getattr(p, "to", None)
-    return to(device) if callable(to) else p
+    if callable(to):
+        return to(device)
+    sd = p.state_dict()
+    if all(t.device == torch.device(device) for t in sd.values()):
+        return p
+    return type(p).from_state_dict({n: t.to(device) for n, t in sd.items()})
 
 
 @dataclass(frozen=True)

@@ -87,13 +87,17 @@ class RedisTier:
     name = "redis"
 
     def __init__(self, url: str, budget_bytes: int, model: bytes, *, policy: str = "cost",
-                 namespace: str = "kvreuse:", timeout_seconds: float = 2.0, retry_seconds: float = 0.5) -> None:
+                 namespace: str = "kvreuse:", timeout_seconds: float = 2.0, bulk_timeout_seconds: float = 120.0,
+                 retry_seconds: float = 0.5) -> None:
         assert policy in ("cost", "lru")
         self.budget_bytes, self.model, self.policy = budget_bytes, model, policy
         self.ns = namespace
         self.retry_seconds = retry_seconds
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_seconds,
                                            socket_connect_timeout=timeout_seconds)
+        # Writes move whole entries (up to 512 MiB) and run the eviction script: a longer read timeout.
+        self.bulk = redis.Redis.from_url(url, socket_timeout=bulk_timeout_seconds,
+                                         socket_connect_timeout=timeout_seconds)
         self._put = self.client.register_script(_PUT)
         self._touch = self.client.register_script(_TOUCH)
         self._remove = self.client.register_script(_REMOVE)
@@ -109,11 +113,11 @@ class RedisTier:
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    def _call(self, fn: Any, default: Any = None) -> Any:
+    def _call(self, fn: Any, default: Any = None, *, bulk: bool = False) -> Any:
         if not self.available:
             return default
         try:
-            return fn(self.client)
+            return fn(self.bulk if bulk else self.client)
         except _DOWN:
             self.errors += 1
             self._down_until = time.monotonic() + self.retry_seconds
@@ -126,7 +130,7 @@ class RedisTier:
         delta = (hits + 1) * cost / max(len(blob), 1)
         r = self._call(lambda c: self._put(keys=[*self._meta, self._name(key)],
                                            args=[blob, self.budget_bytes, len(blob), delta, self.policy,
-                                                 time.time()], client=c), default=None)
+                                                 time.time()], client=c), default=None, bulk=True)
         if r is None or r < 0:
             return False
         self.evictions += int(r)
@@ -161,7 +165,7 @@ class RedisTier:
         return RedisReader(self, name, h)
 
     def get_blob(self, key: ChunkKey) -> bytes | None:
-        return self._call(lambda c: c.get(self._name(key)), default=None)
+        return self._call(lambda c: c.get(self._name(key)), default=None, bulk=True)
 
     def used_bytes(self) -> int | None:
         """Bytes held by all stores sharing this Redis namespace (None when unreachable)."""
@@ -176,3 +180,4 @@ class RedisTier:
 
     def close(self) -> None:
         self.client.close()
+        self.bulk.close()
