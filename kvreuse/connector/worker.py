@@ -77,7 +77,6 @@ class WorkerSide:
         self.spec: PagedSpec | None = None
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-save")
         self._pending: dict[bytes, Future] = {}
-        self._frames: dict[bytes, torch.Tensor] = {}  # key -> positions of the stored entry
         self._lock = threading.Lock()
         self._stats = ReuseStats()
         self._last_store = None
@@ -124,8 +123,7 @@ class WorkerSide:
                 view = self.store.get(ChunkKey(item.key), list(item.token_ids), context=item.context,
                                       tokens=slice(item.src_start, item.src_end))
             if view is None:
-                first_bad = item.dst_start
-                self._fail(req, first_bad, item.key)
+                self._fail(req, item.dst_start, item.key)
                 break
             policy = "recall" if view.how == "patched" and item.policy in ("exact", "survival") else item.policy
             ntok = item.src_end - item.src_start
@@ -225,12 +223,10 @@ class WorkerSide:
                 ok = self.store.put(ChunkEntry(key=key, token_ids=torch.tensor(it.token_ids), positions=pos,
                                                k=k, v=v, context=ctx))
                 if ok:
-                    self._frames[it.key] = pos
                     with self._lock:
                         self._stats.saved_chunks += 1
-                        nb = 2 * k.numel() * k.element_size()
-                        self._stats.bytes_saved[self.store.contains(key) or "none"] = \
-                            self._stats.bytes_saved.get(self.store.contains(key) or "none", 0) + nb
+                        tier = self.store.contains(key) or "none"
+                        self._stats.bytes_saved[tier] = self._stats.bytes_saved.get(tier, 0) + 2 * k.numel() * k.element_size()
                 else:
                     self._lost.append(it.key)
                 return
