@@ -37,7 +37,8 @@ def relocate(k: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, rope
         rope: the model's `RopeSpec`.
         backend: "reference" | "triton" | "cuda" | None (auto / `KVREUSE_OPS_BACKEND`).
         angles: kernels only — "table" reads the fp32 delta cos/sin table built by the reference
-            (bit-equal to it), "kernel" recomputes it in-kernel from positions and `inv_freq`.
+            (bit-equal to it), "kernel" recomputes it in-kernel from positions and `inv_freq`
+            (Triton only; the CUDA kernel always reads the table).
 
     Returns:
         A new tensor like `k`.  Math is fp32 with one rounding; values (V) never move, so there is
@@ -52,7 +53,7 @@ def relocate(k: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, rope
 
     k4 = k if k.dim() == 4 else k.unsqueeze(0)
     out = torch.empty(k4.shape, dtype=k.dtype, device=k.device)
-    _launch(name, k4, None, plan.dense_dest(out), _angles(rope, src_pos, dst_pos, k.device, angles, k.dtype),
+    _launch(name, k4, None, plan.dense_dest(out), _angles(rope, src_pos, dst_pos, k.device, angles, k.dtype, name),
             rope, None, None)
     return out if k.dim() == 4 else out[0]
 
@@ -102,7 +103,7 @@ def relocate_patch_scatter(k: torch.Tensor, v: torch.Tensor, src_pos: torch.Tens
     dest = plan.paged_dest(caches, paged_spec, slot_mapping.to(k4.device))
     fk = plan.factor_pack(patch.k, k4.device) if patch is not None else None
     fv = plan.factor_pack(patch.v, k4.device) if patch is not None else None
-    _launch(name, k4, v4, dest, _angles(rope, src_pos, dst_pos, k4.device, angles, k4.dtype), rope, fk, fv)
+    _launch(name, k4, v4, dest, _angles(rope, src_pos, dst_pos, k4.device, angles, k4.dtype, name), rope, fk, fv)
 
 
 def gather_paged(kv_cache: torch.Tensor | list[torch.Tensor], paged_spec: PagedSpec,
@@ -187,12 +188,12 @@ def _as_layers(k, v, kv_cache, patch, patch_layer, rope):
     return k, v, caches, patch
 
 
-def _angles(rope, src_pos, dst_pos, device, mode, dtype):
+def _angles(rope, src_pos, dst_pos, device, mode, dtype, name):
     from kvreuse.ops import plan
 
     if mode not in ANGLE_MODES:
         raise ValueError(f"angles must be one of {ANGLE_MODES}, got {mode!r}")
-    return plan.angles(rope, src_pos, dst_pos, device, table=mode == "table", dtype=dtype)
+    return plan.angles(rope, src_pos, dst_pos, device, table=mode == "table" or name == "cuda", dtype=dtype)
 
 
 def _launch(name, k4, v4, dest, ang, rope, fk, fv) -> None:

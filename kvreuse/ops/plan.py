@@ -31,6 +31,7 @@ class Dest:
     block_size: int
     num_slots: int
     slots: torch.Tensor | None  # [N] int32/int64; None = token index (dense output)
+    host_offsets: tuple[int, ...] = ()  # layer_off on the host (alignment checks without a sync)
 
 
 @dataclass
@@ -63,6 +64,11 @@ class FactorPack:
     ranks: torch.Tensor   # [L] int32
     max_rank: int
     keep: list            # the per-layer tensors the offsets point into (kept alive until launch)
+
+
+def host_offsets(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    size = tensors[0].element_size()
+    return tuple((t.data_ptr() - tensors[0].data_ptr()) // size for t in tensors)
 
 
 def offsets(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -99,7 +105,7 @@ def paged_dest(caches: list[torch.Tensor], spec: PagedSpec, slots: torch.Tensor 
     else:
         raise ValueError(f"the fused kernels write FLASH and HND caches, not {spec.layout.name}")
     return Dest(c0, offsets(caches, c0.device), s_kv, s_blk, s_off, s_h, spec.block_size,
-                spec.num_slots, slots)
+                spec.num_slots, slots, host_offsets(caches))
 
 
 def dense_dest(out: torch.Tensor) -> Dest:
@@ -107,7 +113,7 @@ def dense_dest(out: torch.Tensor) -> Dest:
     L, N, H, D = out.shape
     assert out.is_contiguous()
     offs = torch.arange(L, dtype=torch.int64, device=out.device) * (N * H * D)
-    return Dest(out, offs, 0, H * D, 0, D, 1, N, None)
+    return Dest(out, offs, 0, H * D, 0, D, 1, N, None, tuple(l * N * H * D for l in range(L)))
 
 
 def angles(rope: RopeSpec, src: torch.Tensor, dst: torch.Tensor, device: torch.device, table: bool,

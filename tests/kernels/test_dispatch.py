@@ -1,0 +1,48 @@
+"""Backend selection: explicit argument, environment override, fallbacks and refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvreuse.ops import backends, gather_paged, relocate
+from kvreuse.paged import Layout, PagedSpec
+
+from tests.kernels.cases import make_rope
+
+
+def test_auto_on_cpu_is_reference(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.choose(torch.device("cpu")) == "reference"
+
+
+def test_env_override_read_per_call(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.choose(torch.device("cuda")) == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="unknown ops backend"):
+        backends.choose(torch.device("cpu"))
+    assert backends.choose(torch.device("cpu"), "reference") == "reference"   # argument wins
+
+
+def test_kernel_refuses_what_it_cannot_do(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.choose(torch.device("cuda"), kernel_ok=False) == "reference"
+    with pytest.raises(ValueError, match="does not handle"):
+        backends.choose(torch.device("cpu"), "triton", kernel_ok=False)
+    if backends.cuda_ext() is None:
+        with pytest.raises(RuntimeError, match="not built"):
+            backends.choose(torch.device("cuda"), "cuda")
+
+
+def test_reference_paths_on_cpu():
+    d, rope = make_rope("neox")
+    k = torch.randn(5, 2, d, dtype=torch.float64)             # float64: reference only
+    src, dst = torch.arange(5), torch.arange(5) + 3
+    assert relocate(k, src, dst, rope).dtype == torch.float64
+    cache = torch.randn(4, 2, 4, 2 * d)                          # CPU_ATTN layout
+    spec = PagedSpec.of(cache, Layout.CPU_ATTN)
+    k2, v2 = gather_paged(cache, spec, torch.tensor([0, 5, 9]))
+    assert k2.shape == (3, 2, d)
+    with pytest.raises(ValueError, match="lie in"):
+        gather_paged(cache, spec, torch.tensor([0, 99]))
