@@ -7,6 +7,11 @@ Every key is optional::
      "store": {"device_bytes": "1GiB", "host_bytes": ..., "disk_path": ..., ...},
      "save": true, "load": true}
 
+The store's budget keys (`device_bytes`, `host_bytes`, `disk_path`, `disk_bytes`, `redis_url`,
+`redis_bytes`) are also accepted at the top level, exactly as the store documents them, so one
+config dict serves `kv_connector_extra_config`, `--kvreuse-config` and `StoreConfig.from_dict`;
+giving the same key both ways is an error.
+
 A bad key or value raises `ConnectorConfigError` naming the key (e.g. `policy.mode`), which
 vLLM surfaces at startup.
 """
@@ -20,6 +25,7 @@ from kvreuse.errors import KVReuseError
 from kvreuse.store.config import StoreConfig, StoreConfigError
 
 POLICY_MODES = ("any", "patched_or_exact")
+STORE_KEYS = ("device_bytes", "host_bytes", "disk_path", "disk_bytes", "redis_url", "redis_bytes")
 DEFAULT_STORE = {"device_bytes": "1GiB"}
 
 
@@ -77,6 +83,15 @@ class ConnectorConfig:
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "ConnectorConfig":
         """Build from `kv_connector_extra_config` (unknown keys are errors, naming the key)."""
         extra = dict(extra or {})
+        flat = {k: extra.pop(k) for k in STORE_KEYS if k in extra}
+        if flat:
+            nested = extra.get("store", {})
+            if not isinstance(nested, Mapping):
+                raise ConnectorConfigError(f"store: expected an object, got {type(nested).__name__}")
+            both = sorted(set(flat) & set(nested))
+            if both:
+                raise ConnectorConfigError(f"{both[0]}: given both at the top level and under store")
+            extra["store"] = {**nested, **flat}
         _known("", extra, {f.name for f in fields(cls)})
         kw: dict[str, Any] = {}
         if "chunking" in extra:
@@ -87,7 +102,7 @@ class ConnectorConfig:
             try:
                 kw["store"] = StoreConfig.from_dict(extra["store"])
             except StoreConfigError as e:
-                raise ConnectorConfigError(f"store.{e}") from None
+                raise ConnectorConfigError(f"store.{e}" if "store" in extra and not flat else str(e)) from None
         for flag in ("save", "load"):
             if flag in extra:
                 if not isinstance(extra[flag], bool):
