@@ -43,7 +43,7 @@ def _patch_tile(a_base, b_base, rank, n3, h3, cols3, H, D, row_mask, col_mask):
 def _round_bf16(x):
     """fp32 -> nearest-even bf16 -> fp32 by bit arithmetic (finite x; same on GPU and interpreter)."""
     bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
     return bits.to(tl.float32, bitcast=True)
 
 
