@@ -9,7 +9,11 @@ CUDA host, or =1 to fail loudly when it cannot be built.
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# `kernels/` (Triton) installs inside the kvreuse namespace, never as a top-level `kernels`.
+PACKAGES = find_packages(include=["kvreuse", "kvreuse.*"]) + ["kvreuse.kernels"]
+PACKAGE_DIR = {"kvreuse": "kvreuse", "kvreuse.kernels": "kernels"}
 
 
 def _cuda_extensions():
@@ -31,7 +35,7 @@ def _cuda_extensions():
             raise RuntimeError("KVREUSE_BUILD_CUDA=1 but no CUDA toolkit / CUDA torch / csrc sources")
         return [], {}
     nvcc_flags = [
-        "-O3", "--use_fast_math", "-std=c++17",
+        "-O3", "-std=c++17",  # no fast-math: flush-to-zero would zero subnormal bf16 keys
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90a,code=sm_90a",
     ]
@@ -40,4 +44,4 @@ def _cuda_extensions():
 
 
 ext_modules, cmdclass = _cuda_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
