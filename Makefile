@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 TORCH_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-all demo bench clean
+.PHONY: setup test test-fast test-slow demo clean
 
 setup: $(VENV)/.kvreuse-setup
 
@@ -31,14 +31,16 @@ $(VENV)/.kvreuse-setup: pyproject.toml setup.py
 	$(PIP) install -q $(TORCH_ARGS) -e ".[test,bench,serve]"
 	touch $@
 
+# Everything (unit tests and end-to-end vLLM servers); what CI runs.
 test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Without the end-to-end servers (-m slow).
+test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 test-slow: setup
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS) tests
-
-test-all: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: setup
 	$(PY) -m server.demo
