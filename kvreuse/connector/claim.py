@@ -20,8 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import torch
 import xxhash
 
+from kvreuse.connector.mrope import as_tuple
 from kvreuse.connector.segment import Chunk
 from kvreuse.store.keys import ChunkKey
 
@@ -101,6 +103,12 @@ class LoadItem:
     dst_start: int
     context: bytes
     policy: str
+    # M-RoPE models: the request's `[3, n]` positions of the loaded tokens (None: token indices)
+    dst_pos: tuple[tuple[int, ...], ...] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.src_end - self.src_start
 
 
 @dataclass
@@ -119,8 +127,13 @@ def chunk_keys(token_ids: Sequence[int], chunks: Sequence[Chunk], model_digest: 
 
 
 def plan_claim(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,
-               num_computed: int, mode: str = "any") -> Claim:
-    """The claim after `num_computed` prefix-cached tokens (pure: nothing is recorded)."""
+               num_computed: int, mode: str = "any", positions: torch.Tensor | None = None) -> Claim:
+    """The claim after `num_computed` prefix-cached tokens (pure: nothing is recorded).
+
+    `positions`: the request's `[3, N]` M-RoPE positions (`kvreuse.connector.mrope`); each item
+    then carries its destination positions.  Claims end on chunk boundaries, and a media item
+    is one chunk, so a claim never ends inside an image or video span.
+    """
     limit = len(token_ids) - 1  # vLLM must compute at least one prompt token
     items: list[LoadItem] = []
     hits = misses = 0
@@ -139,8 +152,9 @@ def plan_claim(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence
             misses += 1
             continue
         start = max(c.start, num_computed)
+        dst_pos = as_tuple(positions[:, start:c.end]) if positions is not None else None
         items.append(LoadItem(keys[j], tuple(token_ids[c.start:c.end]), start - c.start, c.num_tokens, start,
-                              pick[1], pick[0]))
+                              pick[1], pick[0], dst_pos))
         hits += 1
     end = items[-1].dst_start + items[-1].src_end - items[-1].src_start if items else num_computed
     return Claim(items, end - num_computed, hits, misses)
@@ -156,19 +170,21 @@ class SaveItem:
     end: int
     preceding: tuple[bytes, ...]
     is_new: bool  # False: the key is stored already; this is its KV in another context (patch capture)
+    positions: tuple[tuple[int, ...], ...] | None = None  # M-RoPE: `[3, end - start]` (None: token indices)
 
 
 def plan_saves(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,
-               loaded: set[bytes], capture_patches: bool) -> list[SaveItem]:
+               loaded: set[bytes], capture_patches: bool, positions: torch.Tensor | None = None) -> list[SaveItem]:
     """Chunks whose KV this request computed and the store lacks (new keys, or new contexts)."""
     out = []
+    pos = (lambda c: as_tuple(positions[:, c.start:c.end])) if positions is not None else (lambda c: None)
     for j, c in enumerate(chunks):
         if keys[j] in loaded:
             continue
         pre = tuple(keys[:j])
         e = directory.get(keys[j])
         if e is None:
-            out.append(SaveItem(keys[j], tuple(token_ids[c.start:c.end]), c.start, c.end, pre, True))
+            out.append(SaveItem(keys[j], tuple(token_ids[c.start:c.end]), c.start, c.end, pre, True, pos(c)))
         elif capture_patches and context_signature(pre) not in e.contexts and e.num_tokens == c.num_tokens:
-            out.append(SaveItem(keys[j], tuple(token_ids[c.start:c.end]), c.start, c.end, pre, False))
+            out.append(SaveItem(keys[j], tuple(token_ids[c.start:c.end]), c.start, c.end, pre, False, pos(c)))
     return out

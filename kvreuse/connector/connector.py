@@ -66,6 +66,19 @@ def _boundary_ids(vllm_config: "VllmConfig", names: tuple[str, ...]) -> frozense
         return frozenset()
 
 
+def _positions_fn(vllm_config: "VllmConfig"):
+    """M-RoPE models: the model's own position function (see `kvreuse.connector.mrope`)."""
+    from kvreuse.connector.mrope import positions_fn_from_vllm
+
+    try:
+        return positions_fn_from_vllm(vllm_config)
+    except Exception as e:
+        from kvreuse.errors import KVReuseError
+
+        raise KVReuseError(f"kvreuse: the model uses M-RoPE but its position function is unavailable ({e}); "
+                           "kvreuse cannot place KV for it") from e
+
+
 class KVReuseConnector(KVConnectorBase_V1):
     """Position-free chunk reuse: stored chunks are placed at any position, in any order."""
 
@@ -84,7 +97,7 @@ class KVReuseConnector(KVConnectorBase_V1):
 
             self._scheduler = SchedulerSide(self.cfg, key_fp.digest,
                                             _boundary_ids(vllm_config, self.cfg.chunking.boundary_tokens),
-                                            allow_faults)
+                                            allow_faults, _positions_fn(vllm_config))
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 

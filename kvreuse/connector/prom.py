@@ -22,6 +22,10 @@ METRICS = [
     ("kvreuse_demotions", "counter", "Entries demoted from full in-context KV to base + patch", None),
     ("kvreuse_rehydrations", "counter", "Entries loaded back from a lower tier, by tier", "tier"),
     ("kvreuse_load_failures", "counter", "Claimed chunks that failed to load (recomputed by vLLM)", None),
+    ("kvreuse_encoder_inputs", "counter",
+     "Multimodal items vLLM scheduled through the encoder (seen by the connector), by modality", "modality"),
+    ("kvreuse_mm_items_reused", "counter",
+     "Multimodal items placed from the store (their encoder run and prefill skipped), by modality", "modality"),
     ("kvreuse_store_bytes", "gauge", "Bytes held by the store, by tier", "tier"),
     ("kvreuse_store_budget_bytes", "gauge", "Byte budget of the store, by tier", "tier"),
     ("kvreuse_store_entries", "gauge", "Entries held by the store, by tier", "tier"),
@@ -33,7 +37,8 @@ _FIELD = {"kvreuse_chunk_lookups": None, "kvreuse_claims": "claims", "kvreuse_re
           "kvreuse_saved_chunks": "saved_chunks", "kvreuse_captured_patches": "captured_patches",
           "kvreuse_loaded_bytes": "bytes_loaded", "kvreuse_saved_bytes": "bytes_saved",
           "kvreuse_evictions": "evictions", "kvreuse_demotions": "demotions", "kvreuse_rehydrations": "rehydrations",
-          "kvreuse_load_failures": "load_failures", "kvreuse_store_bytes": "store_bytes",
+          "kvreuse_load_failures": "load_failures", "kvreuse_encoder_inputs": "encoder_inputs",
+          "kvreuse_mm_items_reused": "mm_items_reused", "kvreuse_store_bytes": "store_bytes",
           "kvreuse_store_budget_bytes": "store_budget_bytes", "kvreuse_store_entries": "store_entries",
           "kvreuse_load_seconds": "load_seconds", "kvreuse_save_seconds": "save_seconds"}
 

@@ -7,14 +7,20 @@ to place and what to save.  `matched` is pure, as vLLM requires of `get_num_new_
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from kvreuse.connector.claim import Claim, Directory, chunk_keys, plan_claim, plan_saves
 from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
+from kvreuse.connector.mrope import PositionsFn
 from kvreuse.connector.segment import Chunk, mm_spans, segment
 from kvreuse.connector.stats import ReuseStats
+
+log = logging.getLogger("kvreuse.connector")
 
 
 def opted_out(kv_transfer_params: dict[str, Any] | None) -> bool:
@@ -35,15 +41,19 @@ class _Req:
     loaded: set[bytes] = field(default_factory=set)
     saved: bool = False
     counted: bool = False
+    positions: torch.Tensor | None = None  # M-RoPE: [3, N] from the model's get_mrope_input_positions
+    disabled: bool = False                 # positions could not be computed: no reuse for this request
 
 
 class SchedulerSide:
     def __init__(self, cfg: ConnectorConfig, model_digest: bytes, boundary_ids: frozenset[int],
-                 allow_fault_injection: bool = False) -> None:
+                 allow_fault_injection: bool = False, positions_fn: PositionsFn | None = None) -> None:
         self.cfg, self.model_digest, self.boundary_ids = cfg, model_digest, boundary_ids
+        self.positions_fn = positions_fn  # M-RoPE models only
         self.allow_fault_injection = allow_fault_injection
         self.directory = Directory()
         self.reqs: dict[str, _Req] = {}
+        self.modalities: dict[str, list[str]] = {}  # request -> modality of each mm feature (encoder counts)
         self.stats = ReuseStats()
 
     def _state(self, request: Any) -> _Req:
@@ -54,21 +64,37 @@ class SchedulerSide:
                              spans=mm_spans(getattr(request, "mm_features", None)))
             keys = chunk_keys(tokens, chunks, self.model_digest, getattr(request, "cache_salt", None))
             st = self.reqs[request.request_id] = _Req(request, chunks, keys)
+            if self.positions_fn is not None:
+                try:
+                    st.positions = self.positions_fn(tokens, list(getattr(request, "mm_features", None) or []))
+                except Exception as e:  # never guess positions: this request is served without kvreuse
+                    log.warning("kvreuse: request %s: cannot compute M-RoPE positions (%s); not reused or saved",
+                                request.request_id, e)
+                    st.disabled = True
         return st
+
+    def _off(self, st: _Req) -> bool:
+        return st.disabled or opted_out(st.request.kv_transfer_params)
 
     def matched(self, request: Any, num_computed: int) -> int:
         """Tokens kvreuse can place beyond vLLM's `num_computed` prefix hit (no side effects but a memo)."""
+        feats = getattr(request, "mm_features", None)
+        if feats and request.request_id not in self.modalities:
+            self.modalities[request.request_id] = [f.modality for f in feats]
         if not self.cfg.load or opted_out(request.kv_transfer_params):
             return 0
         st = self._state(request)
+        if st.disabled:
+            return 0
         tokens = request.prompt_token_ids or []
-        claim = plan_claim(tokens, st.chunks, st.keys, self.directory, num_computed, self.cfg.policy.mode)
+        claim = plan_claim(tokens, st.chunks, st.keys, self.directory, num_computed, self.cfg.policy.mode,
+                           st.positions)
         st.claim = claim
         return claim.num_tokens
 
     def after_alloc(self, request: Any, num_external: int) -> None:
         st = self._state(request)
-        if not st.counted and not opted_out(request.kv_transfer_params) and self.cfg.load:
+        if not st.counted and not self._off(st) and self.cfg.load:
             claim = st.claim
             if claim is not None:
                 self.stats.lookups_hit += claim.hits if num_external else 0
@@ -78,9 +104,16 @@ class SchedulerSide:
             assert st.claim is not None and st.claim.num_tokens == num_external, "claim changed since it was offered"
             st.load_pending = True
             st.loaded = {it.key for it in st.claim.items}
+            lo = st.claim.items[0].dst_start
+            hi = lo + num_external
+            for f in getattr(request, "mm_features", None) or ():
+                end = f.mm_position.offset + f.mm_position.length
+                if lo < end <= hi:  # every uncomputed token of the item is placed: its encoder never runs
+                    self.stats.mm_items_reused[f.modality] = self.stats.mm_items_reused.get(f.modality, 0) + 1
 
     def build_meta(self, sched_out: Any, block_ids_of) -> KVReuseMetadata:
         meta = KVReuseMetadata()
+        self._count_encoder_inputs(sched_out)
         for rid, st in self.reqs.items():
             if st.load_pending:
                 params = st.request.kv_transfer_params or {}
@@ -95,19 +128,27 @@ class SchedulerSide:
         computed.update(zip(cached.req_ids, cached.num_computed_tokens))
         for rid, n in computed.items():
             st = self.reqs.get(rid)
-            if st is None or st.saved or opted_out(st.request.kv_transfer_params):
+            if st is None or st.saved or self._off(st):
                 continue
             prompt_len = len(st.request.prompt_token_ids or [])
             if n + sched_out.num_scheduled_tokens.get(rid, 0) < prompt_len:
                 continue
             st.saved = True
             items = plan_saves(st.request.prompt_token_ids, st.chunks, st.keys, self.directory, st.loaded,
-                               self.cfg.policy.capture_patches)
+                               self.cfg.policy.capture_patches, st.positions)
             if items:
                 meta.saves.append(ReqSave(rid, list(block_ids_of(rid)), items))
                 for it in items:  # recorded now: the worker copies the KV out in this very step
                     self.directory.record(it.key, it.end - it.start, it.preceding)
         return meta
+
+    def _count_encoder_inputs(self, sched_out: Any) -> None:
+        """Count the encoder inputs vLLM scheduled this step (what its model runner encodes)."""
+        for rid, idxs in (getattr(sched_out, "scheduled_encoder_inputs", None) or {}).items():
+            mods = self.modalities.get(rid, [])
+            for i in idxs:
+                mod = mods[i] if i < len(mods) else "unknown"
+                self.stats.encoder_inputs[mod] = self.stats.encoder_inputs.get(mod, 0) + 1
 
     def lost(self, keys: list[bytes]) -> None:
         for k in keys:
@@ -115,6 +156,7 @@ class SchedulerSide:
 
     def finished(self, request: Any) -> None:
         self.reqs.pop(request.request_id, None)
+        self.modalities.pop(request.request_id, None)
 
     def take_stats(self) -> ReuseStats:
         s, self.stats = self.stats, ReuseStats()

@@ -36,6 +36,8 @@ class ReuseStats:
     evictions: dict[str, int] = field(default_factory=dict)
     rehydrations: dict[str, int] = field(default_factory=dict)
     demotions: int = 0
+    encoder_inputs: dict[str, int] = field(default_factory=dict)   # modality -> items vLLM scheduled to encode
+    mm_items_reused: dict[str, int] = field(default_factory=dict)  # modality -> items placed (encoder skipped)
     load_seconds: list[float] = field(default_factory=list)     # one observation per request load
     save_seconds: list[float] = field(default_factory=list)
     store_bytes: dict[str, int] = field(default_factory=dict)   # gauges

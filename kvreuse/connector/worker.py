@@ -26,6 +26,7 @@ import torch
 from kvreuse.connector.claim import SaveItem, context_signature
 from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
+from kvreuse.connector.mrope import chunk_shift
 from kvreuse.connector.stats import ReuseStats
 from kvreuse.errors import KVReuseError
 from kvreuse.ops import relocate
@@ -63,8 +64,8 @@ class _Job:
 
     k: list[torch.Tensor]  # per item: [num_layers, n_i, H, D] (entry frame)
     v: list[torch.Tensor]
-    src_pos: torch.Tensor  # [N]
-    dst_pos: torch.Tensor  # [N]
+    src_pos: torch.Tensor  # [N], or [3, N] for M-RoPE
+    dst_pos: torch.Tensor  # [N], or [3, N] for M-RoPE
     slots: torch.Tensor    # [N]
 
 
@@ -127,10 +128,19 @@ class WorkerSide:
                 break
             policy = "recall" if view.how == "patched" and item.policy in ("exact", "survival") else item.policy
             ntok = item.src_end - item.src_start
+            src_pos = self._frame(view.positions)
+            dst_pos = self._frame(torch.tensor(item.dst_pos, dtype=torch.int64) if item.dst_pos is not None
+                                  else torch.arange(item.dst_start, item.dst_start + ntok))
+            if src_pos.dim() == 2 and chunk_shift(src_pos, dst_pos) is None:
+                # not one offset on all axes: the chunk's inner layout differs (DESIGN: never serve approximate KV)
+                log.warning("kvreuse: chunk %s: stored and requested M-RoPE positions differ by more than one "
+                            "shift; recomputed", item.key.hex()[:12])
+                self._fail(req, item.dst_start, item.key)
+                break
             ks.append(view.k)
             vs.append(view.v)
-            src.append(view.positions)
-            dst.append(torch.arange(item.dst_start, item.dst_start + ntok))
+            src.append(src_pos)
+            dst.append(dst_pos)
             with self._lock:
                 self._stats.claims[policy] = self._stats.claims.get(policy, 0) + 1
                 self._stats.reused_tokens += ntok
@@ -141,7 +151,13 @@ class WorkerSide:
             return None
         start = req.items[0].dst_start
         slots = block_slots(req.block_ids, self.spec.block_size, start, start + placed)
-        return _Job(ks, vs, torch.cat(src), torch.cat(dst), slots)
+        return _Job(ks, vs, torch.cat(src, dim=-1), torch.cat(dst, dim=-1), slots)
+
+    def _frame(self, pos: torch.Tensor) -> torch.Tensor:
+        """Positions in the rope's frame: M-RoPE wants `[3, n]` (text at index positions: one row, thrice)."""
+        if self.rope.mrope_section is not None and pos.dim() == 1:
+            return pos.expand(3, -1).clone()
+        return pos
 
     def _fail(self, req: ReqLoad, first_bad: int, key: bytes) -> None:
         assert self.spec is not None
@@ -217,7 +233,8 @@ class WorkerSide:
     def _put(self, it: SaveItem, k: torch.Tensor, v: torch.Tensor) -> None:
         key = ChunkKey(it.key)
         ctx = context_signature(it.preceding)
-        pos = torch.arange(it.start, it.end)
+        pos = self._frame(torch.tensor(it.positions, dtype=torch.int64) if it.positions is not None
+                          else torch.arange(it.start, it.end))
         try:
             if self.store.contains(key, list(it.token_ids)) is None:
                 ok = self.store.put(ChunkEntry(key=key, token_ids=torch.tensor(it.token_ids), positions=pos,
