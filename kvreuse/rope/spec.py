@@ -77,20 +77,30 @@ class RopeSpec:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_hf_config(cls, config: Any, *, rot_offset: int | None = None,
-                       is_neox: bool | None = None) -> "RopeSpec":
+    def from_hf_config(cls, config: Any, *, rot_offset: int | None = None, is_neox: bool | None = None,
+                       layer_type: str | None = None) -> "RopeSpec":
         """Build from a transformers config (or a plain dict).
 
         Handles `rope_parameters` (transformers >= 5) and `rope_theta` + `rope_scaling` (older),
-        partial rotary, text configs nested in VLM configs, and MLA (`kv_lora_rank`): then the
-        rotary part is `qk_rope_head_dim` channels at `rot_offset` (default `kv_lora_rank`, the
-        latent-cache layout; pass `qk_nope_head_dim` for HF's per-head decompressed keys).
+        partial rotary (`partial_rotary_factor`, `rotary_pct`, or an explicit `rotary_dim` as in
+        GPT-J), text configs nested in VLM configs, per-layer-type parameters (Gemma 3: pass
+        `layer_type="full_attention"` or `"sliding_attention"`), and MLA (`kv_lora_rank`): then the
+        rotary part is `qk_rope_head_dim` GPT-J-paired channels at `rot_offset` (default
+        `kv_lora_rank`, vLLM's latent-cache layout `[kv_c | k_pe]`).  `is_neox` overrides the layout
+        guess (e.g. HF's DeepSeek-V3 cache stores `k_pe` de-interleaved: `is_neox=True`).
         """
         cfg = _as_dict(config)
         if isinstance(cfg.get("text_config"), Mapping) or hasattr(cfg.get("text_config"), "to_dict"):
             text = _as_dict(cfg["text_config"])
             cfg = {**cfg, **{k: v for k, v in text.items() if v is not None}}
         params = dict(cfg.get("rope_parameters") or {})
+        if params and all(isinstance(v, Mapping) for v in params.values()):
+            if layer_type is None:
+                raise UnsupportedRope(f"this model uses a different RoPE per layer type ({', '.join(sorted(params))}); "
+                                      "build one RopeSpec per type with layer_type=...")
+            if layer_type not in params:
+                raise ValueError(f"layer_type {layer_type!r} not in {sorted(params)}")
+            params = dict(params[layer_type])
         legacy = dict(cfg.get("rope_scaling") or {})
         params = {**legacy, **params}
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
@@ -103,12 +113,12 @@ class RopeSpec:
             offset = int(cfg["kv_lora_rank"]) if rot_offset is None else rot_offset
         else:
             head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-            factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-            rotary_dim = int(head_dim * factor)
+            factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0)))
+            rotary_dim = int(cfg.get("rotary_dim") or head_dim * (factor if factor is not None else 1.0))
             offset = 0 if rot_offset is None else rot_offset
         neox = (model_type not in _GPTJ_STYLE_MODEL_TYPES) if is_neox is None else is_neox
         if mla and is_neox is None:
-            neox = bool(cfg.get("rope_interleave") is False)
+            neox = False  # vLLM's MLA rotates k_pe with interleaved (GPT-J) pairs
         max_pos = int(cfg.get("max_position_embeddings") or 0) or None
         mrope = params.get("mrope_section")
         if rope_type == "mrope":
@@ -201,11 +211,19 @@ def _mrope_axes(section: tuple[int, int, int], half: int, interleaved: bool) -> 
     return axes
 
 
+_ALIASED_KEYS = ("hidden_size", "num_attention_heads", "head_dim", "max_position_embeddings", "rotary_dim",
+                 "rotary_pct", "partial_rotary_factor", "rope_theta", "rope_scaling", "model_type",
+                 "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim")
+
+
 def _as_dict(config: Any) -> dict[str, Any]:
     if isinstance(config, Mapping):
         return dict(config)
     if hasattr(config, "to_dict"):
         d = config.to_dict()
+        for key in _ALIASED_KEYS:  # attribute_map aliases (GPT-J's n_embd, n_head, ...) are not in to_dict()
+            if d.get(key) is None and getattr(config, key, None) is not None:
+                d[key] = getattr(config, key)
         # transformers 5 keeps standardized rope params as an attribute
         rp = getattr(config, "rope_parameters", None)
         if rp is not None:

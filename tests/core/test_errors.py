@@ -81,3 +81,25 @@ def test_import_does_not_pull_vllm():
 
     code = "import sys, kvreuse; assert 'vllm' not in sys.modules and 'triton' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('vllm','triton')))"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hf_config_variants():
+    """Config shapes seen in the wild: explicit rotary_dim (GPT-J), rotary_pct, per-layer-type RoPE, MLA."""
+    gptj = RopeSpec.from_hf_config({"model_type": "gptj", "n_embd": 4096, "hidden_size": 4096,
+                                    "num_attention_heads": 16, "rotary_dim": 64, "max_position_embeddings": 2048})
+    assert gptj.rotary_dim == 64 and not gptj.is_neox
+    neox = RopeSpec.from_hf_config({"model_type": "gpt_neox", "hidden_size": 2048, "num_attention_heads": 16,
+                                    "rotary_pct": 0.25, "max_position_embeddings": 2048})
+    assert neox.rotary_dim == 32 and neox.is_neox
+    per_type = {"hidden_size": 1024, "num_attention_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
+                "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}}
+    with pytest.raises(UnsupportedRope, match="per layer type"):
+        RopeSpec.from_hf_config(per_type)
+    full = RopeSpec.from_hf_config(per_type, layer_type="full_attention")
+    assert full.position_divisor == 8.0 and full.base == 1e6
+    assert RopeSpec.from_hf_config(per_type, layer_type="sliding_attention").base == 1e4
+    mla = RopeSpec.from_hf_config({"model_type": "deepseek_v3", "hidden_size": 1024, "num_attention_heads": 8,
+                                   "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+                                   "rope_interleave": True, "max_position_embeddings": 4096})
+    assert mla.rot_offset == 512 and mla.rotary_dim == 64 and not mla.is_neox
