@@ -34,7 +34,7 @@ class TrainConfig:
     lr: float = 3e-4
     warmup: int = 50
     weight_decay: float = 0.01
-    max_steps: int = 1500
+    max_steps: int = 500
     max_minutes: float = 12.0
     eval_every: int = 250
     eval_examples: int = 48

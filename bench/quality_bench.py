@@ -1,0 +1,303 @@
+"""Quality benchmark: what naive chunk reuse loses, what the conditioning patch restores.
+
+    python bench/quality_bench.py --out results/quality            # embedded model, full run
+    python bench/quality_bench.py --out /tmp/q --quick             # reduced set (< 5 min on CPU)
+    python bench/quality_bench.py --model PATH --out DIR           # any local HF causal LM
+
+Contexts are three chunks of assignment records (`kvreuse.quality.task`); questions are single
+lookups (1 hop), 2-hop chains (followed at question time) and 3-hop chains across all three chunks
+(which need the binding that chunk 2's tokens build by attending to chunk 1).  KV comes from the
+reference encoder (HF transformers).  Conditions and measures: see `kvreuse.quality.conditions`.
+
+Outputs in --out: summary.json (each condition -> {"single_hop", "multi_hop", "patch_bytes_frac"};
+single_hop = 1-hop questions on the reused chunks 2 and 3, multi_hop = 3-hop chains), details.json
+(every condition and class, KL, per-layer errors, spectra, variants) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kvreuse.quality import conditions as C  # noqa: E402
+from kvreuse.quality import task  # noqa: E402
+from kvreuse.reference.encoder import ChunkKV, ReferenceEncoder  # noqa: E402
+
+DEFAULT_MODEL = ROOT / "bench" / "models" / "binder"
+SUMMARY_CONDITIONS = ["full", "blind"] + [f"patch_r{r}" for r in C.RANKS] + ["survival", "reorder"]
+# Variants of the default patch (energy 0.99, max rank 16, negligible 1e-3), for choosing defaults.
+VARIANTS = {
+    "patch_default": C.PatchRule(),
+    "patch_e0.5": C.PatchRule(energy=0.5),
+    "patch_e0.8": C.PatchRule(energy=0.8),
+    "patch_e0.9": C.PatchRule(energy=0.9),
+    "patch_e0.95": C.PatchRule(energy=0.95),
+    "patch_e0.999": C.PatchRule(energy=0.999),
+    "patch_v_only": C.PatchRule(kinds="v"),
+    "patch_k_only": C.PatchRule(kinds="k"),
+    "patch_last_layer": C.PatchRule(layers=(-1,)),
+    "patch_v_last_r2": C.PatchRule(kinds="v", layers=(-1,), max_rank=2, energy=1.0),
+    "patch_v_last_r4": C.PatchRule(kinds="v", layers=(-1,), max_rank=4, energy=1.0),
+    "patch_v_e0.9": C.PatchRule(kinds="v", energy=0.9),
+    "patch_v_last": C.PatchRule(kinds="v", layers=(-1,)),
+    "patch_v_last_e0.9": C.PatchRule(kinds="v", layers=(-1,), energy=0.9),
+    "patch_v_last_r3": C.PatchRule(kinds="v", layers=(-1,), max_rank=3, energy=1.0),
+    "patch_neg0.05": C.PatchRule(negligible=0.05),
+    "patch_neg0.2": C.PatchRule(negligible=0.2),
+}
+
+
+def classify(q: task.Question) -> str:
+    if q.depth == 1:
+        return "hop1" if q.chunk > 0 else "hop1_c0"
+    return f"hop{q.depth}"
+
+
+def load(model_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    vocab = getattr(model.config, "vocab_size", 0)
+    return model, vocab
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    model, _ = load(Path(args.model))
+    enc = ReferenceEncoder(model)
+    n_layers = model.config.num_hidden_layers
+    variants = {k: (C.PatchRule(**{**v.__dict__, "layers": (n_layers - 1,)}) if v.layers == (-1,) else v)
+                for k, v in VARIANTS.items()}
+    rng = random.Random(args.seed)
+    main = [task.bench_example(rng, n_records=args.records, n_refs=args.refs) for _ in range(args.examples)]
+    reo = [task.reorder_example(rng, n_records=args.records, n_refs=args.refs) for _ in range(args.reorder_examples)]
+
+    tallies: dict[str, C.Tally] = {}
+    tal = lambda name: tallies.setdefault(name, C.Tally())
+    spec_k, spec_v, dnorm_k, dnorm_v = [], [], [], []
+    t0 = time.time()
+    for ex in tqdm(main, desc="contexts", disable=args.no_progress):
+        e = C.encode_example(enc, ex)
+        order = [0, 1, 2]
+        qs = ex.questions
+        truth = [e.full[i] for i in order]
+        ref = C.score(enc, tal("full"), ChunkKV.cat(truth), qs, None, classify)
+        reused = [1, 2]
+
+        def measure(name: str, parts: list[ChunkKV], fracs: list[float] | None = None) -> None:
+            t = tal(name)
+            C.score(enc, t, ChunkKV.cat([parts[i] for i in order]), qs, ref, classify)
+            ek, ev = C.rel_err([parts[i] for i in reused], [e.full[i] for i in reused])
+            t.err_k.append(ek)
+            t.err_v.append(ev)
+            if fracs is not None:
+                t.frac.extend(fracs)
+
+        blind, fr = C.patched_chunks(enc, e, None, order)
+        measure("blind", blind, fr)
+        for r in C.RANKS:
+            parts, fr = C.patched_chunks(enc, e, C.PatchRule(max_rank=r, energy=1.0), order)
+            measure(f"patch_r{r}", parts, fr)
+        for name, rule in variants.items():
+            parts, fr = C.patched_chunks(enc, e, rule, order)
+            measure(name, parts, fr)
+
+        # survival: c0 dropped; c1, c2 keep their in-context KV and move to the front
+        surv_q = [q for q in qs if q.chunk > 0]
+        surv_ref = ref[[j for j, q in enumerate(qs) if q.chunk > 0]]
+        n1 = len(ex.chunk_tokens(1))
+        surv = ChunkKV.cat([C.place(enc, e.full[1], 0), C.place(enc, e.full[2], n1)])
+        C.score(enc, tal("survival"), surv, surv_q, surv_ref, classify)
+        tal("survival").frac.extend([0.0, 0.0])
+        recompute = enc.encode(ex.chunk_tokens(1) + ex.chunk_tokens(2), start=0)
+        C.score(enc, tal("survival_recompute"), recompute, surv_q, surv_ref, classify)
+
+        for i in reused:
+            spec_k.append(C.spectrum(e.delta_k[i]))
+            spec_v.append(C.spectrum(e.delta_v[i]))
+            f = lambda d, b: (torch.linalg.vector_norm(d.float().flatten(1), dim=1)
+                              / torch.linalg.vector_norm(b.float().flatten(1), dim=1))
+            dnorm_k.append(f(e.delta_k[i], e.base[i].k))
+            dnorm_v.append(f(e.delta_v[i], e.base[i].v))
+
+    for ex in tqdm(reo, desc="reorder", disable=args.no_progress):
+        e_old = C.encode_example(enc, ex, [0, 1, 2])
+        new = [1, 0, 2]
+        e_new = C.encode_example(enc, ex, new)
+        qs = ex.questions
+        ref = C.score(enc, tal("reorder_full"), ChunkKV.cat([e_new.full[i] for i in new]), qs, None, classify)
+        C.score(enc, tal("reorder_original_order_full"), ChunkKV.cat([e_old.full[i] for i in [0, 1, 2]]), qs, None,
+                classify)
+        parts, fr = C.patched_chunks(enc, e_new, C.PatchRule(), new, fit_from=e_old)
+        C.score(enc, tal("reorder"), ChunkKV.cat([parts[i] for i in new]), qs, ref, classify)
+        tal("reorder").frac.extend(fr)
+        parts, fr = C.patched_chunks(enc, e_new, C.PatchRule(), new)
+        C.score(enc, tal("reorder_refit"), ChunkKV.cat([parts[i] for i in new]), qs, ref, classify)
+        tal("reorder_refit").frac.extend(fr)
+        ctx = [C.place(enc, e_old.full[i], e_new.offsets[i]) for i in range(3)]
+        C.score(enc, tal("reorder_ctx"), ChunkKV.cat([ctx[i] for i in new]), qs, ref, classify)
+        parts, _ = C.patched_chunks(enc, e_new, None, new)
+        C.score(enc, tal("reorder_blind"), ChunkKV.cat([parts[i] for i in new]), qs, ref, classify)
+
+    details = {name: t.summary() for name, t in tallies.items()}
+    summary = {}
+    for name in SUMMARY_CONDITIONS:
+        d = details[name]
+        summary[name] = {"single_hop": d.get("hop1"), "multi_hop": d.get("hop3"),
+                         "patch_bytes_frac": d.get("patch_bytes_frac", 0.0)}
+    meta = {"model": str(args.model), "examples": args.examples, "reorder_examples": args.reorder_examples,
+            "records_per_chunk": args.records, "refs": args.refs, "seed": args.seed,
+            "chunk_tokens": 3 * args.records, "num_layers": n_layers,
+            "seconds": round(time.time() - t0, 1),
+            "definitions": {
+                "single_hop": "1-hop questions on chunks 2 and 3 (chunk 1's KV is identical in every condition)",
+                "multi_hop": "3-hop chains across all three chunks",
+                "hop2": "2-hop chains (followable at question time)",
+                "hop1_c0": "1-hop questions on chunk 1",
+                "patch_rR": "blind base + patch fitted on this context's residue, rank exactly min(R, tokens, head_dim)",
+                "patch_bytes_frac": "patch bytes / (K+V bytes of the chunk), averaged over reused chunks",
+                "kl": "KL(full || condition) at the answer position, nats",
+                "rel_err_k/v": "per layer ||X - X_full|| / ||X_full|| over the reused chunks",
+                "survival": "answers vs the original context; KL vs the original full prefill",
+                "survival_recompute": "full prefill of [c2, c3] without c1 (what recompute would give)",
+                "reorder": "order [c2, c1, c3]; base + default patch fitted in order [c1, c2, c3]; "
+                           "truth = reorder_full (full prefill of the new order)",
+            }}
+    details["_spectrum_k"] = C.finite_mean(spec_k)
+    details["_spectrum_v"] = C.finite_mean(spec_v)
+    details["_delta_rel_norm_k"] = torch.stack(dnorm_k).mean(0).tolist()
+    details["_delta_rel_norm_v"] = torch.stack(dnorm_v).mean(0).tolist()
+    details["_meta"] = meta
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "details.json").write_text(json.dumps(details, indent=1))
+    plots(details, summary, out)
+    return {"summary": summary, "details": details}
+
+
+def plots(details: dict, summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # 1. accuracy by condition
+    names = SUMMARY_CONDITIONS + ["survival_recompute", "reorder_full", "reorder_ctx", "reorder_blind"]
+    fig, ax = plt.subplots(figsize=(12, 4))
+    w = 0.27
+    for j, (cls, label) in enumerate([("hop1", "single-hop"), ("hop2", "2-hop"), ("hop3", "multi-hop (3-hop)")]):
+        ys = [details[n].get(cls) or 0.0 for n in names]
+        ax.bar([i + (j - 1) * w for i in range(len(names))], ys, w, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    ax.set_title("accuracy by condition")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+    # 2. per-layer relative KV error vs full prefill
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, title in ((axs[0], "rel_err_k", "K"), (axs[1], "rel_err_v", "V")):
+        for n in ["blind", "patch_r1", "patch_r2", "patch_r4", "patch_r8", "patch_default"]:
+            ys = details[n][key]
+            ax.plot(range(len(ys)), ys, marker="o", label=n)
+        ax.set_yscale("symlog", linthresh=1e-4)
+        ax.set_xlabel("layer")
+        ax.set_title(f"relative {title} error vs full prefill (reused chunks)")
+    axs[0].set_ylabel("||X - X_full|| / ||X_full||")
+    axs[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "layer_error.png", dpi=120)
+    plt.close(fig)
+
+    # 3. singular-value energy of the residue per layer
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, title in ((axs[0], "_spectrum_k", "ΔK"), (axs[1], "_spectrum_v", "ΔV")):
+        for l, row in enumerate(details[key]):
+            if row[0] is None:
+                ax.plot([], [], label=f"layer {l} (Δ = 0)")
+                continue
+            ax.plot(range(1, len(row) + 1), row, marker=".", label=f"layer {l}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank")
+        ax.set_title(f"captured energy of {title} (per head, mean)")
+        ax.axhline(0.99, color="grey", lw=0.5, ls="--")
+    axs[0].set_ylabel("cumulative energy")
+    axs[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "spectrum.png", dpi=120)
+    plt.close(fig)
+
+    # 4. accuracy / KL vs patch bytes
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [summary[f"patch_r{r}"]["patch_bytes_frac"] * 100 for r in C.RANKS]
+    for cls, label in (("hop1", "single-hop"), ("hop3", "multi-hop")):
+        axs[0].plot(xs, [details[f"patch_r{r}"][cls] for r in C.RANKS], marker="o", label=label)
+        axs[0].axhline(details["full"][cls], ls="--", lw=0.8, color=axs[0].lines[-1].get_color())
+    for r, x in zip(C.RANKS, xs):
+        axs[0].annotate(f"r{r}", (x, details[f"patch_r{r}"]["hop3"]), fontsize=7)
+    axs[0].set_xscale("symlog", linthresh=1)
+    axs[0].set_xlabel("patch bytes, % of chunk KV")
+    axs[0].set_ylabel("accuracy (dashed: full prefill)")
+    axs[0].legend()
+    for cls in ("hop1", "hop2", "hop3"):
+        axs[1].plot(xs, [details[f"patch_r{r}"]["kl"].get(cls, 0.0) for r in C.RANKS], marker="o", label=cls)
+    axs[1].set_xscale("symlog", linthresh=1)
+    axs[1].set_yscale("log")
+    axs[1].set_xlabel("patch bytes, % of chunk KV")
+    axs[1].set_ylabel("KL(full || patched) at the answer, nats")
+    axs[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "rank_tradeoff.png", dpi=120)
+    plt.close(fig)
+
+
+def print_table(res: dict) -> None:
+    d = res["details"]
+    print(f"{'condition':28s} {'1-hop':>7s} {'2-hop':>7s} {'3-hop':>7s} {'KL3':>9s} {'bytes%':>7s}")
+    for name in SUMMARY_CONDITIONS + [k for k in d if not k.startswith("_") and k not in SUMMARY_CONDITIONS]:
+        x = d[name]
+        f = lambda v: "   -   " if v is None else f"{v * 100:7.1f}"
+        print(f"{name:28s} {f(x.get('hop1'))} {f(x.get('hop2'))} {f(x.get('hop3'))} "
+              f"{x['kl'].get('hop3', float('nan')):9.2e} {x.get('patch_bytes_frac', 0.0) * 100:7.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="HF checkpoint dir (default: embedded binder)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="reduced set (< 5 min on CPU)")
+    ap.add_argument("--examples", type=int, default=None, help="contexts (default 400, quick 60)")
+    ap.add_argument("--reorder-examples", type=int, default=None, help="reorder contexts (default 200, quick 30)")
+    ap.add_argument("--records", type=int, default=12, help="records per chunk (3 tokens each)")
+    ap.add_argument("--refs", type=int, default=3, help="cross-chunk references per chunk")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--server", default=None, help="URL of a running `kvreuse serve` (not implemented yet)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+    if args.server:
+        sys.exit("--server: measuring through `kvreuse serve` is not implemented yet; run without --server")
+    args.examples = args.examples or (60 if args.quick else 400)
+    args.reorder_examples = args.reorder_examples or (30 if args.quick else 200)
+    res = run(args)
+    print_table(res)
+    print(f"wrote {args.out}/summary.json, details.json, accuracy.png, layer_error.png, spectrum.png, rank_tradeoff.png")
+
+
+if __name__ == "__main__":
+    main()
