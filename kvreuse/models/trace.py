@@ -27,3 +27,48 @@ def agent_trace(turns: int = 5, *, window: int = 5, frame_words: int = 96, syste
         msgs.append({"role": "user", "content": text(question_words)})
         out.append(msgs)
     return out
+
+
+def image_data_url(seed: int, size: tuple[int, int] = (112, 112), fmt: str = "PNG") -> str:
+    """A deterministic random RGB picture (a stand-in screenshot) as a `data:` URL."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def screenshot_trace(turns: int = 5, *, window: int = 4, system_words: int = 24, caption_words: int = 6,
+                     question_words: int = 8, seed: int = 0, vocab_size: int = 512,
+                     words: list[str] | None = None, size: tuple[int, int] = (112, 112),
+                     uuids: bool = False) -> list[dict]:
+    """A GUI agent's turns: a system prompt, the last `window` screenshots (one user message each:
+    the picture and a short caption; the oldest dropped and a new one added every turn) and a question.
+
+    Each turn is `{"messages": [...], "shots": [ids in the window], "new": id of the newest}`;
+    screenshot `i` is `image_data_url(seed * 1000 + i)`, so a shot is the same data: URL every time it is
+    re-sent.  `uuids=True` also sends `uuid: "shot-<i>"` with each picture (client-supplied identity).
+    """
+    rng = random.Random(seed)
+    words = words or tiny_words(vocab_size)
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    system = {"role": "system", "content": text(system_words)}
+    captions = [text(caption_words) for _ in range(window + turns)]
+
+    def shot(i: int) -> dict:
+        part = {"type": "image_url", "image_url": {"url": image_data_url(seed * 1000 + i, size)}}
+        if uuids:
+            part["uuid"] = f"shot-{seed}-{i}"
+        return {"role": "user", "content": [part, {"type": "text", "text": captions[i]}]}
+
+    out = []
+    for t in range(turns):
+        ids = list(range(t, t + window))
+        msgs = [system] + [shot(i) for i in ids] + [{"role": "user", "content": text(question_words)}]
+        out.append({"messages": msgs, "shots": ids, "new": ids[-1] if t else None})
+    return out

@@ -24,10 +24,10 @@ def free_port() -> int:
 class Server:
     """A vLLM OpenAI server subprocess (`python -m vllm.entrypoints.openai.api_server` or `kvreuse serve`)."""
 
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+    def __init__(self, argv: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> None:
         self.port, self.log = port, log
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
         self._out = open(log, "w")
         self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

@@ -1,0 +1,199 @@
+"""Multimodal chunks end to end through the openai client (chat completions with `image_url`), slow.
+
+Two servers for the whole module, started together:
+  * Qwen2-VL, 1 layer, float32, kvreuse on: exactness (reuse vs no reuse within 1e-4), the
+    screenshot-agent trace, data: URL re-send, client uuids;
+  * Qwen2.5-VL, 1 layer, bfloat16, kvreuse on: the trace again, and the bf16 divergence.
+The no-reuse reference is the same server with `kv_transfer_params: {"kvreuse": false}` and a fresh
+`cache_salt` (no kvreuse, no prefix-cache hit).  Vision-encoder runs are counted twice, independently:
+the plugin's test hook (`KVREUSE_TEST_ENCODER_LOG`: every `embed_multimodal` call of the model logs
+the items it encoded) and the connector's `kvreuse_encoder_inputs_total` (what vLLM's scheduler sent
+to the encoder).  No timing is used.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from connector_helpers import Server, free_port, vllm_argv
+from kvreuse.models.tiny_vl import vl_words
+from kvreuse.models.trace import image_data_url, screenshot_trace
+
+pytestmark = pytest.mark.slow
+
+KV_ON = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both"}
+MM_ARGS = ["--limit-mm-per-prompt", '{"image": 4, "video": 0}', "--max-model-len", "2048"]
+IMAGE_TOKENS = 16  # a 112x112 picture on the tiny checkpoints
+_ref = itertools.count()
+
+
+class VLServer:
+    def __init__(self, model: Path, dtype: str, logs: Path, name: str) -> None:
+        self.model, self.encoder_log = model, logs / f"{name}.encoder"
+        self.encoder_log.touch()
+        port = free_port()
+        self.server = Server(vllm_argv(model, port, kv=KV_ON, dtype=dtype, extra=MM_ARGS), port, logs / f"{name}.log",
+                             env={"KVREUSE_TEST_ENCODER_LOG": str(self.encoder_log)})
+        self.client = OpenAI(base_url=self.server.url + "/v1", api_key="unused", max_retries=0, timeout=180)
+        self.model_id = None
+
+    def encoded(self) -> int:
+        """Images the vision encoder has encoded so far (the test hook's log)."""
+        return sum(int(line.split()[1]) for line in self.encoder_log.read_text().splitlines()
+                   if line.startswith("image"))
+
+    def metric(self, name: str) -> float:
+        return self.server.metrics().get(name, 0.0)
+
+    def ask(self, msgs, *, reference: bool = False, max_tokens: int = 6):
+        extra = {"kv_transfer_params": {"kvreuse": False}, "cache_salt": f"ref-{next(_ref)}"} if reference else None
+        if self.model_id is None:
+            self.model_id = self.client.models.list().data[0].id
+        r = self.client.chat.completions.create(model=self.model_id, messages=msgs, max_tokens=max_tokens,
+                                                temperature=0, logprobs=True, extra_body=extra)
+        lp = [t.logprob for t in r.choices[0].logprobs.content]
+        return r.choices[0].message.content, lp, r.usage.prompt_tokens_details.cached_tokens, r.usage.prompt_tokens
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_qwen2_vl, tiny_qwen2_5_vl_bf16, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("mmlogs")
+    q2 = VLServer(tiny_qwen2_vl, "float32", logs, "qwen2_vl")
+    q25 = VLServer(tiny_qwen2_5_vl_bf16, "bfloat16", logs, "qwen2_5_vl")
+    try:
+        q2.server.wait_ready()
+        q25.server.wait_ready()
+        yield q2, q25
+    finally:
+        q2.server.stop()
+        q25.server.stop()
+
+
+def image_ends(model: Path, msgs) -> list[int]:
+    """End (exclusive) of each image placeholder span in the prompt vLLM builds for `msgs`."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    ends, n = [], 0
+    for t in ids:
+        n += IMAGE_TOKENS if t == pad else 1
+        if t == pad:
+            ends.append(n)
+    return ends
+
+
+def assert_same(a, b, tol):
+    assert a[0] == b[0], f"greedy tokens differ: {a[0]!r} vs {b[0]!r}"
+    worst = max(abs(x - y) for x, y in zip(a[1], b[1]))
+    assert worst <= tol, f"logprobs differ by {worst:.3g}"
+    return worst
+
+
+def user_image(url: str, caption: str, uuid: str | None = None) -> dict:
+    part = {"type": "image_url", "image_url": {"url": url}}
+    if uuid:
+        part["uuid"] = uuid
+    return {"role": "user", "content": [part, {"type": "text", "text": caption}]}
+
+
+def words(seed: int, n: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    w = vl_words()
+    return " ".join(rng.choice(w) for _ in range(n))
+
+
+def run_trace(s: VLServer, *, seed: int, turns: int, tol: float, uuids: bool = False) -> float:
+    """The screenshot-agent trace: per turn, check reuse, encoder runs and reuse-vs-reference agreement."""
+    worst = 0.0
+    for t, turn in enumerate(screenshot_trace(turns, seed=seed, words=vl_words(), uuids=uuids)):
+        msgs = turn["messages"]
+        enc0, inputs0 = s.encoded(), s.metric('kvreuse_encoder_inputs_total{modality="image"}')
+        reused0 = s.metric('kvreuse_mm_items_reused_total{modality="image"}')
+        got = s.ask(msgs)
+        enc = s.encoded() - enc0
+        inputs = s.metric('kvreuse_encoder_inputs_total{modality="image"}') - inputs0
+        reused = s.metric('kvreuse_mm_items_reused_total{modality="image"}') - reused0
+        ends = image_ends(s.model, msgs)
+        assert got[3] == ends[-1] + 1 + 6 + 1 + 11 + 2, "prompt layout (image spans) as expected"
+        if t == 0:
+            assert enc == 4 and inputs == 4 and reused == 0, (t, enc, inputs, reused)
+        else:
+            # the three surviving screenshots are reused: cached_tokens covers their spans ...
+            assert got[2] >= ends[2], f"turn {t}: cached {got[2]} < end of the third screenshot {ends[2]}"
+            assert got[2] < ends[3], f"turn {t}: the new screenshot cannot be cached"
+            # ... and the encoder runs for the new one only
+            assert reused == 3, (t, reused)
+            assert enc == 1 and inputs == 1, f"turn {t}: encoder ran for {enc} images ({inputs} scheduled)"
+        worst = max(worst, assert_same(got, s.ask(msgs, reference=True), tol))
+    return worst
+
+
+def test_screenshot_agent_trace_qwen2_vl(servers):
+    q2, _ = servers
+    worst = run_trace(q2, seed=1, turns=5, tol=1e-4)
+    print(f"qwen2-vl fp32 trace: max |logprob diff| reuse vs no reuse = {worst:.3g}")
+
+
+def test_shifted_and_reordered_images_exact(servers):
+    q2, _ = servers
+    sys_ = {"role": "system", "content": words(10, 24)}
+    a, b, c = (user_image(image_data_url(500 + i), words(20 + i, 5)) for i in range(3))
+    q = lambda i: {"role": "user", "content": words(30 + i, 8)}  # noqa: E731
+    plan = [[sys_, a, b, c, q(0)],                                     # computes A, B, C
+            [sys_, c, a, b, q(1)],                                     # reordered
+            [sys_, b, c, q(2)],                                        # shifted (A dropped)
+            [sys_, a, c, q(3)]]                                        # survival
+    for i, m in enumerate(plan):
+        enc0 = q2.encoded()
+        got = q2.ask(m, max_tokens=8)
+        if i:
+            ends = image_ends(q2.model, m)
+            assert got[2] >= ends[-1], f"request {i}: cached {got[2]} does not cover every image ({ends})"
+            assert q2.encoded() == enc0, f"request {i}: the encoder ran for a reused image"
+        assert_same(got, q2.ask(m, reference=True, max_tokens=8), 1e-4)
+
+
+def test_data_url_resend_and_client_uuid(servers):
+    q2, _ = servers
+    sys_ = {"role": "system", "content": words(40, 24)}
+    x, y = image_data_url(900), image_data_url(901)
+    q2.ask([sys_, user_image(y, words(41, 5)), user_image(x, words(42, 5)), {"role": "user", "content": words(43, 8)}])
+    # the identical data: URL again, at another offset (Y dropped): vLLM's identifier of the bytes is the same
+    enc0, r0 = q2.encoded(), q2.metric('kvreuse_mm_items_reused_total{modality="image"}')
+    m = [sys_, user_image(x, words(42, 5)), {"role": "user", "content": words(44, 8)}]
+    got = q2.ask(m)
+    assert got[2] >= image_ends(q2.model, m)[0] and q2.encoded() == enc0
+    assert q2.metric('kvreuse_mm_items_reused_total{modality="image"}') - r0 == 1
+    # the same picture re-encoded (JPEG instead of PNG) is another identity ... unless the client names it
+    jpeg = image_data_url(900, fmt="JPEG")
+    m = [sys_, user_image(jpeg, words(42, 5)), {"role": "user", "content": words(45, 8)}]
+    enc0 = q2.encoded()
+    got = q2.ask(m)
+    assert got[2] < image_ends(q2.model, m)[0] and q2.encoded() == enc0 + 1
+    sys2 = {"role": "system", "content": words(46, 24)}
+    q2.ask([sys2, user_image(x, words(47, 5), uuid="shot-42"), {"role": "user", "content": words(48, 8)}])
+    enc0 = q2.encoded()
+    m = [sys2, {"role": "user", "content": words(49, 6)}, user_image(jpeg, words(47, 5), uuid="shot-42"),
+         {"role": "user", "content": words(50, 8)}]
+    got = q2.ask(m)
+    # the new text message before it is a miss, so the claim stops there; send it again after the uuid'd image
+    m2 = [sys2, user_image(jpeg, words(47, 5), uuid="shot-42"), {"role": "user", "content": words(51, 8)}]
+    got2 = q2.ask(m2)
+    assert got2[2] >= image_ends(q2.model, m2)[0], "a client uuid is the image's identity"
+    assert q2.encoded() == enc0 + 0, "uuid'd image: served from vLLM's encoder cache or kvreuse, never re-encoded"
+    del got
+
+
+def test_screenshot_agent_trace_qwen2_5_vl_bf16(servers):
+    _, q25 = servers
+    worst = run_trace(q25, seed=2, turns=4, tol=0.05, uuids=True)
+    print(f"qwen2.5-vl bf16 trace: max |logprob diff| reuse vs no reuse = {worst:.3g}")
