@@ -73,6 +73,7 @@ class TinyVLSpec:
     dtype: str = "float32"
     seed: int = 0
     init_std: float = 0.1
+    max_pixels: int = MAX_PIXELS  # larger (e.g. 448*448 = 256 tokens) for benchmarks
 
     def __post_init__(self) -> None:
         if self.arch not in ("qwen2_vl", "qwen2_5_vl"):
@@ -83,7 +84,8 @@ class TinyVLSpec:
 
     def tag(self) -> str:
         return (f"{self.arch}-l{self.num_layers}-h{self.hidden_size}-a{self.num_heads}-kv{self.num_kv_heads}"
-                f"-vd{self.vision_depth}x{self.vision_dim}-v{self.vocab_size}-{self.dtype}-s{self.seed}")
+                f"-vd{self.vision_depth}x{self.vision_dim}-v{self.vocab_size}-{self.dtype}-s{self.seed}"
+                + (f"-px{self.max_pixels}" if self.max_pixels != MAX_PIXELS else ""))
 
 
 def vl_vocab(vocab_size: int) -> dict[str, int]:
@@ -139,7 +141,7 @@ def build_tiny_vl_model(out_dir: str | os.PathLike | None = None, spec: TinyVLSp
     model.config.dtype = spec.dtype
     model.save_pretrained(out, safe_serialization=True)
     _write_tokenizer(out, vocab)
-    _write_processors(out)
+    _write_processors(out, spec.max_pixels)
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": vocab["<|endoftext|>"], "eos_token_id": vocab["<|im_end|>"],
          "pad_token_id": vocab["<|endoftext|>"]}))
@@ -169,11 +171,11 @@ def _write_tokenizer(out: Path, vocab: dict[str, int]) -> None:
     (out / "chat_template.json").write_text(json.dumps({"chat_template": VL_CHAT_TEMPLATE}))
 
 
-def _write_processors(out: Path) -> None:
-    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+def _write_processors(out: Path, max_pixels: int = MAX_PIXELS) -> None:
+    size = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
     common = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
               "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-              "do_convert_rgb": True, "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "size": size,
+              "do_convert_rgb": True, "min_pixels": MIN_PIXELS, "max_pixels": max_pixels, "size": size,
               "patch_size": PATCH, "temporal_patch_size": TEMPORAL, "merge_size": MERGE}
     (out / "preprocessor_config.json").write_text(json.dumps(
         {**common, "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}, indent=1))
