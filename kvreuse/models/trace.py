@@ -72,3 +72,30 @@ def screenshot_trace(turns: int = 5, *, window: int = 4, system_words: int = 24,
         msgs = [system] + [shot(i) for i in ids] + [{"role": "user", "content": text(question_words)}]
         out.append({"messages": msgs, "shots": ids, "new": ids[-1] if t else None})
     return out
+
+
+def video_data_url(seed: int, frames: int = 8, size: int = 112, fps: float = 1.0) -> str:
+    """A deterministic random clip (mp4v in an .mp4, written with OpenCV) as a `data:` URL.
+
+    At `fps=1` Qwen2.5-VL's `second_per_grid_ts` is 2 s (temporal patch 2), so with the tiny
+    checkpoint's `tokens_per_second=2` consecutive frame groups sit 4 temporal positions apart."""
+    import base64
+    import os
+    import tempfile
+
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    fd, path = tempfile.mkstemp(suffix=".mp4")
+    os.close(fd)
+    try:
+        w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
+        for _ in range(frames):
+            w.write(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        w.release()
+        with open(path, "rb") as f:
+            data = f.read()
+    finally:
+        os.remove(path)
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()
