@@ -3,6 +3,9 @@
     python bench/quality_bench.py --out results/quality            # embedded model, full run
     python bench/quality_bench.py --out /tmp/q --quick             # reduced set (< 5 min on CPU)
     python bench/quality_bench.py --model PATH --out DIR           # any local HF causal LM
+    python bench/quality_bench.py --out /tmp/q --examples 60 --reorder-examples 30 --serve --server-only
+                                                                   # the same through `kvreuse serve`
+    python bench/quality_bench.py --out DIR --server URL           # ... through a running server
 
 Contexts are three chunks of assignment records (`kvreuse.quality.task`); questions are single
 lookups (1 hop), 2-hop chains (followed at question time) and 3-hop chains across all three chunks
@@ -12,6 +15,16 @@ reference encoder (HF transformers).  Conditions and measures: see `kvreuse.qual
 Outputs in --out: summary.json (each condition -> {"single_hop", "multi_hop", "patch_bytes_frac"};
 single_hop = 1-hop questions on the reused chunks 2 and 3, multi_hop = 3-hop chains), details.json
 (every condition and class, KL, per-layer errors, spectra, variants) and PNG plots.
+
+Through a server (`--server URL`, or `--serve` to start `kvreuse serve` on --model): the conditions
+full / blind / patch / survival / reorder are reproduced with requests (`kvreuse.quality.server`
+says how), on the same contexts, and compared with the reference encoder's answers; summary.json
+gets a "server" key (per condition: accuracies, the reference counterpart's, per-question
+agreement, claims per policy from /metrics) and server.json the details.  A server given by URL
+must cut chunks every 3*records tokens (`server_config()`), run without vLLM prefix caching, and,
+for `patch`, have a store budget about `store_bytes_for(...)` (it is filled before `patch`, so that
+captured in-context KV is demoted to base + patch); the claim counts show whether it did what each
+condition needs.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from kvreuse.quality import conditions as C  # noqa: E402
 from kvreuse.quality import task  # noqa: E402
+from kvreuse.quality.server import SERVER_CONDITIONS  # noqa: E402
 from kvreuse.reference.encoder import ChunkKV, ReferenceEncoder  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "bench" / "models" / "binder"
@@ -287,16 +301,84 @@ def main() -> None:
     ap.add_argument("--refs", type=int, default=3, help="cross-chunk references per chunk")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--server", default=None, help="URL of a running `kvreuse serve` (not implemented yet)")
+    ap.add_argument("--server", default=None,
+                    help="also measure through this running `kvreuse serve` (URL); it must cut chunks every "
+                         "3*records tokens and run without vLLM prefix caching: see kvreuse/quality/server.py")
+    ap.add_argument("--serve", action="store_true",
+                    help="start `kvreuse serve --model` on a free loopback port for the server measurement")
+    ap.add_argument("--server-only", action="store_true",
+                    help="with --server/--serve: skip the full reference run (variants, plots); the reference "
+                         "numbers compared with the server's are computed on the same contexts regardless")
+    ap.add_argument("--server-conditions", default=",".join(SERVER_CONDITIONS),
+                    help=f"comma-separated subset of {','.join(SERVER_CONDITIONS)}")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
-    if args.server:
-        sys.exit("--server: measuring through `kvreuse serve` is not implemented yet; run without --server")
     args.examples = args.examples or (60 if args.quick else 400)
     args.reorder_examples = args.reorder_examples or (30 if args.quick else 200)
-    res = run(args)
-    print_table(res)
-    print(f"wrote {args.out}/summary.json, details.json, accuracy.png, layer_error.png, spectrum.png, rank_tradeoff.png")
+    serving = bool(args.server or args.serve)
+    if args.server_only and not serving:
+        ap.error("--server-only needs --server URL or --serve")
+    res = None
+    if not args.server_only:
+        res = run(args)
+        print_table(res)
+        print(f"wrote {args.out}/summary.json, details.json, accuracy.png, layer_error.png, spectrum.png, "
+              f"rank_tradeoff.png")
+    if serving:
+        run_server(args)
+
+
+def run_server(args) -> dict:
+    """The server conditions on the same contexts as `run` (same seed), next to the reference
+    encoder's answers; adds `"server"` to summary.json and writes server.json."""
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+
+    from kvreuse.quality import server as S
+
+    torch.set_num_threads(args.threads)
+    rng = random.Random(args.seed)
+    main = [task.bench_example(rng, n_records=args.records, n_refs=args.refs) for _ in range(args.examples)]
+    reo = [task.reorder_example(rng, n_records=args.records, n_refs=args.refs) for _ in range(args.reorder_examples)]
+    progress = lambda it, **kw: tqdm(it, disable=args.no_progress, **kw)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    conds = [c for c in args.server_conditions.split(",") if c]
+    bad = [c for c in conds if c not in SERVER_CONDITIONS]
+    if bad:
+        sys.exit(f"--server-conditions: unknown {bad} (known: {SERVER_CONDITIONS})")
+    kv_config = S.server_config(3 * args.records, S.store_bytes_for(args.model, 3 * args.records, args.examples,
+                                                                     args.reorder_examples))
+    serve = S.Serve(args.model, kv_config, log=out / "server.log") if args.serve else None
+    t0 = time.time()
+    with (serve if serve is not None else nullcontext()):
+        url = serve.url if serve is not None else args.server
+        client = S.Client(url)
+        srv = S.measure(client, main, reo, conditions=conds, progress=progress)
+    model, _ = load(Path(args.model))
+    ref = S.reference_preds(ReferenceEncoder(model), main, reo, progress=progress)
+    cmp = S.compare(srv, ref)
+    print(S.format_table(cmp))
+    server = {c: {"single_hop": r["single_hop"], "multi_hop": r["multi_hop"], "reference": r["reference"],
+                  "reference_single_hop": r["reference_single_hop"], "reference_multi_hop": r["reference_multi_hop"],
+                  "agreement": r["agreement"], "claims": {k[7:]: v for k, v in r["claims"].items()
+                                                          if k.startswith("claims_")},
+                  "claims_as_expected": r["claims_as_expected"]} for c, r in cmp.items()}
+    meta = {"url": url if serve is None else f"kvreuse serve (started, {serve.url})", "model": str(args.model),
+            "examples": args.examples, "reorder_examples": args.reorder_examples, "seed": args.seed,
+            "seconds": round(time.time() - t0, 1),
+            "kvreuse_config": kv_config if serve is not None else None}
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() and not args.server_only else {}
+    summary["server"] = {**server, "_meta": meta}
+    summary_path.write_text(json.dumps(summary, indent=1))
+    (out / "server.json").write_text(json.dumps({"compare": cmp, "reference": {k: {kk: vv for kk, vv in v.items()
+                                                                                   if kk != "_preds"}
+                                                                               for k, v in ref.items()},
+                                                 "_meta": meta}, indent=1))
+    print(f"wrote {summary_path} (\"server\"), {out / 'server.json'}")
+    return cmp
 
 
 if __name__ == "__main__":
