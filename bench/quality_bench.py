@@ -48,9 +48,14 @@ from kvreuse.reference.encoder import ChunkKV, ReferenceEncoder  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "bench" / "models" / "binder"
 SUMMARY_CONDITIONS = ["full", "blind"] + [f"patch_r{r}" for r in C.RANKS] + ["survival", "reorder"]
-# Variants of the default patch (energy 0.99, max rank 16, negligible 1e-3), for choosing defaults.
+# Variants of the default patch (energy 0.99, max rank 16, byte budget 5%, negligible 1e-3), for
+# choosing defaults; "_nobudget" variants are the per-(layer, head) energy ranks alone.
 VARIANTS = {
     "patch_default": C.PatchRule(),
+    "patch_nobudget": C.PatchRule(budget=None),
+    "patch_budget0.02": C.PatchRule(budget=0.02),
+    "patch_budget0.1": C.PatchRule(budget=0.1),
+    "patch_kweight1": C.PatchRule(k_weight=1.0),
     "patch_e0.5": C.PatchRule(energy=0.5),
     "patch_e0.8": C.PatchRule(energy=0.8),
     "patch_e0.9": C.PatchRule(energy=0.9),
@@ -59,12 +64,12 @@ VARIANTS = {
     "patch_v_only": C.PatchRule(kinds="v"),
     "patch_k_only": C.PatchRule(kinds="k"),
     "patch_last_layer": C.PatchRule(layers=(-1,)),
-    "patch_v_last_r2": C.PatchRule(kinds="v", layers=(-1,), max_rank=2, energy=1.0),
-    "patch_v_last_r4": C.PatchRule(kinds="v", layers=(-1,), max_rank=4, energy=1.0),
+    "patch_v_last_r2": C.PatchRule(kinds="v", layers=(-1,), max_rank=2, energy=1.0, budget=None),
+    "patch_v_last_r4": C.PatchRule(kinds="v", layers=(-1,), max_rank=4, energy=1.0, budget=None),
     "patch_v_e0.9": C.PatchRule(kinds="v", energy=0.9),
     "patch_v_last": C.PatchRule(kinds="v", layers=(-1,)),
     "patch_v_last_e0.9": C.PatchRule(kinds="v", layers=(-1,), energy=0.9),
-    "patch_v_last_r3": C.PatchRule(kinds="v", layers=(-1,), max_rank=3, energy=1.0),
+    "patch_v_last_r3": C.PatchRule(kinds="v", layers=(-1,), max_rank=3, energy=1.0, budget=None),
     "patch_neg0.05": C.PatchRule(negligible=0.05),
     "patch_neg0.2": C.PatchRule(negligible=0.2),
 }
@@ -121,7 +126,7 @@ def run(args) -> dict:
         blind, fr = C.patched_chunks(enc, e, None, order)
         measure("blind", blind, fr)
         for r in C.RANKS:
-            parts, fr = C.patched_chunks(enc, e, C.PatchRule(max_rank=r, energy=1.0), order)
+            parts, fr = C.patched_chunks(enc, e, C.PatchRule(max_rank=r, energy=1.0, budget=None), order)
             measure(f"patch_r{r}", parts, fr)
         for name, rule in variants.items():
             parts, fr = C.patched_chunks(enc, e, rule, order)

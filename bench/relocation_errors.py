@@ -67,7 +67,7 @@ def main() -> None:
     patch_rows = []
     for n in (256, 1024, 4096):
         dk = torch.randn(28, n, 4, 128)
-        patch = fit_patch(dk, torch.randn_like(dk), energy=1.0, max_rank=16, dtype=torch.bfloat16)
+        patch = fit_patch(dk, torch.randn_like(dk), energy=1.0, max_rank=16, budget=None, dtype=torch.bfloat16)
         kv_bytes = 2 * 28 * n * 4 * 128 * 2
         patch_rows.append({"num_tokens": n, "patch_bytes": patch.nbytes, "kv_bytes": kv_bytes,
                            "fraction": patch.nbytes / kv_bytes})

@@ -4,7 +4,10 @@
 and KV head by a truncated SVD: `Δ[:, h, :] ≈ A_h B_h` with `A_h: [num_tokens, r]` and
 `B_h: [r, head_dim]`.  The rank of each (layer, head) is the smallest that captures `energy`
 of the squared singular values, capped at `max_rank`; layers whose residue is negligible next
-to the KV it corrects carry none.  Applying a patch is `K' = R(Δp)(K + A_k B_k)`,
+to the KV it corrects carry none; and by default the whole patch is held to 5% of the chunk's
+KV bytes, spent on the components that are largest relative to the KV they correct (the
+quality benchmark found the residue in a few deep layers, mostly in V: a fixed rank everywhere
+costs 15-25% of the KV for the same accuracy).  Applying a patch is `K' = R(Δp)(K + A_k B_k)`,
 `V' = V + A_v B_v` (see `relocate_and_patch`).
 
 Storage: within a layer, every head's factors are padded with zero columns to that layer's
@@ -130,18 +133,33 @@ def _add(x: torch.Tensor, fs: list[Factors | None], ct: torch.dtype) -> torch.Te
 
 
 def fit_patch(delta_k: torch.Tensor, delta_v: torch.Tensor, *, energy: float = 0.99, max_rank: int = 16,
-              base_k: torch.Tensor | None = None, base_v: torch.Tensor | None = None,
-              negligible: float = 1e-3, dtype: torch.dtype | None = None) -> Patch:
+              budget: float | None = 0.05, k_weight: float = 0.1, base_k: torch.Tensor | None = None,
+              base_v: torch.Tensor | None = None, negligible: float = 1e-3,
+              dtype: torch.dtype | None = None) -> Patch:
     """Fit rank-m factors to a chunk's residue.
+
+    Ranks are chosen in two steps.  Per (layer, K|V, head): the smallest rank whose singular values
+    capture `energy` of the residue, capped at `max_rank`.  Then, when `budget` is set, the patch
+    is held to `budget` × the chunk's KV bytes by keeping rank-1 components in order of their
+    share of the KV they correct (`σ² / ‖base‖²` of that layer and kind; `σ²` without a base),
+    K components weighted by `k_weight`, until the next one would not fit.  The byte budget is
+    what makes patches small by default: residue concentrates in a few deep layers, and the
+    budget spends the bytes there instead of spreading a fixed rank everywhere.  V comes first
+    because V residue flows straight into the attention output while K residue only reweights
+    it; on the quality benchmark's binder model patching K alone restored nothing and V alone
+    restored everything (bench/quality_bench.py, `patch_k_only` / `patch_v_only`).
 
     Args:
         delta_k, delta_v: `[num_layers, num_tokens, num_kv_heads, head_dim]`, in-context minus base
             KV in the base's positional frame.
-        energy: per (layer, head), keep the smallest rank whose singular values capture this
-            fraction of the squared Frobenius norm (0 < energy ≤ 1).
+        energy: fraction of the squared Frobenius norm to capture per (layer, head), in (0, 1].
         max_rank: cap on every rank (0 gives an empty patch).
-        base_k, base_v: the base KV; when given, a layer whose `‖Δ‖_F ≤ negligible · ‖base‖_F` gets
-            rank 0.  Without them only an all-zero residue is negligible.
+        budget: cap on `Patch.nbytes` as a fraction of the chunk's K+V bytes (in the factors'
+            dtype); None for no cap (exactly the energy/max_rank ranks).
+        k_weight: weight of K components against V components when spending the budget.
+        base_k, base_v: the base KV; a layer whose `‖Δ‖_F ≤ negligible · ‖base‖_F` gets rank 0, and the
+            budget ranks components relative to them.  Without them only an all-zero residue is
+            negligible and components are ranked by absolute energy.
         dtype: storage dtype of the factors (default: `delta_k.dtype`).
     """
     check_kv("delta_k", delta_k, ndim=(4,))
@@ -150,42 +168,103 @@ def fit_patch(delta_k: torch.Tensor, delta_v: torch.Tensor, *, energy: float = 0
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     if max_rank < 0:
         raise ValueError(f"max_rank must be >= 0, got {max_rank}")
+    if budget is not None and not 0.0 <= budget:
+        raise ValueError(f"budget must be >= 0 (a fraction of the chunk's KV bytes) or None, got {budget}")
     for name, base in (("base_k", base_k), ("base_v", base_v)):
         if base is not None and base.shape != delta_k.shape:
             raise ValueError(f"{name} shape {list(base.shape)} differs from delta shape {list(delta_k.shape)}")
     num_layers, n, h, d = delta_k.shape
     dtype = dtype or delta_k.dtype
-    fits = {}
+    svds: dict[tuple[str, int], _LayerSVD] = {}
     for kind, delta, base in (("k", delta_k, base_k), ("v", delta_v, base_v)):
-        fits[kind] = [_fit_layer(delta[l], None if base is None else base[l], energy, max_rank, negligible, dtype)
-                      for l in range(num_layers)]
-    return Patch(fits["k"], fits["v"], n, h, d, {"energy": energy, "max_rank": max_rank})
+        for l in range(num_layers):
+            svd = _svd_layer(delta[l], None if base is None else base[l], energy, max_rank, negligible)
+            if svd is not None:
+                svds[kind, l] = svd
+    if budget is not None:
+        if k_weight < 0:
+            raise ValueError(f"k_weight must be >= 0, got {k_weight}")
+        elem = torch.empty((), dtype=dtype).element_size()
+        for (kind, _), svd in svds.items():
+            if kind == "k":
+                svd.scale = svd.scale / k_weight if k_weight > 0 else float("inf")
+        _allocate(svds, budget * 2 * num_layers * n * h * d * elem, h * (n + d) * elem)
+    fits = {kind: [svds[kind, l].factors(dtype) if (kind, l) in svds else None for l in range(num_layers)]
+            for kind in ("k", "v")}
+    return Patch(fits["k"], fits["v"], n, h, d,
+                 {"energy": energy, "max_rank": max_rank, "budget": budget, "k_weight": k_weight})
 
 
-def _fit_layer(delta: torch.Tensor, base: torch.Tensor | None, energy: float, max_rank: int,
-               negligible: float, dtype: torch.dtype) -> Factors | None:
+@dataclass
+class _LayerSVD:
+    """Per-head SVD of one layer's residue and the rank kept per head."""
+
+    u: torch.Tensor          # [H, N, k]
+    s: torch.Tensor          # [H, k]
+    vh: torch.Tensor         # [H, k, D]
+    ranks: torch.Tensor      # [H] int64
+    scale: float             # ‖base‖² of the layer (1 without a base): the budget's yardstick
+
+    def factors(self, dtype: torch.dtype) -> Factors | None:
+        r = int(self.ranks.max()) if self.ranks.numel() else 0
+        if r == 0:
+            return None
+        keep = (torch.arange(r)[None, :] < self.ranks[:, None]).to(self.s.dtype)   # zero beyond each head's rank
+        root = self.s[:, :r].sqrt() * keep
+        a = (self.u[:, :, :r] * root[:, None, :]).permute(1, 0, 2)                 # [N, H, r]
+        b = self.vh[:, :r, :] * root[:, :, None]                                    # [H, r, D]
+        return Factors(a.to(dtype).contiguous(), b.to(dtype).contiguous(), tuple(int(x) for x in self.ranks))
+
+
+def _svd_layer(delta: torch.Tensor, base: torch.Tensor | None, energy: float, max_rank: int,
+               negligible: float) -> _LayerSVD | None:
     # delta: [num_tokens, num_kv_heads, head_dim]
     x = delta.to(torch.float64 if delta.dtype == torch.float64 else torch.float32)
     norm = torch.linalg.vector_norm(x)
-    if max_rank == 0 or norm == 0:
+    if max_rank == 0 or norm == 0 or x.shape[-1] == 0:
         return None
-    if base is not None and norm <= negligible * torch.linalg.vector_norm(base.to(x.dtype)):
-        return None
-    m = x.permute(1, 0, 2)                                               # [H, N, D]
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)                  # [H,N,k] [H,k] [H,k,D]
+    base_sq = 1.0
+    if base is not None:
+        base_norm = torch.linalg.vector_norm(base.to(x.dtype))
+        if norm <= negligible * base_norm:
+            return None
+        base_sq = float(base_norm.square()) or 1.0
+    u, s, vh = torch.linalg.svd(x.permute(1, 0, 2), full_matrices=False)   # [H,N,k] [H,k] [H,k,D]
     e = s.square()
     captured = e.cumsum(-1) / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
     # smallest r with captured[r-1] >= energy (tolerate fp rounding at energy == 1)
     ranks = (captured < energy - 1e-12).sum(-1) + 1
     ranks = torch.where(e.sum(-1) > 0, ranks.clamp(max=min(max_rank, s.shape[-1])), torch.zeros_like(ranks))
-    r = int(ranks.max())
-    if r == 0:
+    if int(ranks.max()) == 0:
         return None
-    keep = (torch.arange(r)[None, :] < ranks[:, None]).to(s.dtype)      # [H, r] zero beyond each head's rank
-    root = s[:, :r].sqrt() * keep
-    a = (u[:, :, :r] * root[:, None, :]).permute(1, 0, 2)               # [N, H, r]
-    b = vh[:, :r, :] * root[:, :, None]                                  # [H, r, D]
-    return Factors(a.to(dtype).contiguous(), b.to(dtype).contiguous(), tuple(int(x) for x in ranks))
+    return _LayerSVD(u, s, vh, ranks, base_sq)
+
+
+def _allocate(svds: dict[tuple[str, int], _LayerSVD], budget_bytes: float, bytes_per_rank: int) -> None:
+    """Trim ranks so the padded factors fit `budget_bytes`, keeping the largest relative components.
+
+    A layer's factors are padded to its largest head rank, so raising that maximum by one costs
+    `bytes_per_rank` (= H·(N + D)·elem); components below the current maximum are free.
+    """
+    comps = []                                                  # (gain, layer key, head, rank index)
+    for key, svd in svds.items():
+        gains = (svd.s.square() / svd.scale).tolist()           # 0 when scale is inf (k_weight 0)
+        for head, r in enumerate(svd.ranks.tolist()):
+            comps += [(gains[head][j], key, head, j) for j in range(r)]
+    comps.sort(key=lambda c: -c[0])
+    kept = {key: torch.zeros_like(svd.ranks) for key, svd in svds.items()}
+    used = 0.0
+    for gain, key, head, j in comps:
+        if gain <= 0 or j != int(kept[key][head]):
+            continue                                            # a head's components are taken in order
+        width = int(kept[key].max())
+        cost = bytes_per_rank if j + 1 > width else 0
+        if used + cost > budget_bytes:
+            continue
+        used += cost
+        kept[key][head] = j + 1
+    for key, svd in svds.items():
+        svd.ranks = kept[key]
 
 
 def relocate_and_patch(k: torch.Tensor, v: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor,

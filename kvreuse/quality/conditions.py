@@ -95,6 +95,8 @@ class PatchRule:
 
     max_rank: int = 16
     energy: float = 0.99
+    budget: float | None = 0.05  # fit_patch's default byte budget; None = exactly the energy/max_rank ranks
+    k_weight: float = 0.1        # fit_patch's default weight of K against V under a budget
     negligible: float = 1e-3
     layers: tuple[int, ...] | None = None
     kinds: str = "kv"            # "kv", "k" or "v"
@@ -103,7 +105,8 @@ class PatchRule:
         dk, dv = e.delta_k[i], e.delta_v[i]
         if float(dk.abs().max()) == 0 and float(dv.abs().max()) == 0:
             return None                                            # chunk 0: nothing absorbed
-        p = fit_patch(dk, dv, energy=self.energy, max_rank=self.max_rank, base_k=e.base[i].k,
+        p = fit_patch(dk, dv, energy=self.energy, max_rank=self.max_rank, budget=self.budget,
+                      k_weight=self.k_weight, base_k=e.base[i].k,
                       base_v=e.base[i].v, negligible=self.negligible)
         keep = lambda l, kind: (self.layers is None or l in self.layers) and kind in self.kinds
         p.k = [f if keep(l, "k") else None for l, f in enumerate(p.k)]

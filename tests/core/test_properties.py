@@ -97,7 +97,7 @@ def test_relocate_and_patch_rotates_the_patched_keys(dtype):
     k = torch.randn(2, 24, 2, 96).to(dtype)
     v = torch.randn(2, 24, 2, 96).to(dtype)
     dk, dv = 0.1 * torch.randn(2, 24, 2, 96), 0.1 * torch.randn(2, 24, 2, 96)
-    patch = fit_patch(dk, dv, energy=1.0, max_rank=96, dtype=torch.float32)
+    patch = fit_patch(dk, dv, energy=1.0, max_rank=96, budget=None, dtype=torch.float32)
     src, dst = torch.arange(24) + 50, torch.arange(24) + 9000
     k2, v2 = relocate_and_patch(k, v, src, dst, spec, patch)
     want_k = relocate((k.double() + dk.double()).float(), src, dst, spec)
