@@ -94,7 +94,8 @@ def main() -> int:
             trace = screenshot_trace(a.turns, window=a.window, seed=100 + rep, words=vl_words(spec.vocab_size),
                                      size=(a.pixels, a.pixels))
             for t, turn in enumerate(trace):
-                for arm in arms:
+                order = list(arms) if (rep + t) % 2 == 0 else list(arms)[::-1]  # no arm always goes first
+                for arm in order:
                     time.sleep(a.pause)
                     e0 = _encoded(enc_logs[arm])
                     s, prompt, cached = ttft(clients[arm], model, turn["messages"])
