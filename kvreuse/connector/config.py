@@ -3,7 +3,8 @@
 Every key is optional::
 
     {"chunking": {"min_tokens": 32, "max_tokens": 256, "avg_tokens": 64, "boundary_tokens": ["<|im_start|>"]},
-     "policy": {"mode": "any" | "patched_or_exact", "patch_energy": 0.99, "patch_max_rank": 16},
+     "policy": {"mode": "any" | "patched_or_exact", "patch_energy": 0.99, "patch_max_rank": 16,
+                "patch_budget": 0.05},
      "store": {"device_bytes": "1GiB", "host_bytes": ..., "disk_path": ..., ...},
      "save": true, "load": true}
 
@@ -60,6 +61,7 @@ class PolicyConfig:
     mode: str = "any"
     patch_energy: float = 0.99
     patch_max_rank: int = 16
+    patch_budget: float | None = 0.05   # patch bytes / chunk KV bytes (kvreuse.fit_patch); None: no cap
     capture_patches: bool = True
 
     def __post_init__(self) -> None:
@@ -69,6 +71,10 @@ class PolicyConfig:
             raise ConnectorConfigError(f"policy.patch_energy: must be in (0, 1], got {self.patch_energy!r}")
         if self.patch_max_rank < 0:
             raise ConnectorConfigError(f"policy.patch_max_rank: must be >= 0, got {self.patch_max_rank!r}")
+        if self.patch_budget is not None and (isinstance(self.patch_budget, bool)
+                                              or not isinstance(self.patch_budget, (int, float))
+                                              or self.patch_budget < 0):
+            raise ConnectorConfigError(f"policy.patch_budget: expected a number >= 0 or null, got {self.patch_budget!r}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ new context, that context's KV (relocated to the entry's frame) plus a fitted co
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import re
 import threading
@@ -72,7 +74,9 @@ class _Job:
 class WorkerSide:
     def __init__(self, cfg: ConnectorConfig, rope: RopeSpec, fingerprint: ModelFingerprint) -> None:
         self.cfg, self.rope = cfg, rope
-        self.store = ChunkStore(cfg.store, fingerprint)
+        pol = cfg.policy  # demotion under pressure fits patches with the operator's settings too
+        self.store = ChunkStore(cfg.store, fingerprint, fit_patch=functools.partial(
+            fit_patch, energy=pol.patch_energy, max_rank=pol.patch_max_rank, budget=pol.patch_budget))
         self.layers: dict[str, int] = {}
         self.caches: dict[str, torch.Tensor] = {}
         self.spec: PagedSpec | None = None
@@ -265,7 +269,7 @@ class WorkerSide:
         if self.cfg.policy.capture_patches and self.cfg.policy.patch_max_rank > 0:
             p = self.cfg.policy
             patch = fit_patch(k_rel.float() - base.k.float(), v.float() - base.v.float(), energy=p.patch_energy,
-                              max_rank=p.patch_max_rank, base_k=base.k, base_v=base.v, dtype=base.k.dtype)
+                              max_rank=p.patch_max_rank, budget=p.patch_budget, base_k=base.k, base_v=base.v, dtype=base.k.dtype)
             if self.store.add_patch(key, ctx, patch):
                 with self._lock:
                     self._stats.captured_patches += 1

@@ -26,3 +26,10 @@ def test_flat_store_keys_equal_nested_and_store_config(tmp_path):
 def test_bad_flat_keys_name_the_key(extra, key):
     with pytest.raises(ConnectorConfigError, match=rf"^(store\.)?{key}:"):
         ConnectorConfig.from_extra_config(extra)
+
+
+def test_patch_budget_key():
+    assert ConnectorConfig.from_extra_config({}).policy.patch_budget == 0.05
+    assert ConnectorConfig.from_extra_config({"policy": {"patch_budget": None}}).policy.patch_budget is None
+    with pytest.raises(ConnectorConfigError, match="^policy.patch_budget:"):
+        ConnectorConfig.from_extra_config({"policy": {"patch_budget": -0.1}})
