@@ -69,6 +69,7 @@ class _Job:
     src_pos: torch.Tensor  # [N], or [3, N] for M-RoPE
     dst_pos: torch.Tensor  # [N], or [3, N] for M-RoPE
     slots: torch.Tensor    # [N]
+    k_all: torch.Tensor | None = None  # CPU: every layer relocated in one call, [num_layers, N, H, D]
 
 
 class WorkerSide:
@@ -182,9 +183,15 @@ class WorkerSide:
         i = self.layers[layer_name]
         cache = self.caches[layer_name]
         for job in self._jobs:
-            k = torch.cat([x[i] for x in job.k])       # [N, H, D]
             v = torch.cat([x[i] for x in job.v])
-            k = relocate(k, job.src_pos, job.dst_pos, self.rope)
+            if cache.device.type == "cpu" and len({x.shape[0] for x in job.k}) == 1:
+                # On CPU the layers are placed one after another with nothing to overlap; one call for all
+                # layers builds the rotation table once instead of once per layer (about half the time).
+                if job.k_all is None:
+                    job.k_all = relocate(torch.cat(job.k, dim=1), job.src_pos, job.dst_pos, self.rope)
+                k = job.k_all[i]
+            else:
+                k = relocate(torch.cat([x[i] for x in job.k]), job.src_pos, job.dst_pos, self.rope)  # [N, H, D]
             scatter_kv(cache, self.spec, k, v, job.slots)
         self._layers_done.add(layer_name)
         self._load_t += time.perf_counter() - t0
