@@ -105,6 +105,10 @@ def format_stats(s: dict[str, dict[str, float]]) -> str:
         lines.append(f"store {tier:<14} {v / 2**20:.1f} / {budget / 2**20:.0f} MiB, {int(ent)} entries")
     lines.append(f"demotions            {int(g('kvreuse_demotions_total'))}; evictions "
                  f"{int(sum(s.get('kvreuse_evictions_total', {}).values()))}")
+    reused_mm = sum(s.get("kvreuse_mm_items_reused_total", {}).values())
+    encoded = sum(s.get("kvreuse_encoder_inputs_total", {}).values())
+    if reused_mm or encoded:
+        lines.append(f"media items          {int(reused_mm)} reused (encoder skipped), {int(encoded)} encoded")
     return "\n".join(lines)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import pytest
 import torch
 
+from kvreuse.patch import fit_patch
 from kvreuse.store import ChunkLoadError, ChunkStore, StoreConfig
 from tests.store.conftest import FP, make_entry
 
@@ -123,7 +125,11 @@ def test_pressure_demotes_before_it_evicts(tmp_path):
     a, b = make_entry(21, layers=3, tokens=32), make_entry(22, layers=3, tokens=32)
     ck, cv = _in_context(a)
     budget = 2 * a.nbytes + a.k.nbytes  # a, its in-context KV and b do not all fit
-    with ChunkStore(StoreConfig(device_bytes=budget, disk_path=str(tmp_path), disk_bytes=1 << 20), FP) as store:
+    # demotion mechanics: an unbudgeted fit, so the patch can restore all of the rank-1 residue
+    # (fit_patch's default 5% byte budget would, by design, spend these tiny entries' bytes on V only)
+    fit = functools.partial(fit_patch, budget=None)
+    cfg = StoreConfig(device_bytes=budget, disk_path=str(tmp_path), disk_bytes=1 << 20)
+    with ChunkStore(cfg, FP, fit_patch=fit) as store:
         store.put(a)
         assert store.add_context_kv(a.key, b"ctx", ck, cv)
         full = store.memory[0].entries[a.key].nbytes
