@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvreuse.models.tiny_vl import TinyVLSpec, build_tiny_vl_model, vl_words  # noqa: E402
 from kvreuse.models.trace import screenshot_trace  # noqa: E402
-from server.demo import ttft  # noqa: E402
+from server.demo import free_port, ttft, wait_healthy  # noqa: E402
 
 KV = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both",
       "kv_connector_extra_config": {"store": {"device_bytes": "2GiB"}}}
@@ -67,7 +65,7 @@ def main() -> int:
     procs, urls, enc_logs = {}, {}, {}
     try:
         for arm, kv in arms.items():
-            port = _port()
+            port = free_port()
             enc_logs[arm] = os.path.join(tmp, f"{arm}.encoder")
             open(enc_logs[arm], "w").close()
             argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -83,7 +81,7 @@ def main() -> int:
                                            start_new_session=True), log.name)
             urls[arm] = f"http://127.0.0.1:{port}"
         for arm in arms:
-            _wait(urls[arm], *procs[arm])
+            wait_healthy(urls[arm], *procs[arm])
         clients = {arm: OpenAI(base_url=urls[arm] + "/v1", api_key="unused", timeout=600) for arm in arms}
         model = clients["kvreuse"].models.list().data[0].id
         ttfts = {arm: [[] for _ in range(a.turns)] for arm in arms}
@@ -138,26 +136,6 @@ def main() -> int:
 def _encoded(path: str) -> int:
     with open(path) as f:
         return sum(int(line.split()[1]) for line in f if line.startswith("image"))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc: subprocess.Popen, log: str) -> None:
-    t0 = time.time()
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(open(log).read()[-4000:])
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return
-        except OSError:
-            if time.time() - t0 > 600:
-                raise SystemExit(f"server did not start; see {log}")
-            time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvreuse.models import TinySpec, build_tiny_model  # noqa: E402
 from kvreuse.models.trace import agent_trace  # noqa: E402
-from server.demo import ttft  # noqa: E402
+from server.demo import free_port, ttft, wait_healthy  # noqa: E402
 
 
 def main() -> int:
@@ -49,7 +46,7 @@ def main() -> int:
     spec = TinySpec(num_layers=a.layers, hidden_size=a.hidden, num_heads=heads, num_kv_heads=max(1, heads // 4),
                     head_dim=64, intermediate_size=4 * a.hidden, vocab_size=4096, dtype=a.dtype, init_std=0.02)
     model_dir = build_tiny_model(None, spec)
-    port = a.port or _port()
+    port = a.port or free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="kvreuse-bench-", suffix=".log", delete=False)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     argv = [sys.executable, "-m", "kvreuse.cli", "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1",
@@ -58,7 +55,7 @@ def main() -> int:
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(url, proc, log.name)
+        wait_healthy(url, proc, log.name)
         client = OpenAI(base_url=url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
         arms = ("kvreuse", "prefix", "none")
@@ -99,26 +96,6 @@ def main() -> int:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc: subprocess.Popen, log: str) -> None:
-    t0 = time.time()
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(open(log).read()[-4000:])
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return
-        except OSError:
-            if time.time() - t0 > 600:
-                raise SystemExit(f"server did not start; see {log}")
-            time.sleep(1)
 
 
 if __name__ == "__main__":

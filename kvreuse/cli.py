@@ -66,7 +66,6 @@ def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
 
 def fetch_stats(url: str) -> dict[str, dict[str, float]]:
     """kvreuse_* samples from a server's `/metrics`: {family: {labels: value}} (engine/model labels summed)."""
-    import re
 
     base = url.rstrip("/")
     text = urllib.request.urlopen(base + ("" if base.endswith("/metrics") else "/metrics"), timeout=10).read().decode()

@@ -24,10 +24,26 @@ DEMO_MODEL = TinySpec(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2
                       intermediate_size=512, dtype="float32")
 
 
-def _port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: str, timeout: float = 600) -> None:
+    """Block until the server at `url` answers /health; exit with its log tail if it dies or hangs."""
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(open(log).read()[-4000:])
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return
+        except OSError:
+            if time.time() - t0 > timeout:
+                raise SystemExit(f"server did not start; see {log}")
+            time.sleep(1)
 
 
 def ttft(client, model: str, msgs, **extra) -> tuple[float, int, int]:
@@ -49,7 +65,7 @@ def main() -> int:
     from openai import OpenAI
 
     model_dir = build_tiny_model(None, DEMO_MODEL)
-    port = _port()
+    port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="kvreuse-demo-", suffix=".log", delete=False)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     argv = [sys.executable, "-m", "kvreuse.cli", "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1",
@@ -58,19 +74,7 @@ def main() -> int:
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                print(open(log.name).read()[-4000:])
-                return 1
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() - t0 > 300:
-                    print("server did not start; see", log.name)
-                    return 1
-                time.sleep(1)
+        wait_healthy(url, proc, log.name, timeout=300)
         client = OpenAI(base_url=url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
         print(f"\n{'turn':>4} {'prompt':>7} {'reused':>7} {'share':>6} {'TTFT kvreuse':>13} {'TTFT baseline':>14} {'saved':>8}")

@@ -27,7 +27,7 @@ import torch
 
 from kvreuse.connector.claim import SaveItem, context_signature
 from kvreuse.connector.config import ConnectorConfig
-from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
+from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad
 from kvreuse.connector.mrope import chunk_shift
 from kvreuse.connector.stats import ReuseStats
 from kvreuse.errors import KVReuseError

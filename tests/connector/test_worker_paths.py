@@ -13,7 +13,7 @@ from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, Req
 from kvreuse.connector.stats import KVReuseConnectorStats, ReuseStats  # noqa: E402
 from kvreuse.connector.worker import WorkerSide, detect_layout, layer_index  # noqa: E402
 from kvreuse.ops import relocate  # noqa: E402
-from kvreuse.paged import Layout, PagedSpec, block_slots, gather_kv, scatter_kv  # noqa: E402
+from kvreuse.paged import Layout, block_slots, gather_kv, scatter_kv  # noqa: E402
 from kvreuse.rope.spec import RopeSpec  # noqa: E402
 from kvreuse.store import ModelFingerprint  # noqa: E402
 
