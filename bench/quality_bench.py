@@ -171,7 +171,7 @@ def run(args) -> dict:
 
     details = {name: t.summary() for name, t in tallies.items()}
     summary = {}
-    for name in SUMMARY_CONDITIONS:
+    for name in SUMMARY_CONDITIONS + [n for n in ("patch_default",) if n in details]:  # + kvreuse's default
         d = details[name]
         summary[name] = {"single_hop": d.get("hop1"), "multi_hop": d.get("hop3"),
                          "patch_bytes_frac": d.get("patch_bytes_frac", 0.0)}
