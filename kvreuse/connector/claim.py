@@ -40,23 +40,36 @@ def context_signature(preceding: Sequence[bytes]) -> bytes:
 
 @dataclass
 class DirEntry:
-    """What the scheduler knows of a stored chunk: its length and the contexts recorded for it."""
+    """What the scheduler knows of a stored chunk: its length and the contexts recorded for it.
+
+    `remote`: stored by another instance (seen in the shared Redis tier); only the signatures of its
+    contexts are known, not their preceding keys.
+    """
 
     num_tokens: int
     contexts: dict[bytes, tuple[bytes, ...]] = field(default_factory=dict)  # signature -> preceding digests
+    remote: bool = False
 
 
 class Directory:
-    """Keys the worker has stored, with their contexts (fed by worker reports; no store access)."""
+    """Keys the worker has stored, with their contexts (fed by worker reports), and optionally a
+    read-only view of what other instances stored in the shared Redis tier (`remote.lookup`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, remote=None) -> None:
         self.entries: dict[bytes, DirEntry] = {}
+        self.remote = remote
 
     def __contains__(self, digest: bytes) -> bool:
-        return digest in self.entries
+        return self.get(digest) is not None
 
     def get(self, digest: bytes) -> DirEntry | None:
-        return self.entries.get(digest)
+        e = self.entries.get(digest)
+        if e is None and self.remote is not None:
+            found = self.remote.lookup(digest)
+            if found is not None:
+                n, sigs = found
+                e = DirEntry(n, {s: () for s in sigs}, remote=True)
+        return e
 
     def record(self, digest: bytes, num_tokens: int, preceding: tuple[bytes, ...]) -> None:
         e = self.entries.setdefault(digest, DirEntry(num_tokens))
@@ -76,6 +89,8 @@ def choose_policy(entry: DirEntry, preceding: tuple[bytes, ...], mode: str) -> t
     sig = context_signature(preceding)
     if sig in entry.contexts:
         return "exact", sig
+    if entry.remote:  # only signatures are known: no survival/reorder matching
+        return None if mode == "patched_or_exact" else ("blind", next(iter(entry.contexts)))
     best = None
     for s, rec in entry.contexts.items():
         if len(rec) > len(preceding) and _is_subsequence(preceding, rec):
@@ -185,6 +200,7 @@ def plan_saves(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence
         e = directory.get(keys[j])
         if e is None:
             out.append(SaveItem(keys[j], tuple(token_ids[c.start:c.end]), c.start, c.end, pre, True, pos(c)))
-        elif capture_patches and context_signature(pre) not in e.contexts and e.num_tokens == c.num_tokens:
+        elif (capture_patches and not e.remote and context_signature(pre) not in e.contexts
+              and e.num_tokens == c.num_tokens):
             out.append(SaveItem(keys[j], tuple(token_ids[c.start:c.end]), c.start, c.end, pre, False, pos(c)))
     return out

@@ -17,6 +17,7 @@ from kvreuse.connector.claim import Claim, Directory, chunk_keys, plan_claim, pl
 from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
 from kvreuse.connector.mrope import PositionsFn
+from kvreuse.connector.remote import RemoteLookup
 from kvreuse.connector.segment import Chunk, mm_spans, segment
 from kvreuse.connector.stats import ReuseStats
 
@@ -51,7 +52,9 @@ class SchedulerSide:
         self.cfg, self.model_digest, self.boundary_ids = cfg, model_digest, boundary_ids
         self.positions_fn = positions_fn  # M-RoPE models only
         self.allow_fault_injection = allow_fault_injection
-        self.directory = Directory()
+        st = cfg.store  # with a shared Redis tier, also see what other instances stored there
+        remote = RemoteLookup(st.redis_url, st.redis_bytes, model_digest) if st.redis_url and st.redis_bytes else None
+        self.directory = Directory(remote)
         self.reqs: dict[str, _Req] = {}
         self.modalities: dict[str, list[str]] = {}  # request -> modality of each mm feature (encoder counts)
         self.stats = ReuseStats()

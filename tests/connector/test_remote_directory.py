@@ -1,0 +1,83 @@
+"""Several instances, one Redis tier: a scheduler claims chunks that *another* instance stored.
+
+A real `redis-server`; instance A is a `ChunkStore` writing through to Redis (what A's worker does
+after computing chunks), instance B is only the scheduler-side logic with an empty local directory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvreuse.connector.claim import Directory, chunk_keys, context_signature, plan_claim, plan_saves
+from kvreuse.connector.remote import RemoteLookup
+from kvreuse.connector.segment import Chunk
+from kvreuse.store import ChunkEntry, ChunkKey, ChunkStore, ModelFingerprint, StoreConfig
+from tests.support.redis_server import redis_server_or_skip
+
+FP = ModelFingerprint("TestArch", "weights-sha256-0", "bfloat16")
+
+
+@pytest.fixture
+def redis_url():
+    srv = redis_server_or_skip()
+    try:
+        yield srv.url
+    finally:
+        srv.close()
+
+
+def _chunks(sizes):
+    out, start = [], 0
+    for n in sizes:
+        out.append(Chunk(start, start + n))
+        start += n
+    return out
+
+
+def test_scheduler_claims_chunks_stored_by_another_instance(redis_url):
+    tokens = list(range(100, 100 + 40))
+    chunks = _chunks([12, 12, 12, 4])
+    keys = chunk_keys(tokens, chunks, FP.digest, None)
+    cfg = StoreConfig.from_dict({"device_bytes": "64MiB", "redis_url": redis_url, "redis_bytes": "64MiB"})
+    # instance A stores chunks 0 and 1 (chunk 1 computed after chunk 0), write-through to Redis
+    with ChunkStore(cfg, FP) as a:
+        for j, ctx in ((0, context_signature(())), (1, context_signature((keys[0],)))):
+            c = chunks[j]
+            ids = torch.tensor(tokens[c.start:c.end])
+            kv = torch.randn(2, c.end - c.start, 2, 8).bfloat16()
+            assert a.put(ChunkEntry(ChunkKey(keys[j]), ids, torch.arange(c.start, c.end), kv, kv.clone(), context=ctx))
+        a.flush()
+    # instance B: nothing local, but the shared tier is visible
+    local_only = plan_claim(tokens, chunks, keys, Directory(), 0)
+    assert local_only.items == [] and local_only.misses == 3
+    remote = RemoteLookup(redis_url, 64 << 20, FP.digest)
+    d = Directory(remote)
+    claim = plan_claim(tokens, chunks, keys, d, 0)
+    assert [it.policy for it in claim.items] == ["exact", "exact"] and claim.num_tokens == 24
+    assert claim.misses == 1                                   # chunk 2 is nowhere: the claim ends there
+    # chunk 0 dropped: chunk 1 now opens the prompt; a remote entry's preceding keys are unknown,
+    # so this is served blind (locally it would be "survival")
+    dropped = plan_claim(tokens[12:], _chunks([12, 12, 4]), keys[1:], d, 0)
+    assert [it.policy for it in dropped.items] == ["blind"]
+    # reordered (chunk 1 first): claimed blind, the remote entry's own context is what is read
+    moved = plan_claim(tokens[12:24] + tokens[:12] + tokens[24:], _chunks([12, 12, 16]),
+                       [keys[1], keys[0], keys[2]], d, 0)
+    assert [it.policy for it in moved.items] == ["blind", "blind"]
+    assert moved.items[0].context == context_signature((keys[0],))
+    assert plan_claim(tokens[12:24] + tokens[:12] + tokens[24:], _chunks([12, 12, 16]),
+                      [keys[1], keys[0], keys[2]], d, 0, mode="patched_or_exact").items == []
+    # B does not re-save chunks the shared tier already holds, and captures no patch for them
+    saves = plan_saves(tokens, chunks, keys, d, set(), capture_patches=True)
+    assert [s.key for s in saves] == [keys[2], keys[3]]
+    # another model's entries are invisible
+    other = Directory(RemoteLookup(redis_url, 64 << 20, ModelFingerprint("Other", "w", "bfloat16").digest))
+    assert plan_claim(tokens, chunks, keys, other, 0).items == []
+
+
+def test_redis_down_is_a_miss(redis_url):
+    d = Directory(RemoteLookup("redis://127.0.0.1:1/0", 1 << 20, FP.digest))
+    tokens = list(range(30))
+    chunks = _chunks([10, 10, 10])
+    keys = chunk_keys(tokens, chunks, FP.digest, None)
+    assert plan_claim(tokens, chunks, keys, d, 0).items == []
