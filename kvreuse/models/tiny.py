@@ -97,34 +97,49 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, spec: TinySpec = 
         cfg = transformers.Qwen2Config(rope_theta=10000.0, **common)
         cls = transformers.Qwen2ForCausalLM
     torch.manual_seed(spec.seed)
-    model = cls(cfg).to(getattr(torch, spec.dtype))
-    model.config.dtype = spec.dtype
-    model.save_pretrained(out, safe_serialization=True)
-    _write_tokenizer(out, vocab)
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": vocab["<|endoftext|>"], "eos_token_id": vocab["<|im_end|>"],
-         "pad_token_id": vocab["<|endoftext|>"]}))
+    save_checkpoint(out, cls(cfg), spec.dtype, vocab)
+    write_tokenizer(out, vocab, specials=["<|im_start|>", "<|im_end|>"], chat_template=CHAT_TEMPLATE)
     marker.write_text(json.dumps(asdict(spec)))
     return out
 
 
-def _write_tokenizer(out: Path, vocab: dict[str, int]) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def save_checkpoint(out: Path, model, dtype: str, vocab: dict[str, int]) -> None:
+    """Save a random-weight model in `dtype` with a generation config for the ChatML specials."""
+    import torch
+
+    model = model.to(getattr(torch, dtype))
+    model.config.dtype = dtype
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": vocab["<|endoftext|>"], "eos_token_id": vocab["<|im_end|>"],
+         "pad_token_id": vocab["<|endoftext|>"]}))
+
+
+def write_tokenizer(out: Path, vocab: dict[str, int], *, specials: list[str], chat_template: str,
+                    add_specials: bool = False) -> None:
+    """A WordLevel tokenizer over `vocab` with `specials` and a chat template, saved for vLLM and HF.
+
+    `add_specials` also registers the specials as added tokens of the tokenizer itself, so they
+    match inside words (the VL template glues `<|vision_start|><|image_pad|>...` together).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    if add_specials:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|endoftext|>",
                                    eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = CHAT_TEMPLATE
+                                   additional_special_tokens=specials)
+    fast.chat_template = chat_template
     fast.model_max_length = 1 << 20
     fast.save_pretrained(out)
     # transformers 5 writes the template to chat_template.jinja; older readers want it in the config too
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg["chat_template"] = chat_template
     cfg_path.write_text(json.dumps(cfg, indent=1))
 
 

@@ -23,7 +23,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvreuse.models.tiny import ROLES, SPECIALS, default_model_dir, tiny_words
+from kvreuse.models.tiny import ROLES, SPECIALS, default_model_dir, save_checkpoint, tiny_words, write_tokenizer
 
 VISION_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
                    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
@@ -137,38 +137,12 @@ def build_tiny_vl_model(out_dir: str | os.PathLike | None = None, spec: TinyVLSp
         cls = tf.Qwen2_5_VLForConditionalGeneration
     cfg.tie_word_embeddings = False
     torch.manual_seed(spec.seed)
-    model = cls(cfg).to(getattr(torch, spec.dtype))
-    model.config.dtype = spec.dtype
-    model.save_pretrained(out, safe_serialization=True)
-    _write_tokenizer(out, vocab)
+    save_checkpoint(out, cls(cfg), spec.dtype, vocab)
+    write_tokenizer(out, vocab, specials=["<|im_start|>", "<|im_end|>"] + VISION_SPECIALS,
+                    chat_template=VL_CHAT_TEMPLATE, add_specials=True)
     _write_processors(out, spec.max_pixels)
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": vocab["<|endoftext|>"], "eos_token_id": vocab["<|im_end|>"],
-         "pad_token_id": vocab["<|endoftext|>"]}))
     marker.write_text(json.dumps(asdict(spec)))
     return out
-
-
-def _write_tokenizer(out: Path, vocab: dict[str, int]) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    specials = ["<|im_start|>", "<|im_end|>"] + VISION_SPECIALS
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|endoftext|>",
-                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=specials)
-    fast.chat_template = VL_CHAT_TEMPLATE
-    fast.model_max_length = 1 << 20
-    fast.save_pretrained(out)
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = VL_CHAT_TEMPLATE
-    cfg_path.write_text(json.dumps(cfg, indent=1))
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": VL_CHAT_TEMPLATE}))
 
 
 def _write_processors(out: Path, max_pixels: int = MAX_PIXELS) -> None:
@@ -181,6 +155,7 @@ def _write_processors(out: Path, max_pixels: int = MAX_PIXELS) -> None:
         {**common, "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}, indent=1))
     (out / "video_preprocessor_config.json").write_text(json.dumps(
         {**common, "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2VLProcessor"}, indent=1))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": VL_CHAT_TEMPLATE}))  # the processor's
 
 
 if __name__ == "__main__":
