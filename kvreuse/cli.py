@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import urllib.request
 from typing import Sequence
@@ -62,6 +63,18 @@ def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
     print("kvreuse: " + " ".join(argv[1:]), file=sys.stderr, flush=True)
     os.execv(argv[0], argv)
     return 0  # not reached
+
+
+def parse_kvreuse_metrics(text: str) -> dict[str, float]:
+    """kvreuse_* samples of a `/metrics` text keyed `name{labels}` (engine / model_name labels summed away)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("kvreuse_") or "_created" in line.split("{")[0]:
+            continue
+        name, _, value = line.rpartition(" ")
+        name = re.sub(r'(engine|model_name)="[^"]*",?', "", name).replace(",}", "}").replace("{}", "")
+        out[name] = out.get(name, 0.0) + float(value)
+    return out
 
 
 def fetch_stats(url: str) -> dict[str, dict[str, float]]:

@@ -134,18 +134,10 @@ class Client:
 
     def metrics(self) -> dict[str, float]:
         """kvreuse_* samples keyed `name{labels}` (engine / model_name labels summed away)."""
-        import re
+        from kvreuse.cli import parse_kvreuse_metrics
 
         with urllib.request.urlopen(self.url + "/metrics", timeout=30) as r:
-            text = r.read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if not line.startswith("kvreuse_") or "_created" in line.split("{")[0]:
-                continue
-            name, _, value = line.rpartition(" ")
-            name = re.sub(r'(engine|model_name)="[^"]*",?', "", name).replace(",}", "}").replace("{}", "")
-            out[name] = out.get(name, 0.0) + float(value)
-        return out
+            return parse_kvreuse_metrics(r.read().decode())
 
     def settled_metrics(self, wait: float = 15.0) -> dict[str, float]:
         """Metrics once two reads 1 s apart agree (connector stats reach `/metrics` a step late)."""

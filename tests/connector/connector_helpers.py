@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from kvreuse.cli import parse_kvreuse_metrics
+
 
 PY = sys.executable
 
@@ -73,19 +75,6 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._out.close()
-
-
-def parse_kvreuse_metrics(text: str) -> dict[str, float]:
-    import re
-
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("kvreuse_") or "_created" in line.split("{")[0]:
-            continue
-        name, _, value = line.rpartition(" ")
-        name = re.sub(r'(engine|model_name)="[^"]*",?', "", name).replace(",}", "}").replace("{}", "")
-        out[name] = out.get(name, 0.0) + float(value)
-    return out
 
 
 def vllm_argv(model: Path, port: int, *, kv: dict | None, dtype: str = "float32", extra: list[str] = ()) -> list[str]:
