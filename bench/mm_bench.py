@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvreuse.models.tiny_vl import TinyVLSpec, build_tiny_vl_model, vl_words  # noqa: E402
 from kvreuse.models.trace import screenshot_trace  # noqa: E402
-from server.demo import free_port, ttft, wait_healthy  # noqa: E402
+from server.demo import free_port, stop, ttft, wait_healthy  # noqa: E402
 
 KV = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both",
       "kv_connector_extra_config": {"store": {"device_bytes": "2GiB"}}}
@@ -126,11 +126,7 @@ def main() -> int:
         return 0
     finally:
         for proc, _ in procs.values():
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
 
 def _encoded(path: str) -> int:

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvreuse.models import TinySpec, build_tiny_model  # noqa: E402
 from kvreuse.models.trace import agent_trace  # noqa: E402
-from server.demo import free_port, ttft, wait_healthy  # noqa: E402
+from server.demo import free_port, stop, ttft, wait_healthy  # noqa: E402
 
 
 def main() -> int:
@@ -91,11 +91,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "kvreuse.cli", "stats", url], check=False)
         return 0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,15 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: str, timeout: float = 60
             time.sleep(1)
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server process, killing it if it does not exit within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def ttft(client, model: str, msgs, **extra) -> tuple[float, int, int]:
     """(seconds to first token, prompt tokens, cached tokens) of one streamed request."""
     t0 = time.perf_counter()
@@ -92,11 +101,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "kvreuse.cli", "stats", url], check=False)
         return 0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 if __name__ == "__main__":
