@@ -7,6 +7,7 @@ rotation at p'" — exactly what a re-prefill at p' would have written, up to on
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -195,9 +196,7 @@ class RopeSpec:
 
     def with_offset(self, rot_offset: int) -> "RopeSpec":
         """The same rotation applied at another channel offset (MLA cache layouts differ)."""
-        return RopeSpec(self.rotary_dim, self.inv_freq, self.is_neox, self.position_divisor, self.mscale,
-                        self.mrope_section, self.mrope_interleaved, rot_offset, self.max_position,
-                        self.scaling, self.base)
+        return dataclasses.replace(self, rot_offset=rot_offset)
 
 
 def _mrope_axes(section: tuple[int, int, int], half: int, interleaved: bool) -> torch.Tensor:

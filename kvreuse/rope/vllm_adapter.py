@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from kvreuse.errors import UnsupportedRope
@@ -23,7 +25,6 @@ def spec_from_vllm(cls, rotary_emb: torch.nn.Module, *, rot_offset: int = 0):
     rd = rotary_emb.rotary_dim
     kw = dict(rotary_dim=rd, is_neox=bool(rotary_emb.is_neox_style), rot_offset=rot_offset,
               base=float(rotary_emb.base))
-    table_rows = None
     if type(rotary_emb) in (re.RotaryEmbedding,):
         spec = cls(inv_freq=rotary_emb._compute_inv_freq(rotary_emb.base), scaling="default", **kw)
     elif isinstance(rotary_emb, re.LinearScalingRotaryEmbedding):
@@ -52,17 +53,9 @@ def spec_from_vllm(cls, rotary_emb: torch.nn.Module, *, rot_offset: int = 0):
     cache = getattr(rotary_emb, "cos_sin_cache", None)
     if cache is None:
         raise UnsupportedRope(f"{name} has no cos_sin_cache to check against")
-    table_rows = int(cache.shape[0])
-    spec = cls(**{**_fields(spec), "max_position": table_rows})
+    spec = dataclasses.replace(spec, max_position=int(cache.shape[0]))
     _verify(spec, cache, name)
     return spec
-
-
-def _fields(spec) -> dict:
-    return dict(rotary_dim=spec.rotary_dim, inv_freq=spec.inv_freq, is_neox=spec.is_neox,
-                position_divisor=spec.position_divisor, mscale=spec.mscale, mrope_section=spec.mrope_section,
-                mrope_interleaved=spec.mrope_interleaved, rot_offset=spec.rot_offset, scaling=spec.scaling,
-                base=spec.base)
 
 
 def _verify(spec, cache: torch.Tensor, name: str) -> None:
