@@ -185,10 +185,7 @@ def fit_patch(delta_k: torch.Tensor, delta_v: torch.Tensor, *, energy: float = 0
         if k_weight < 0:
             raise ValueError(f"k_weight must be >= 0, got {k_weight}")
         elem = torch.empty((), dtype=dtype).element_size()
-        for (kind, _), svd in svds.items():
-            if kind == "k":
-                svd.scale = svd.scale / k_weight if k_weight > 0 else float("inf")
-        _allocate(svds, budget * 2 * num_layers * n * h * d * elem, h * (n + d) * elem)
+        _allocate(svds, budget * 2 * num_layers * n * h * d * elem, h * (n + d) * elem, {"k": k_weight, "v": 1.0})
     fits = {kind: [svds[kind, l].factors(dtype) if (kind, l) in svds else None for l in range(num_layers)]
             for kind in ("k", "v")}
     return Patch(fits["k"], fits["v"], n, h, d,
@@ -240,15 +237,17 @@ def _svd_layer(delta: torch.Tensor, base: torch.Tensor | None, energy: float, ma
     return _LayerSVD(u, s, vh, ranks, base_sq)
 
 
-def _allocate(svds: dict[tuple[str, int], _LayerSVD], budget_bytes: float, bytes_per_rank: int) -> None:
-    """Trim ranks so the padded factors fit `budget_bytes`, keeping the largest relative components.
+def _allocate(svds: dict[tuple[str, int], _LayerSVD], budget_bytes: float, bytes_per_rank: int,
+              weights: dict[str, float]) -> None:
+    """Trim ranks so the padded factors fit `budget_bytes`, keeping the largest weighted relative
+    components (`weights[kind] · σ² / ‖base‖²`; a component of gain 0 is never kept).
 
     A layer's factors are padded to its largest head rank, so raising that maximum by one costs
     `bytes_per_rank` (= H·(N + D)·elem); components below the current maximum are free.
     """
     comps = []                                                  # (gain, layer key, head, rank index)
     for key, svd in svds.items():
-        gains = (svd.s.square() / svd.scale).tolist()           # 0 when scale is inf (k_weight 0)
+        gains = (weights[key[0]] * svd.s.square() / svd.scale).tolist()
         for head, r in enumerate(svd.ranks.tolist()):
             comps += [(gains[head][j], key, head, j) for j in range(r)]
     comps.sort(key=lambda c: -c[0])
