@@ -11,9 +11,29 @@ TORCH_INDEX ?=
 TORCH_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast test-slow demo clean
+.PHONY: setup system-deps test test-fast test-slow demo clean
 
-setup: $(VENV)/.kvreuse-setup
+setup: system-deps $(VENV)/.kvreuse-setup
+
+# Programs the tests start for real: `command:Debian package`.  Missing ones are installed with
+# apt-get (as root, or through sudo); without either, setup stops and names what to install.
+SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools prometheus:prometheus
+
+system-deps:
+	@missing=""; \
+	for dep in $(SYSTEM_DEPS); do \
+	  command -v $${dep%%:*} >/dev/null 2>&1 || missing="$$missing $${dep#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make setup: install these packages (no apt-get here):$$missing" >&2; exit 1; \
+	fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; \
+	else echo "make setup: missing$$missing; run as root or install them: apt-get install$$missing" >&2; exit 1; fi; \
+	echo "make setup: apt-get install$$missing"; \
+	$$sudo apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing
 
 $(VENV)/.kvreuse-setup: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
