@@ -7,17 +7,17 @@
                                                                    # the same through `kvreuse serve`
     python bench/quality_bench.py --out DIR --server URL           # ... through a running server
 
-Contexts are three chunks of assignment records (`kvreuse.quality.task`); questions are single
+Contexts are three chunks of assignment records (`bench.quality.task`); questions are single
 lookups (1 hop), 2-hop chains (followed at question time) and 3-hop chains across all three chunks
 (which need the binding that chunk 2's tokens build by attending to chunk 1).  KV comes from the
-reference encoder (HF transformers).  Conditions and measures: see `kvreuse.quality.conditions`.
+reference encoder (HF transformers).  Conditions and measures: see `bench.quality.conditions`.
 
 Outputs in --out: summary.json (each condition -> {"single_hop", "multi_hop", "patch_bytes_frac"};
 single_hop = 1-hop questions on the reused chunks 2 and 3, multi_hop = 3-hop chains), details.json
 (every condition and class, KL, per-layer errors, spectra, variants) and PNG plots.
 
 Through a server (`--server URL`, or `--serve` to start `kvreuse serve` on --model): the conditions
-full / blind / patch / survival / reorder are reproduced with requests (`kvreuse.quality.server`
+full / blind / patch / survival / reorder are reproduced with requests (`bench.quality.server`
 says how), on the same contexts, and compared with the reference encoder's answers; summary.json
 gets a "server" key (per condition: accuracies, the reference counterpart's, per-question
 agreement, claims per policy from /metrics) and server.json the details.  A server given by URL
@@ -41,9 +41,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvreuse.quality import conditions as C  # noqa: E402
-from kvreuse.quality import task  # noqa: E402
-from kvreuse.quality.server import SERVER_CONDITIONS  # noqa: E402
+from bench.quality import conditions as C  # noqa: E402
+from bench.quality import task  # noqa: E402
+from bench.quality.server import SERVER_CONDITIONS  # noqa: E402
 from kvreuse.reference.encoder import ChunkKV, ReferenceEncoder  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "bench" / "models" / "binder"
@@ -308,7 +308,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--server", default=None,
                     help="also measure through this running `kvreuse serve` (URL); it must cut chunks every "
-                         "3*records tokens and run without vLLM prefix caching: see kvreuse/quality/server.py")
+                         "3*records tokens and run without vLLM prefix caching: see bench/quality/server.py")
     ap.add_argument("--serve", action="store_true",
                     help="start `kvreuse serve --model` on a free loopback port for the server measurement")
     ap.add_argument("--server-only", action="store_true",
@@ -340,7 +340,7 @@ def run_server(args) -> dict:
 
     from tqdm import tqdm
 
-    from kvreuse.quality import server as S
+    from bench.quality import server as S
 
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)

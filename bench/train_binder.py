@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from pathlib import Path
 
-from kvreuse.quality.train import TrainConfig, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.quality` from a checkout
+
+from bench.quality.train import TrainConfig, train  # noqa: E402
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvreuse.quality import conditions as C
-from kvreuse.quality import task
+from bench.quality import conditions as C
+from bench.quality import task
 from kvreuse.reference.encoder import ChunkKV, ReferenceEncoder
 
 MODEL = Path(__file__).resolve().parents[2] / "bench" / "models" / "binder"

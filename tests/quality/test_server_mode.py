@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvreuse.quality import server as S
-from kvreuse.quality import task
+from bench.quality import server as S
+from bench.quality import task
 
 MODEL = Path(__file__).resolve().parents[2] / "bench" / "models" / "binder"
 pytestmark = [

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from kvreuse.quality import task
+from bench.quality import task
 
 T_NAME, T_DIG, L_NAME, R_NAME, R_DIG = 1, 21, 41, 81, 101
 F_EQ, F_Q, F_SLOT = 121, 122, 123

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from kvreuse.patch import Patch, fit_patch, relocate_and_patch
-from kvreuse.quality import task
+from bench.quality import task
 from kvreuse.reference.encoder import ChunkKV, ReferenceEncoder
 
 RANKS = (0, 1, 2, 4, 8, 16, 32)

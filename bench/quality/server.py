@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from kvreuse.quality import task
+from bench.quality import task
 
 SERVER_CONDITIONS = ("full", "blind", "survival", "reorder", "patch")   # patch last: it fills the store
 # reference-encoder condition(s) each server condition is compared with
@@ -362,7 +362,7 @@ def reference_preds(enc, main: Sequence[task.Example], reo: Sequence[task.Exampl
                     progress: Callable = lambda it, **kw: it) -> dict[str, dict]:
     """The reference encoder's answers to the questions `measure` sends, for the server's counterparts
     (full, blind, patch_default, survival, reorder, reorder_ctx): accuracy and per-context argmax."""
-    from kvreuse.quality import conditions as C
+    from bench.quality import conditions as C
     from kvreuse.reference.encoder import ChunkKV
 
     tallies: dict[str, ServerTally] = {}

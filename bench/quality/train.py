@@ -1,4 +1,4 @@
-"""Train the embedded reference model ("binder") on the binding task of `kvreuse.quality.task`.
+"""Train the embedded reference model ("binder") on the binding task of `bench.quality.task`.
 
 A standard `LlamaForCausalLM` (3 layers, d_model 96, 2 heads of 64, RoPE), so that vLLM loads
 the same checkpoint.  Loss on answer tokens only.  Curriculum: single lookups first; 2-hop questions
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kvreuse.quality import task
+from bench.quality import task
 
 
 @dataclass
@@ -200,7 +200,7 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> dict:
     model = LlamaForCausalLM(model_config(cfg))
     model.config._attn_implementation = "sdpa"
     if cfg.init == "construct":
-        from kvreuse.quality.construct import construct
+        from bench.quality.construct import construct
 
         construct(model, seed=cfg.seed)
     elif cfg.init == "two_back":
