@@ -7,8 +7,8 @@ script and driven turn by turn, interleaved, so both see the same machine state:
 Each turn shows the last `--window` screenshots (oldest dropped, a new one added; each its own user
 message with a caption) plus a question.  Per turn and arm it reports TTFT (streamed, median over
 `--repeats` replays with fresh pictures each replay; replay 0 warms up), vision-encoder runs (images
-the model's `embed_multimodal` encoded: the `KVREUSE_TEST_ENCODER_LOG` hook of kvreuse's vLLM plugin
-counts them in each server process) and prefill tokens computed (prompt − cached).
+the model's `embed_multimodal` encoded, counted in each server process by the worker-extension hook
+of `tests/support/encoder_count.py`) and prefill tokens computed (prompt − cached).
 
     python bench/mm_bench.py [--layers 8 --hidden 512 --pixels 448 --turns 6 --window 4 --repeats 3]
 """
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kvreuse.models.tiny_vl import TinyVLSpec, build_tiny_vl_model, vl_words  # noqa: E402
 from kvreuse.models.trace import screenshot_trace  # noqa: E402
 from server.demo import free_port, stop, ttft, wait_healthy  # noqa: E402
+from tests.support.encoder_count import encoded_items, encoder_count_args, encoder_count_env  # noqa: E402
 
 KV = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both",
       "kv_connector_extra_config": {"store": {"device_bytes": "2GiB"}}}
@@ -71,11 +72,11 @@ def main() -> int:
             argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                     "--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--gpu-memory-utilization", "0.3",
                     "--max-model-len", "4096", "--dtype", a.dtype, "--enable-prompt-tokens-details", "--seed", "0",
-                    "--limit-mm-per-prompt", json.dumps({"image": a.window, "video": 0})]
+                    "--limit-mm-per-prompt", json.dumps({"image": a.window, "video": 0}), *encoder_count_args()]
             if kv is not None:
                 argv += ["--kv-transfer-config", json.dumps(kv)]
             env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                   "KVREUSE_TEST_ENCODER_LOG": enc_logs[arm]}
+                   **encoder_count_env(enc_logs[arm])}
             log = open(os.path.join(tmp, f"{arm}.log"), "w")
             procs[arm] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True), log.name)
@@ -95,12 +96,12 @@ def main() -> int:
                 order = list(arms) if (rep + t) % 2 == 0 else list(arms)[::-1]  # no arm always goes first
                 for arm in order:
                     time.sleep(a.pause)
-                    e0 = _encoded(enc_logs[arm])
+                    e0 = encoded_items(enc_logs[arm])
                     s, prompt, cached = ttft(clients[arm], model, turn["messages"])
                     if rep:
                         ttfts[arm][t].append(s)
                         prefill[arm][t] = prompt - cached
-                        encoded[arm][t] = _encoded(enc_logs[arm]) - e0
+                        encoded[arm][t] = encoded_items(enc_logs[arm]) - e0
                         prompt_len[t] = prompt
         print(f"model: tiny {a.arch}, {a.layers} layers, hidden {a.hidden}, vision {a.vision_depth}x{a.vision_dim}, "
               f"{a.dtype}; screenshots {a.pixels}x{a.pixels} "
@@ -127,11 +128,6 @@ def main() -> int:
     finally:
         for proc, _ in procs.values():
             stop(proc)
-
-
-def _encoded(path: str) -> int:
-    with open(path) as f:
-        return sum(int(line.split()[1]) for line in f if line.startswith("image"))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ Two servers for the whole module, started together:
   * Qwen2.5-VL, 1 layer, bfloat16, kvreuse on: the trace again, and the bf16 divergence.
 The no-reuse reference is the same server with `kv_transfer_params: {"kvreuse": false}` and a fresh
 `cache_salt` (no kvreuse, no prefix-cache hit).  Vision-encoder runs are counted twice, independently:
-the plugin's test hook (`KVREUSE_TEST_ENCODER_LOG`: every `embed_multimodal` call of the model logs
-the items it encoded) and the connector's `kvreuse_encoder_inputs_total` (what vLLM's scheduler sent
+a test hook loaded as a vLLM worker extension (`tests/support/encoder_count.py`: every
+`embed_multimodal` call of the model logs the items it encoded) and the connector's `kvreuse_encoder_inputs_total` (what vLLM's scheduler sent
 to the encoder).  No timing is used.
 """
 
@@ -22,6 +22,7 @@ from openai import OpenAI
 from connector_helpers import Server, free_port, vllm_argv
 from kvreuse.models.tiny_vl import vl_words
 from kvreuse.models.trace import image_data_url, screenshot_trace, video_data_url
+from tests.support.encoder_count import encoded_items, encoder_count_args, encoder_count_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +38,14 @@ class VLServer:
         self.model, self.encoder_log = model, logs / f"{name}.encoder"
         self.encoder_log.touch()
         port = free_port()
-        self.server = Server(vllm_argv(model, port, kv=KV_ON, dtype=dtype, extra=mm_args), port, logs / f"{name}.log",
-                             env={"KVREUSE_TEST_ENCODER_LOG": str(self.encoder_log)})
+        self.server = Server(vllm_argv(model, port, kv=KV_ON, dtype=dtype, extra=[*mm_args, *encoder_count_args()]),
+                             port, logs / f"{name}.log", env=encoder_count_env(self.encoder_log))
         self.client = OpenAI(base_url=self.server.url + "/v1", api_key="unused", max_retries=0, timeout=180)
         self.model_id = None
 
     def encoded(self, modality: str = "image") -> int:
         """Items of `modality` the vision encoder has encoded so far (the test hook's log)."""
-        return sum(int(line.split()[1]) for line in self.encoder_log.read_text().splitlines()
-                   if line.startswith(modality))
+        return encoded_items(self.encoder_log, modality)
 
     def metric(self, name: str) -> float:
         return self.server.metrics().get(name, 0.0)
