@@ -11,8 +11,8 @@ from kvreuse.store.persist import EntryCorrupt
 from kvreuse.store.policy import CostAwarePolicy, LRUPolicy, make_policy
 from kvreuse.store.rehydrate import ChunkLoadError, Rehydration
 from kvreuse.store.stats import LatencyHistogram, StoreStats, TierStats
-from kvreuse.store.store import ChunkStore
+from kvreuse.store.store import ChunkStore, StoreEvents
 
 __all__ = ["ISOLATED", "ChunkEntry", "ChunkKey", "ChunkLoadError", "ChunkStore", "ChunkView", "CostAwarePolicy",
            "EntryCorrupt", "LRUPolicy", "LatencyHistogram", "ModelFingerprint", "Rehydration", "StoreConfig",
-           "StoreConfigError", "StoreStats", "TierStats", "make_policy", "parse_size", "weights_id_from_files"]
+           "StoreConfigError", "StoreEvents", "StoreStats", "TierStats", "make_policy", "parse_size", "weights_id_from_files"]

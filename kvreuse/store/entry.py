@@ -64,6 +64,9 @@ class ChunkEntry:
         patches: conditioning patches ``{signature: Patch}`` fitted on in-context − base.
         recompute_cost: estimated seconds to recompute this chunk's KV (vision encoder included).
         hits, last_use: reuse bookkeeping (``last_use`` in ``time.monotonic()`` seconds).
+        preceding: ``{signature: ordered preceding chunk key digests}`` for the contexts above whose
+            key lists are known; persisted with the entry so a restarted or remote directory can
+            match survival and reorder, not only exact signatures.
     """
 
     key: ChunkKey
@@ -77,6 +80,7 @@ class ChunkEntry:
     recompute_cost: float = 0.0
     hits: int = 0
     last_use: float = field(default_factory=time.monotonic)
+    preceding: dict[bytes, tuple[bytes, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.context = as_signature(self.context)
@@ -153,22 +157,21 @@ class ChunkEntry:
         """Record a conditioning patch for ``context``."""
         self.patches[as_signature(context)] = patch
 
-    def demote(self, fit: FitPatch | None) -> int:
-        """Replace every full in-context KV by a patch fitted on (in-context − base); returns bytes freed.
+    def drop_context_kv(self) -> list[tuple[bytes, torch.Tensor, torch.Tensor]]:
+        """Demote: drop every full in-context KV; returns those of contexts that have no patch yet.
 
-        With ``fit=None`` the in-context KV is dropped (the base still serves "blind" reuse).
+        Contexts with a patch keep being served from it ("patched"); the caller fits patches for
+        the returned ones (k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``) outside any
+        lock and adds them with :meth:`add_patch`.  Until then those contexts read as base KV.
         """
-        before = self.nbytes
-        for ctx, (ck, cv) in list(self.in_context.items()):
-            if fit is not None and ctx not in self.patches:
-                # Deltas in fp32: the residue is small next to K and V, so bf16 subtraction would lose it.
-                try:
-                    self.patches[ctx] = fit(ck.float() - self.k.float(), cv.float() - self.v.float(),
-                                            base_k=self.k, base_v=self.v, dtype=self.k.dtype)
-                except (RuntimeError, ValueError):
-                    pass  # e.g. non-finite KV: no patch for this context; the base still serves it "blind"
-            del self.in_context[ctx]
-        return before - self.nbytes
+        out = [(c, ck, cv) for c, (ck, cv) in self.in_context.items() if c not in self.patches]
+        self.in_context = {}
+        return out
+
+    def has_context(self, context: bytes | str) -> bool:
+        """Whether this entry holds KV or a patch for ``context`` (its own context included)."""
+        ctx = as_signature(context)
+        return ctx == self.context or ctx in self.in_context or ctx in self.patches
 
     def touch(self, now: float | None = None) -> None:
         self.hits += 1
@@ -216,7 +219,7 @@ class ChunkEntry:
                           k=mv(self.k), v=mv(self.v), context=self.context,
                           in_context={c: (mv(a), mv(b)) for c, (a, b) in self.in_context.items()},
                           patches=patches, recompute_cost=self.recompute_cost,
-                          hits=self.hits, last_use=self.last_use)
+                          hits=self.hits, last_use=self.last_use, preceding=dict(self.preceding))
 
 
 def _patch_to(p: Any, device: torch.device | str) -> Any:
@@ -235,7 +238,8 @@ class ChunkView:
     """A (possibly partial) read of an entry for one context.
 
     k, v: ``[num_layers', num_tokens', num_kv_heads, head_dim]``; positions: ``[num_tokens']`` or
-    ``[3, num_tokens']``; ``how`` is "exact", "patched" or "base".
+    ``[3, num_tokens']``; ``how`` is "exact", "patched" or "base"; ``source`` names where the
+    store found it (a tier, "spill" for an entry on its way to disk, "ingest" for KV still queued).
     """
 
     key: ChunkKey
@@ -245,3 +249,4 @@ class ChunkView:
     v: torch.Tensor
     how: str
     context: bytes
+    source: str = ""

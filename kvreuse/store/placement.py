@@ -1,19 +1,28 @@
 """Pressure rules between tiers: make room (demote, then evict), spill down, promote up.
 
 The :class:`TierStack` owns the tiers of one store; every method is called with the store's
-lock held.  Rules (the store's docstring gives the why):
+lock held, and none of them does slow work: what would be slow is queued in ``work`` for the
+store to run after it releases the lock (:class:`FitJob`, :class:`SpillJob`).  Rules (the
+store's docstring gives the why):
 
 * ``make_room(i, n)``: memory tier i frees n bytes of budget — demote entries holding in-context
   KV, lowest priority first, then evict lowest priority first, spilling each victim to tier i+1.
+  Demotion drops in-context KV at once; a context without a patch yet gets a ``FitJob``.
 * ``spill``: an evicted memory entry goes to the next memory tier that can hold it, else to
-  disk (skipped when the disk already holds the same content); a disk victim goes to Redis
-  when Redis lacks it.
+  disk (skipped when the disk already holds the same content) through a ``SpillJob``; until that
+  lands the entry stays readable in ``spilling``.  An entry no tier keeps is recorded in ``lost``.
 * ``promote``: a hit in a lower memory tier moves to the top tier when it can be made to fit.
+
+``lost`` and ``demoted`` record keys for the connector, which tells the scheduler's directory.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from kvreuse.store.entry import ChunkEntry
 from kvreuse.store.keys import ChunkKey
@@ -21,6 +30,36 @@ from kvreuse.store.stats import StoreStats
 from kvreuse.store.tiers import DiskTier, MemoryTier, RedisTier
 
 _AUTO = "auto"
+_EVENT_LOG = 1 << 16  # keys kept for the connector between two reads (older ones are dropped)
+
+
+@dataclass
+class FitJob:
+    """Fit the patch of a demoted context of ``base``: ``k, v`` its in-context KV.
+
+    k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``, in ``base``'s positional frame.
+    """
+
+    key: ChunkKey
+    context: bytes
+    k: torch.Tensor
+    v: torch.Tensor
+    base: ChunkEntry
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class SpillJob:
+    """Write an entry evicted from memory to the disk tier."""
+
+    entry: ChunkEntry
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.nbytes
 
 
 class TierStack:
@@ -30,12 +69,16 @@ class TierStack:
                  stats: StoreStats, fit_patch: Any) -> None:
         self.memory, self.disk, self.redis, self.stats = memory, disk, redis, stats
         self._fit = fit_patch
+        self.work: list[FitJob | SpillJob] = []  # slow work for the store to run outside its lock
+        self.spilling: dict[ChunkKey, ChunkEntry] = {}  # evicted, on their way to disk (still served)
+        self.lost: deque[ChunkKey] = deque(maxlen=_EVENT_LOG)  # left every tier of this store
+        self.demoted: deque[ChunkKey] = deque(maxlen=_EVENT_LOG)  # in-context KV dropped (patches stay)
 
     def make_room(self, i: int, n: int, protect: ChunkKey | None = None) -> bool:
         t = self.memory[i]
         if t.used_bytes + n <= t.budget_bytes:
             return True
-        if n > t.budget_bytes - sum(t.reserved.values()) - (t._sizes.get(protect, 0) if protect else 0):
+        if n > t.budget_bytes - sum(t.reserved.values()) - (t.size_of(protect) if protect else 0):
             return False
         for k in t.policy.victims():  # demote first, lowest priority first
             if t.used_bytes + n <= t.budget_bytes:
@@ -54,10 +97,17 @@ class TierStack:
         return True
 
     def demote(self, t: MemoryTier, key: ChunkKey) -> int:
-        freed = t.entries[key].demote(self.fit_fn())
+        e = t.entries[key]
+        before = e.nbytes
+        fit = self.fit_fn()
+        for ctx, ck, cv in e.drop_context_kv():
+            if fit is not None:
+                self.work.append(FitJob(key, ctx, ck, cv, e))
         t.resized(key)
+        freed = before - e.nbytes
         self.stats.demotions += 1
         self.stats.demoted_bytes += freed
+        self.demoted.append(key)
         return freed
 
     def spill(self, j: int, e: ChunkEntry) -> None:
@@ -72,32 +122,10 @@ class TierStack:
             h = self.disk.index.get(e.key)
             if h is not None and h.contexts == tuple(e.in_context) and h.patch_contexts == tuple(e.patches):
                 return  # the disk already has this content
-            if self.disk_put(e):
-                self.stats.bytes_moved += n
-
-    def disk_put(self, e: ChunkEntry) -> bool:
-        n = self.disk.put(e, self.disk_room)
-        ts = self.stats.tier("disk")
-        if n:
-            ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + n
-        else:
-            ts.rejected_puts += 1
-        return bool(n)
-
-    def disk_room(self, n: int) -> bool:
-        d = self.disk
-        while d.used_bytes + n > d.budget_bytes:
-            victim = d.policy.peek()
-            if victim is None:
-                return False
-            h = d.index[victim]
-            if self.redis is not None and not self.redis.contains(victim):
-                blob = d.read_blob(victim)
-                if blob is not None:
-                    self.redis.put_blob(victim, blob, cost=h.recompute_cost, hits=h.hits)
-            d.remove(victim, evicted=True)
-            self.count_eviction("disk", h.total_bytes)
-        return True
+            self.spilling[e.key] = e
+            self.work.append(SpillJob(e))
+            return
+        self.lost.append(e.key)
 
     def count_eviction(self, tier: str, n: int) -> None:
         ts = self.stats.tier(tier)

@@ -85,9 +85,19 @@ class StoreStats:
     shared_rehydrations: int = 0  # lookups that joined an in-flight rehydration
     failed_loads: int = 0
     bytes_moved: int = 0  # between tiers, both directions
+    ingests: int = 0  # chunks accepted by ``ingest`` (queued)
+    dropped_ingests: int = 0  # chunks ``ingest`` refused because its queue was full
+    ingested_entries: int = 0  # new entries stored by the ingest thread
+    ingested_contexts: int = 0  # in-context KV of a stored chunk kept by the ingest thread
+    captured_patches: int = 0  # patches fitted for a new context at ingest
+    failed_ingests: int = 0  # ingest jobs that raised (the chunk is not stored; never an engine error)
+    failed_fits: int = 0  # patch fits that raised (non-finite KV): that context reads as base KV
+    dropped_spills: int = 0  # evicted entries not written to disk because the background lane was full
+    dropped_fits: int = 0  # demoted contexts left without a patch because the background lane was full
     lookup_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
     put_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
     rehydrate_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
+    ingest_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)  # one ingest job, end to end
 
     def tier(self, name: str) -> TierStats:
         return self.tiers.setdefault(name, TierStats())

@@ -4,37 +4,51 @@ Placement.  A new entry goes to the fastest memory tier it fits in.  Memory tier
 (an entry lives in one of them); disk and Redis may hold copies.  Redis is written through
 (asynchronously, on a writer thread) so the other stores of a deployment see new chunks at once.
 
+Saving.  :meth:`ChunkStore.ingest` is the one call a saver makes: it queues the chunk's KV on a
+bounded background queue and returns at once (a full queue drops the chunk and counts it).  The
+background thread decides what the KV is — a new entry, or a stored chunk seen in a new context —
+relocates the latter into the entry's positional frame, keeps it as in-context KV, fits its
+conditioning patch, and publishes the result.
+
 Pressure.  Before an insert, the target tier makes room: first it *demotes* entries that hold
-full in-context KV (lowest priority first: that KV becomes a patch fitted on in-context − base),
-then it *evicts* by the tier's policy (see :mod:`kvreuse.store.policy`), spilling each victim to
-the next tier down (device → host → disk → Redis).  Every tier's budget is checked on insert
-and never exceeded; bytes of an entry still being loaded are reserved up front.
+full in-context KV (lowest priority first: that KV is dropped, its context keeps its patch, or
+gets one fitted in the background), then it *evicts* by the tier's policy (see
+:mod:`kvreuse.store.policy`), spilling each victim to the next tier down (device → host → disk →
+Redis).  Every tier's budget is checked on insert and never exceeded; bytes of an entry still
+being loaded are reserved up front.  Keys that leave the store, and keys demoted, are recorded
+for the connector (:meth:`ChunkStore.take_events`).
 
-Lookups.  A memory hit is served at once (and a host hit promoted to the device tier).  A disk or
-Redis hit returns a :class:`~kvreuse.store.rehydrate.Rehydration` filled layer by layer on an
-I/O thread into the fastest memory tier; concurrent lookups of a key share it.  Every hit is
-verified against the stored token ids; a mismatch, a corrupt copy or an unreachable Redis is a
-miss (counted), never an error.
+Lookups.  A memory hit is served at once (and a host hit promoted to the device tier); so is an
+entry on its way to disk, or a chunk still queued for ingest (from the bytes already copied
+out).  A disk or Redis hit returns a :class:`~kvreuse.store.rehydrate.Rehydration` filled layer by
+layer on an I/O thread into the fastest memory tier; concurrent lookups of a key share it.  Every
+hit is verified against the stored token ids; a mismatch, a corrupt copy or an unreachable Redis
+is a miss (counted), never an error.
 
-Thread safety: all public methods may be called from any thread; metadata is guarded by one lock,
-held during demotion and disk spills but not during loads or Redis writes.
+Thread safety: all public methods may be called from any thread.  Metadata is guarded by one lock
+that is held only to look up and to publish: patch fits (SVD), disk writes (fsync) and Redis I/O
+run outside it, on the background thread (or, for the synchronous :meth:`put`, :meth:`demote`
+and :meth:`evict`, on the caller's thread after the lock is released).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from kvreuse.store.background import Background
 from kvreuse.store.config import StoreConfig
-from kvreuse.store.entry import ChunkEntry, ChunkView, as_signature
+from kvreuse.store.entry import ISOLATED, ChunkEntry, ChunkView, as_signature
 from kvreuse.store.keys import ChunkKey, ModelFingerprint, token_bytes
-from kvreuse.store.persist import EntryCorrupt, encode
-from kvreuse.store.placement import _AUTO, TierStack
+from kvreuse.store.persist import EntryCorrupt, encode, plan
+from kvreuse.store.placement import _AUTO, FitJob, SpillJob, TierStack
 from kvreuse.store.policy import make_policy
 from kvreuse.store.rehydrate import ChunkLoadError, Rehydration, load_layers
 from kvreuse.store.stats import StoreStats
@@ -42,6 +56,27 @@ from kvreuse.store.tiers import DiskTier, MemoryTier, RedisTier, device_tier, ho
 from kvreuse.store.tiers.redis import MAX_VALUE_BYTES
 
 Tokens = Sequence[int] | torch.Tensor
+log = logging.getLogger("kvreuse.store")
+
+
+@dataclass
+class IngestJob:
+    """A chunk handed to :meth:`ChunkStore.ingest`; ``entry`` holds the KV as copied out (its own frame)."""
+
+    entry: ChunkEntry
+    rope: Any
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.k.numel() * self.entry.k.element_size() * 2
+
+
+@dataclass
+class StoreEvents:
+    """Keys the scheduler's directory must hear of: ``evicted`` left this store, ``demoted`` lost in-context KV."""
+
+    evicted: list[ChunkKey]
+    demoted: list[ChunkKey]
 
 
 class ChunkStore:
@@ -52,22 +87,29 @@ class ChunkStore:
         model: the model fingerprint (``ModelFingerprint`` or its 16-byte digest); entries of any
             other fingerprint are never served.
         policy: eviction policy of every tier, ``"cost"`` (GDSF, default) or ``"lru"``.
-        fit_patch: ``fit(delta_k, delta_v, *, base_k, base_v, dtype) -> Patch`` used by demotion;
-            default ``kvreuse.fit_patch``; ``None`` drops in-context KV instead.
+        fit_patch: ``fit(delta_k, delta_v, *, base_k, base_v, dtype) -> Patch`` used at ingest and by
+            demotion; default ``kvreuse.fit_patch``; ``None`` keeps no patches (demotion drops KV).
+        capture_patches: fit a patch for every new context at ingest (default True).
         device: device of the device tier (default: the current CUDA device, else CPU).
         redis_write_through: publish every put to Redis (default True).
+        ingest_items, ingest_bytes: bounds of the ingest queue (queued + running chunks).
+        background_bytes: bound of the store's own background work (spills, demotion fits);
+            beyond it an evicted entry is dropped instead of written to disk.
     """
 
     def __init__(self, config: StoreConfig, model: bytes | ModelFingerprint, *, policy: str = "cost",
-                 fit_patch: Any = _AUTO, device: torch.device | str | None = None, io_threads: int = 2,
-                 redis_namespace: str = "kvreuse:", redis_write_through: bool = True,
-                 write_through_pending_bytes: int = 1 << 30) -> None:
+                 fit_patch: Any = _AUTO, capture_patches: bool = True, device: torch.device | str | None = None,
+                 io_threads: int = 2, redis_namespace: str = "kvreuse:", redis_write_through: bool = True,
+                 write_through_pending_bytes: int = 1 << 30, ingest_items: int = 256,
+                 ingest_bytes: int = 256 << 20, background_bytes: int = 256 << 20) -> None:
         self.model = model.digest if isinstance(model, ModelFingerprint) else bytes(model)
         if len(self.model) != 16:
             raise ValueError(f"model: expected a 16-byte fingerprint digest, got {len(self.model)} bytes")
         self.config, self.policy_name = config, policy
+        self.capture_patches = capture_patches
         self.stats = StoreStats()
         self._lock = threading.RLock()
+        self._disk_lock = threading.Lock()  # serialises disk writes; never taken by lookups
         self.memory: list[MemoryTier] = []
         if config.device_bytes:
             self.memory.append(device_tier(config.device_bytes, make_policy(policy), device))
@@ -82,40 +124,264 @@ class ChunkStore:
         self._pending_limit, self._pending_bytes = write_through_pending_bytes, 0
         self._pending: set[Future] = set()
         self._inflight: dict[ChunkKey, Rehydration] = {}
+        self._ingesting: dict[ChunkKey, IngestJob] = {}
         self._loads = ThreadPoolExecutor(io_threads, thread_name_prefix="kvreuse-load")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-redis") if self._write_through else None
+        self._bg = Background(self._run_background, ingest_items=ingest_items, ingest_bytes=ingest_bytes,
+                              work_items=1 << 16, work_bytes=background_bytes)
+
+    # ---------------------------------------------------------------- ingest
+    def ingest(self, key: ChunkKey, token_ids: Tokens, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               context: bytes | str = ISOLATED, *, rope: Any = None, recompute_cost: float = 0.0) -> bool:
+        """Hand over a chunk's KV computed in ``context``; returns at once (False: dropped, queue full).
+
+        k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``, owned by the store from now on
+        (pass a copy); positions: ``[num_tokens]`` or ``[3, num_tokens]``, the frame k was rotated
+        at.  In the background: a new key becomes an entry; a stored key gets this context's KV,
+        relocated into its frame with ``rope`` (a :class:`~kvreuse.rope.spec.RopeSpec`), and its
+        patch.  Until then, a lookup of a new key is served from these very tensors.
+        """
+        job = IngestJob(ChunkEntry(key=key, token_ids=token_ids, positions=positions, k=k, v=v, context=context,
+                                   recompute_cost=recompute_cost), rope)
+        with self._lock:
+            prev = self._ingesting.get(key)
+            self._ingesting[key] = job
+        if self._bg.offer("ingest", job, job.nbytes):
+            with self._lock:
+                self.stats.ingests += 1
+            return True
+        with self._lock:
+            if self._ingesting.get(key) is job:
+                if prev is None:
+                    del self._ingesting[key]
+                else:
+                    self._ingesting[key] = prev
+            self.stats.dropped_ingests += 1
+            if not self._held(key):
+                self.tiers.lost.append(key)
+        return False
+
+    def pending_ingest_bytes(self) -> int:
+        """Bytes of KV queued or being ingested (bounded by ``ingest_bytes``)."""
+        return self._bg.held_bytes("ingest")
+
+    def _held(self, key: ChunkKey) -> bool:
+        """With the lock held: whether this store keeps ``key`` locally (memory, on its way to disk, disk)."""
+        return (any(key in t for t in self.memory) or key in self.tiers.spilling or key in self._ingesting
+                or (self.disk is not None and key in self.disk))
+
+    def _run_background(self, item: Any) -> None:
+        if isinstance(item, IngestJob):
+            t0 = time.perf_counter()
+            try:
+                self._ingest(item)
+            except Exception:  # a failed save is a future miss, never a failed request
+                log.exception("kvreuse: ingesting chunk %s failed", item.entry.key.hex()[:12])
+                with self._lock:
+                    self.stats.failed_ingests += 1
+            finally:
+                with self._lock:
+                    if self._ingesting.get(item.entry.key) is item:
+                        del self._ingesting[item.entry.key]
+                    if not self._held(item.entry.key) and self.redis is None:
+                        self.tiers.lost.append(item.entry.key)
+                    self.stats.ingest_seconds.observe(time.perf_counter() - t0)
+        else:
+            self._run_work(item)
+        self._drain()
+
+    def _ingest(self, job: IngestJob) -> None:
+        e = job.entry
+        tok = token_bytes(e.token_ids)
+        with self._lock:
+            base = next((t.entries[e.key] for t in self.memory if e.key in t), None)
+            lower = base is None and (e.key in self.tiers.spilling or e.key in self._inflight
+                                      or (self.disk is not None and e.key in self.disk))
+        if base is None and (lower or (self.redis is not None and self.contains(e.key) is not None)):
+            h = self.fetch(e.key, e.token_ids)  # disk or Redis I/O: this thread, outside the lock
+            try:
+                base = h.result(60.0) if h is not None else None
+            except (ChunkLoadError, TimeoutError):
+                base = None
+        if base is None:
+            if self.put(e):
+                with self._lock:
+                    self.stats.ingested_entries += 1
+            return
+        if token_bytes(base.token_ids) != tok:
+            with self._lock:
+                self._mismatch()
+            return
+        if base.has_context(e.context):
+            return
+        # A stored chunk computed in another context: its KV in the entry's frame, and its patch.
+        k = e.k
+        if not torch.equal(e.positions, base.positions):
+            if job.rope is None:
+                raise ValueError("ingest: a chunk at other positions than its stored entry needs `rope`")
+            from kvreuse.ops import relocate
+
+            k = relocate(e.k, e.positions, base.positions, job.rope)
+        k, v = k.to(base.k.device), e.v.to(base.k.device)
+        patch = self._fit(k, v, base.k, base.v) if self.capture_patches else None
+        with self._lock:
+            self._publish_context(e.key, e.context, base, (k, v), patch)
+
+    def _fit(self, k: torch.Tensor, v: torch.Tensor, base_k: torch.Tensor, base_v: torch.Tensor) -> Any:
+        """A patch for in-context ``k, v`` over the base, or None (no fit configured, or it failed)."""
+        fit = self.tiers.fit_fn()
+        if fit is None:
+            return None
+        try:  # deltas in fp32: the residue is small next to K and V, so a bf16 subtraction would lose it
+            return fit(k.float() - base_k.float(), v.float() - base_v.float(), base_k=base_k, base_v=base_v,
+                       dtype=base_k.dtype)
+        except (RuntimeError, ValueError):  # e.g. non-finite KV: the context reads as base KV
+            with self._lock:
+                self.stats.failed_fits += 1
+            return None
+
+    def _publish_context(self, key: ChunkKey, ctx: bytes, base: ChunkEntry,
+                         kv: tuple[torch.Tensor, torch.Tensor] | None, patch: Any) -> None:
+        """With the lock held: add a context's patch, then its KV, to ``key``'s memory entry if room allows.
+
+        ``base`` is the entry both were computed against; skipped when that entry left memory or
+        was replaced by one with another base meanwhile.
+        """
+        for i, t in enumerate(self.memory):
+            cur = t.entries.get(key)
+            if cur is None:
+                continue
+            if cur.context != base.context or not torch.equal(cur.positions, base.positions):
+                return
+            if patch is not None and ctx not in cur.patches and self.tiers.make_room(i, int(patch.nbytes), key):
+                cur.add_patch(ctx, patch)
+                t.resized(key)
+                self.stats.captured_patches += 1
+            if kv is not None and ctx not in cur.in_context:
+                n = sum(x.numel() * x.element_size() for x in kv)
+                if self.tiers.make_room(i, n, protect=key):
+                    cur.add_context_kv(ctx, *kv)
+                    t.resized(key)
+                    self.stats.ingested_contexts += 1
+            return
+
+    def _run_work(self, w: FitJob | SpillJob) -> None:
+        if isinstance(w, FitJob):
+            patch = self._fit(w.k, w.v, w.base.k, w.base.v)
+            if patch is not None:
+                with self._lock:
+                    self._publish_context(w.key, w.context, w.base, None, patch)
+        else:
+            self._spill(w.entry)
+
+    def _spill(self, e: ChunkEntry) -> None:
+        """Write an evicted entry to disk: plan and write outside the lock, account and index under it."""
+        with self._disk_lock:
+            with self._lock:
+                if self.tiers.spilling.get(e.key) is not e:
+                    return  # removed, or a newer copy is on its way
+            head, bufs = plan(e, self.model)
+            n = len(head) + sum(b.nbytes for b in bufs)
+            with self._lock:
+                victims = self.disk.reserve(e.key, n)
+                if victims is None:
+                    self.stats.tier("disk").rejected_puts += 1
+                    self._unspill(e, lost=True)
+                    return
+                for vk, vh, _ in victims:
+                    self.tiers.count_eviction("disk", vh.total_bytes)
+                    if self.redis is None:
+                        self.tiers.lost.append(vk)
+            for vk, vh, reader in victims:  # disk victims go to Redis (network), then their files go
+                try:
+                    if reader is not None and self.redis is not None and not self.redis.contains(vk):
+                        self.redis.put_blob(vk, reader.read(0, vh.total_bytes), cost=vh.recompute_cost,
+                                            hits=vh.hits)
+                except (OSError, EntryCorrupt):
+                    pass
+                finally:
+                    if reader is not None:
+                        reader.close()
+                self.disk.unlink(vk)
+            try:
+                self.disk.write_file(e.key, head, bufs)
+            except OSError as err:
+                log.warning("kvreuse: spilling chunk %s to disk failed: %s", e.key.hex()[:12], err)
+                with self._lock:
+                    self.disk.unreserve(n)
+                    self.stats.tier("disk").errors += 1
+                    self._unspill(e, lost=True)
+                return
+            with self._lock:
+                self.disk.commit(head, e.key)
+                ts = self.stats.tier("disk")
+                ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + n
+                self.stats.bytes_moved += e.nbytes
+                self._unspill(e, lost=False)
+
+    def _unspill(self, e: ChunkEntry, *, lost: bool) -> None:
+        if self.tiers.spilling.get(e.key) is e:
+            del self.tiers.spilling[e.key]
+        if lost and not self._held(e.key):
+            self.tiers.lost.append(e.key)
+
+    def _drain(self, inline: bool = True) -> None:
+        """Run (inline) or queue the slow work the tiers deferred while the lock was held."""
+        while True:
+            with self._lock:
+                work, self.tiers.work = self.tiers.work, []
+            if not work:
+                return
+            for w in work:
+                if inline:
+                    self._run_work(w)
+                elif not self._bg.offer("work", w, w.nbytes):
+                    with self._lock:
+                        if isinstance(w, SpillJob):
+                            self.stats.dropped_spills += 1
+                            self._unspill(w.entry, lost=True)
+                        else:
+                            self.stats.dropped_fits += 1
+            if not inline:
+                return
 
     # ---------------------------------------------------------------- writes
     def put(self, entry: ChunkEntry) -> bool:
-        """Store a chunk (its tensors are adopted or copied onto the tier's device).
+        """Store a chunk now (its tensors are adopted or copied onto the tier's device).
 
         If the key is already in memory, ``entry``'s KV is recorded as in-context KV of the existing
         entry (when its context differs) and its patches are merged.  Returns False when no tier
-        can hold it.
+        can hold it.  Slow work it causes (spills, demotion fits) runs on this thread, outside the
+        lock; savers on a critical path call :meth:`ingest` instead.
         """
         t0 = time.perf_counter()
         with self._lock:
-            stored = self._put_locked(entry)
+            self._put_locked(entry)
             snap = self._snapshot(entry) if self._write_through else None
+        self._drain()
+        with self._lock:
+            stored = any(entry.key in t for t in self.memory) or (self.disk is not None and entry.key in self.disk)
         if snap is not None:
             stored = self._publish(snap) or stored
         self.stats.put_seconds.observe(time.perf_counter() - t0)
         return stored
 
-    def _put_locked(self, entry: ChunkEntry) -> bool:
+    def _put_locked(self, entry: ChunkEntry) -> None:
         for i, t in enumerate(self.memory):
             if entry.key in t:
                 self._merge_into(i, entry)
-                return True
+                return
         n = entry.nbytes
         for i, t in enumerate(self.memory):
             if n <= t.budget_bytes and self.tiers.make_room(i, n):
                 t.insert(t.adopt(entry))
                 ts = self.stats.tier(t.name)
                 ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + n
-                return True
+                return
             self.stats.tier(t.name).rejected_puts += 1
-        return self.disk is not None and self.tiers.disk_put(entry)
+        if self.disk is not None:
+            self.tiers.spilling[entry.key] = entry
+            self.tiers.work.append(SpillJob(entry))
 
     def _merge_into(self, i: int, new: ChunkEntry) -> None:
         t, e = self.memory[i], self.memory[i].entries[new.key]
@@ -147,8 +413,12 @@ class ChunkStore:
                                               patches={})
                     before = t.entries[key].nbytes
                     self._merge_into(i, new)
-                    return t.entries[key].nbytes > before or as_signature(context) == base.context
-        return False
+                    ok = t.entries[key].nbytes > before or as_signature(context) == base.context
+                    break
+            else:
+                return False
+        self._drain()
+        return ok
 
     def add_patch(self, key: ChunkKey, context: bytes | str, patch: Any) -> bool:
         """Record a conditioning patch of a stored chunk for ``context``; False if not in memory or no room."""
@@ -158,21 +428,26 @@ class ChunkStore:
                     e = t.entries[key]
                     if as_signature(context) in e.patches:
                         return True
-                    if not self.tiers.make_room(i, int(patch.nbytes), protect=key):
-                        return False
-                    e.add_patch(context, patch)
-                    t.resized(key)
-                    return True
-        return False
+                    ok = self.tiers.make_room(i, int(patch.nbytes), protect=key)
+                    if ok:
+                        e.add_patch(context, patch)
+                        t.resized(key)
+                    break
+            else:
+                return False
+        self._drain()
+        return ok
 
     def demote(self, key: ChunkKey | None = None) -> int:
-        """Demote ``key`` (or every memory entry): in-context KV → patches.  Returns bytes freed."""
+        """Demote ``key`` (or every memory entry): in-context KV → patches (fitted on this thread,
+        outside the lock, for contexts without one).  Returns the bytes the KV held."""
         freed = 0
         with self._lock:
             for t in self.memory:
                 for k in [key] if key is not None else list(t.entries):
                     if k in t and t.entries[k].demotable:
                         freed += self.tiers.demote(t, k)
+        self._drain()
         return freed
 
     def evict(self, key: ChunkKey) -> bool:
@@ -183,15 +458,19 @@ class ChunkStore:
                     e = t.pop(key, evicted=True)
                     self.tiers.count_eviction(t.name, e.nbytes)
                     self.tiers.spill(i + 1, e)
-                    return True
-        return False
+                    break
+            else:
+                return False
+        self._drain()
+        return True
 
     def remove(self, key: ChunkKey) -> None:
         """Forget ``key`` in every tier."""
-        with self._lock:
+        with self._disk_lock, self._lock:  # no disk write of it is under way
             for t in self.memory:
                 if key in t:
                     t.pop(key)
+            self.tiers.spilling.pop(key, None)
             if self.disk is not None:
                 self.disk.remove(key)
         if self.redis is not None:
@@ -209,6 +488,9 @@ class ChunkStore:
             for t in self.memory:
                 if key in t:
                     return t.name if ok(t.entries[key].token_ids) else None
+            for name, e in (("spill", self.tiers.spilling.get(key)), ("ingest", self._ingested(key))):
+                if e is not None:
+                    return name if ok(e.token_ids) else None
             h = self._inflight.get(key)
             if h is not None:
                 return h.source if ok(h.token_ids) else None
@@ -231,7 +513,13 @@ class ChunkStore:
         try:
             return self._fetch(key, token_bytes(token_ids), t0)
         finally:
+            self._drain(inline=False)  # what making room deferred runs in the background, never here
             self.stats.lookup_seconds.observe(time.perf_counter() - t0)
+
+    def _ingested(self, key: ChunkKey) -> ChunkEntry | None:
+        """With the lock held: a chunk still queued for ingest, as copied out (a new key only)."""
+        job = self._ingesting.get(key)
+        return job.entry if job is not None else None
 
     def _fetch(self, key: ChunkKey, tok: bytes, t0: float) -> Rehydration | None:
         with self._lock:
@@ -247,6 +535,11 @@ class ChunkStore:
                 t.touched(key)
                 self.stats.tier(t.name).hits += 1
                 return Rehydration.completed(self.tiers.promote(i, e) if i else e, t.name)
+            for name, e in (("spill", self.tiers.spilling.get(key)), ("ingest", self._ingested(key))):
+                if e is not None:  # its bytes are here already: no wait on the background thread
+                    if token_bytes(e.token_ids) != tok:
+                        return self._mismatch()
+                    return Rehydration.completed(e, name)
             h = self._inflight.get(key)
             if h is not None:
                 if token_bytes(h.token_ids) != tok:
@@ -319,6 +612,8 @@ class ChunkStore:
                 self.stats.failed_loads += 1
                 if isinstance(err, (EntryCorrupt, ChunkLoadError)) and h.source == "disk" and self.disk:
                     self.disk.drop(h.key)
+                if not self._held(h.key):
+                    self.tiers.lost.append(h.key)
         if err is not None and isinstance(err, EntryCorrupt) and h.source == "redis" and self.redis:
             self.redis.remove(h.key)
         if err is None and h.source == "redis" and self.redis:
@@ -341,7 +636,7 @@ class ChunkStore:
         except ChunkLoadError:
             return None
         with self._lock:
-            view = e.view(context, tokens=tokens, layers=layers)
+            view = dataclasses.replace(e.view(context, tokens=tokens, layers=layers), source=h.source)
             name = label or view.how
             self.stats.hits_by_policy[name] = self.stats.hits_by_policy.get(name, 0) + 1
         return view
@@ -398,7 +693,9 @@ class ChunkStore:
         return Patch.from_state_dict
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait for queued Redis writes and in-flight loads."""
+        """Wait for queued ingests, background work, Redis writes and in-flight loads."""
+        self._drain()
+        self._bg.join(timeout)
         for f in list(self._pending):
             f.result(timeout)
         for h in list(self._inflight.values()):
@@ -406,6 +703,16 @@ class ChunkStore:
                 h.result(timeout)
             except ChunkLoadError:
                 pass
+        self._drain()
+        self._bg.join(timeout)
+
+    def take_events(self) -> StoreEvents:
+        """Keys evicted from this store and keys demoted since the last call (for the scheduler's directory)."""
+        with self._lock:
+            out = StoreEvents(list(self.tiers.lost), list(self.tiers.demoted))
+            self.tiers.lost.clear()
+            self.tiers.demoted.clear()
+        return out
 
     def snapshot_stats(self) -> StoreStats:
         """A copy of the stats with the tier gauges (bytes, budgets, entries) filled in."""
@@ -427,6 +734,7 @@ class ChunkStore:
     def close(self) -> None:
         """Finish pending work and release the disk directory and the Redis connection."""
         self.flush()
+        self._bg.close()
         self._loads.shutdown(wait=True)
         if self._writer is not None:
             self._writer.shutdown(wait=True)

@@ -12,12 +12,10 @@ from __future__ import annotations
 import fcntl
 import os
 import uuid
-from typing import Callable
 
 from kvreuse.store.config import StoreConfigError
-from kvreuse.store.entry import ChunkEntry
 from kvreuse.store.keys import ChunkKey
-from kvreuse.store.persist import (PREFIX_BYTES, EntryCorrupt, EntryHeader, decode_header, header_length, plan,
+from kvreuse.store.persist import (PREFIX_BYTES, EntryCorrupt, EntryHeader, decode_header, header_length,
                                    verify_payload)
 from kvreuse.store.policy import EvictionPolicy
 
@@ -136,19 +134,45 @@ class DiskTier:
         self.used_bytes += h.total_bytes
         self.policy.update(h.key, nbytes=h.total_bytes, cost=h.recompute_cost, hits=h.hits)
 
-    def put(self, entry: ChunkEntry, make_room: Callable[[int], bool]) -> int:
-        """Write ``entry`` durably; ``make_room(n)`` must free ``n`` bytes of budget or return False.
+    # A write is three steps so that the store's lock is held only for the first and the last:
+    # reserve (pick victims, account the bytes) → write_file (outside the lock: write, fsync,
+    # rename) → commit (index the file) or unreserve (the write failed).
 
-        Returns the bytes written, or 0 when the entry does not fit.
+    def reserve(self, key: ChunkKey, n: int) -> list[tuple[ChunkKey, EntryHeader, FileReader | None]] | None:
+        """Account ``n`` bytes for a new file of ``key``, evicting lowest priority first.
+
+        Returns the victims, each with a reader opened before it left the index (so its bytes can
+        still be copied elsewhere; the caller closes it and calls :meth:`unlink`), or None when
+        ``n`` exceeds the budget.  An older file of ``key`` leaves the index (its file is replaced
+        by the rename of :meth:`write_file`).
         """
-        if entry.key in self.index:
-            self.remove(entry.key)
-        head, bufs = plan(entry, self.model)
-        n = len(head) + sum(b.nbytes for b in bufs)
-        if n > self.budget_bytes or not make_room(n):
-            return 0
-        assert self.used_bytes + n <= self.budget_bytes
-        tmp = os.path.join(self.dir, f".{entry.key.hex()}.{uuid.uuid4().hex[:8]}.tmp")
+        if n > self.budget_bytes:
+            return None
+        if key in self.index:
+            h = self.index.pop(key)
+            self.used_bytes -= h.total_bytes
+            self.policy.remove(key)
+        victims = []
+        while self.used_bytes + n > self.budget_bytes:
+            victim = self.policy.peek()
+            assert victim is not None, "disk accounting holds bytes no entry owns"
+            h = self.index.pop(victim)
+            self.used_bytes -= h.total_bytes
+            self.policy.evicted(victim)
+            try:
+                reader = FileReader(os.open(self.path(victim), os.O_RDONLY), h)
+            except OSError:
+                reader = None
+            victims.append((victim, h, reader))
+        self.used_bytes += n
+        return victims
+
+    def unreserve(self, n: int) -> None:
+        self.used_bytes -= n
+
+    def write_file(self, key: ChunkKey, head: bytes, bufs: list) -> None:
+        """Write an entry durably under its final name (temporary name, fsync, rename, fsync the directory)."""
+        tmp = os.path.join(self.dir, f".{key.hex()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with open(tmp, "wb") as f:
                 f.write(head)
@@ -156,20 +180,34 @@ class DiskTier:
                     f.write(memoryview(b))
                 f.flush()
                 os.fsync(f.fileno())
-            os.rename(tmp, self.path(entry.key))
+            os.rename(tmp, self.path(key))
             dfd = os.open(self.dir, os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
         except OSError:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            for p in (tmp, self.path(key)):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
             raise
-        self._add(decode_header(head, model=self.model, key=entry.key))
-        return n
+
+    def commit(self, head: bytes, key: ChunkKey) -> EntryHeader:
+        """Index a file :meth:`write_file` wrote (its bytes were reserved)."""
+        h = decode_header(head, model=self.model, key=key)
+        self.index[h.key] = h
+        self.policy.update(h.key, nbytes=h.total_bytes, cost=h.recompute_cost, hits=h.hits)
+        assert self.used_bytes <= self.budget_bytes
+        return h
+
+    def unlink(self, key: ChunkKey) -> None:
+        """Delete ``key``'s file (after it left the index)."""
+        try:
+            os.unlink(self.path(key))
+        except FileNotFoundError:
+            pass
 
     def open(self, key: ChunkKey) -> FileReader | None:
         """A reader over ``key``'s file, or None (missing or bad file: dropped)."""

@@ -58,6 +58,10 @@ class MemoryTier:
         assert self.used_bytes <= self.budget_bytes, (self.name, self.used_bytes, self.budget_bytes)
         self.policy.update(key, nbytes=n, cost=e.recompute_cost, hits=e.hits)
 
+    def size_of(self, key: ChunkKey) -> int:
+        """Bytes ``key`` occupies here (0 if absent)."""
+        return self._sizes.get(key, 0)
+
     def touched(self, key: ChunkKey) -> None:
         e = self.entries[key]
         self.policy.update(key, nbytes=self._sizes[key], cost=e.recompute_cost, hits=e.hits)
