@@ -6,8 +6,9 @@
 For a Qwen2.5-VL-7B-shaped and a Llama-3-8B-shaped KV stack (bf16), chunk sizes 256..16k and
 patch rank 0 / 16, it times eager PyTorch (the reference path), Triton (table and in-kernel cos/sin)
 and CUDA (`kvreuse._C`, JIT-built from csrc/ when setup.py did not build it), all layers in one
-call, and reports bytes moved / median time against the device-to-device copy bandwidth measured
-in the same run.  It also times re-prefilling a 4k chunk (the same model shape in plain PyTorch
+call, into vLLM 0.32-strided caches (`--kv-layout`, default LBNHC, FlashAttention's default), and
+the save-side gather; it reports bytes moved / median time against the device-to-device copy
+bandwidth measured in the same run.  It also times re-prefilling a 4k chunk (the same model shape in plain PyTorch
 with random weights) against relocating + patching it.  Needs no vLLM.
 """
 
@@ -27,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from kvreuse.ops import backends, relocate_patch_scatter  # noqa: E402
-from kvreuse.paged import Layout, PagedSpec  # noqa: E402
+from kvreuse.layout import KV_CACHE_LAYOUTS, Reading, allocate  # noqa: E402
+from kvreuse.ops import backends, gather, place  # noqa: E402
 from kvreuse.patch import Factors, Patch  # noqa: E402
 from kvreuse.rope import freqs  # noqa: E402
 from kvreuse.rope.spec import RopeSpec  # noqa: E402
@@ -93,7 +94,7 @@ def load_cuda_ext(log: dict) -> None:
         log["cuda_ext"] = f"unavailable: {type(e).__name__}: {e}"[:500]
 
 
-def make_case(model: str, n: int, rank: int, device: str, dtype=torch.bfloat16):
+def make_case(model: str, n: int, rank: int, device: str, dtype=torch.bfloat16, kv_layout: str = "LBNHC"):
     layers, h, d, *_, rope_kw = MODELS[model]
     rope = RopeSpec(inv_freq=freqs.default_inv_freq(1_000_000.0, d), **rope_kw)
     g = torch.Generator(device="cpu").manual_seed(n * 31 + rank)
@@ -105,8 +106,8 @@ def make_case(model: str, n: int, rank: int, device: str, dtype=torch.bfloat16):
     num_blocks = n // BLOCK_SIZE + 8
     blocks = torch.randperm(num_blocks, generator=g)[: -(-n // BLOCK_SIZE)]
     slots = (blocks[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).flatten()[:n].to(device)
-    caches = [torch.empty(2, num_blocks, BLOCK_SIZE, h, d, dtype=dtype, device=device) for _ in range(layers)]
-    spec = PagedSpec(Layout.FLASH, num_blocks, BLOCK_SIZE, h, d)
+    caches, layout = allocate(kv_layout, Reading.KV_SPLIT, num_layers=layers, num_blocks=num_blocks, num_heads=h,
+                              block_size=BLOCK_SIZE, head_size=d, dtype=dtype, device=device)
     patch = None
     if rank:
         fac = lambda: Factors((torch.randn(n, h, rank, generator=g) * 0.1).to(device, dtype),
@@ -115,13 +116,17 @@ def make_case(model: str, n: int, rank: int, device: str, dtype=torch.bfloat16):
     moved = 2 * 2 * k.numel() * k.element_size()                       # read K, V; write K, V
     moved += patch.nbytes if patch else 0
     moved += n * rope.rotary_dim // 2 * 8 + n * 8                      # cos/sin table, slots
-    return dict(k=k, v=v, src=src, dst=dst, rope=rope, caches=caches, spec=spec, slots=slots, patch=patch,
-                bytes=moved)
+    return dict(k=k, v=v, src=src, dst=dst, rope=rope, caches=caches, layout=layout, slots=slots, patch=patch,
+                bytes=moved, gather_bytes=2 * 2 * k.numel() * k.element_size() + n * 8)
 
 
 def run_case(c, backend: str, angles: str = "table"):
-    return lambda: relocate_patch_scatter(c["k"], c["v"], c["src"], c["dst"], c["rope"], c["caches"], c["spec"],
-                                          c["slots"], c["patch"], backend=backend, angles=angles, validate=False)
+    return lambda: place(c["caches"], c["layout"], c["k"], c["v"], c["src"], c["dst"], c["slots"], c["rope"],
+                         c["patch"], backend=backend, angles=angles, validate=False)
+
+
+def run_gather(c, backend: str):
+    return lambda: gather(c["caches"], c["layout"], c["slots"], backend=backend)
 
 
 class Layer(torch.nn.Module):
@@ -173,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run of the reference path only")
     ap.add_argument("--chunks", type=int, nargs="*", default=None, help=f"chunk sizes (default {CHUNKS})")
+    ap.add_argument("--models", nargs="*", default=None, choices=list(MODELS), help="model shapes (default all)")
+    ap.add_argument("--kv-layout", default="LBNHC", choices=list(KV_CACHE_LAYOUTS), help="vLLM KVCacheLayout")
+    ap.add_argument("--no-reference", action="store_true", help="skip the (slow) eager PyTorch rows on CUDA")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -184,8 +192,8 @@ def main(argv=None) -> int:
     chunks = args.chunks or ([64] if args.cpu_smoke else CHUNKS)
     result = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "torch": torch.__version__, "rows": []}
-    names = ["reference"]
+              "torch": torch.__version__, "kv_layout": args.kv_layout, "rows": []}
+    names = [] if (device == "cuda" and args.no_reference) else ["reference"]
     if device == "cuda":
         if backends.triton_available():
             import triton
@@ -197,10 +205,11 @@ def main(argv=None) -> int:
             names.append("cuda")
         result["copy_GBps"] = copy_bandwidth(device, 1 << 30) / 1e9
         print(f"device-to-device copy: {result['copy_GBps']:.0f} GB/s", flush=True)
-    for model in MODELS:
+    models = args.models or list(MODELS)
+    for model in models:
         for n in chunks:
             for rank in RANKS:
-                c = make_case(model, n, rank, device)
+                c = make_case(model, n, rank, device, kv_layout=args.kv_layout)
                 for name in names:
                     backend, angles = ("triton", "kernel") if name == "triton-kernel-angles" else (name, "table")
                     try:
@@ -217,16 +226,25 @@ def main(argv=None) -> int:
                     result["rows"].append(row)
                     print(f"{model:14s} n={n:6d} r={rank:2d} {name:22s} {sec * 1e6:10.1f} us "
                           f"{row['GBps']:8.1f} GB/s {row.get('fraction_of_copy', 0):6.1%}", flush=True)
+                for name in [x for x in names if x in ("reference", "triton", "cuda")] if rank == 0 else []:
+                    sec = timeit(run_gather(c, name), device)
+                    row = {"model": model, "tokens": n, "rank": 0, "backend": name, "op": "gather", "seconds": sec,
+                           "bytes": c["gather_bytes"], "GBps": c["gather_bytes"] / sec / 1e9}
+                    if "copy_GBps" in result:
+                        row["fraction_of_copy"] = row["GBps"] / result["copy_GBps"]
+                    result["rows"].append(row)
+                    print(f"{model:14s} n={n:6d} gather {name:17s} {sec * 1e6:10.1f} us {row['GBps']:8.1f} GB/s "
+                          f"{row.get('fraction_of_copy', 0):6.1%}", flush=True)
                 del c
                 if device == "cuda":
                     torch.cuda.empty_cache()
     if device == "cuda":
         n = 4096
         result["prefill_vs_relocate"] = []
-        for model in MODELS:
+        for model in models:
             pre = prefill_seconds(model, n, device)
             best = min((r for r in result["rows"] if r["model"] == model and r["tokens"] == n and r["rank"] == 16
-                        and "seconds" in r), key=lambda r: r["seconds"], default=None)
+                        and "seconds" in r and "op" not in r), key=lambda r: r["seconds"], default=None)
             entry = {"model": model, "tokens": n, "prefill_seconds": pre}
             if best:
                 entry.update(relocate_patch_seconds=best["seconds"], backend=best["backend"],

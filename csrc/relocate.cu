@@ -171,7 +171,7 @@ __global__ void gather_kernel(const T* cache, const int64_t* loff, int64_t s_kv,
     const int h = idx / vecs, d0 = (idx % vecs) * VEC;
     const int64_t o = layer * so_l + n * so_n + h * so_h + d0;
     store_vec<T, VEC>(k_out + o, load_vec<T, VEC>(src + h * s_h + d0));
-    store_vec<T, VEC>(v_out + o, load_vec<T, VEC>(src + s_kv + h * s_h + d0));
+    if (v_out) store_vec<T, VEC>(v_out + o, load_vec<T, VEC>(src + s_kv + h * s_h + d0));  // null: MLA, K only
   }
 }
 
@@ -313,12 +313,14 @@ void relocate_scatter(torch::Tensor k, c10::optional<torch::Tensor> v, torch::Te
 }
 
 void gather(torch::Tensor cache, torch::Tensor loff, int64_t s_kv, int64_t s_blk, int64_t s_off, int64_t s_h,
-            torch::Tensor slots, int64_t block_size, torch::Tensor k_out, torch::Tensor v_out, int64_t layer_align) {
+            torch::Tensor slots, int64_t block_size, torch::Tensor k_out, c10::optional<torch::Tensor> v_out,
+            int64_t layer_align) {
   TORCH_CHECK(cache.is_cuda() && cache.stride(-1) == 1, "cache must be CUDA with a contiguous head_size dim");
-  TORCH_CHECK(k_out.is_cuda() && k_out.dim() == 4 && k_out.is_contiguous() && v_out.sizes() == k_out.sizes() &&
-              v_out.is_contiguous() && k_out.scalar_type() == cache.scalar_type() &&
-              v_out.scalar_type() == cache.scalar_type(),
-              "k_out/v_out must be contiguous CUDA [L, N, H, D] tensors of the cache dtype");
+  TORCH_CHECK(k_out.is_cuda() && k_out.dim() == 4 && k_out.is_contiguous() && k_out.scalar_type() == cache.scalar_type(),
+              "k_out must be a contiguous CUDA [L, N, H, D] tensor of the cache dtype");
+  TORCH_CHECK(!v_out.has_value() || (v_out->is_cuda() && v_out->sizes() == k_out.sizes() && v_out->is_contiguous() &&
+                                     v_out->scalar_type() == cache.scalar_type()),
+              "v_out must match k_out (contiguous CUDA, cache dtype)");
   const int64_t L = k_out.size(0), N = k_out.size(1), H = k_out.size(2), D = k_out.size(3);
   check_offsets_cuda(loff, L, "cache layer offsets");
   TORCH_CHECK(slots.is_cuda() && slots.dim() == 1 && slots.numel() == N && slots.is_contiguous() &&
@@ -327,7 +329,8 @@ void gather(torch::Tensor cache, torch::Tensor loff, int64_t s_kv, int64_t s_blk
   if (N == 0 || L == 0) return;
   const c10::cuda::CUDAGuard guard(cache.device());
   const int64_t es = cache.element_size();
-  int vec = pick_vec(es, {D, s_kv, s_blk, s_off, s_h}, {cache.data_ptr(), k_out.data_ptr(), v_out.data_ptr()});
+  const void* v_ptr = v_out.has_value() ? v_out->data_ptr() : k_out.data_ptr();
+  int vec = pick_vec(es, {D, s_kv, s_blk, s_off, s_h}, {cache.data_ptr(), k_out.data_ptr(), v_ptr});
   while (vec > 1 && layer_align % vec != 0) vec /= 2;  // every layer's tensor must stay aligned too
   const dim3 grid(N, L);
   const int work = H * (D / vec);
@@ -340,7 +343,7 @@ void gather(torch::Tensor cache, torch::Tensor loff, int64_t s_kv, int64_t s_blk
               std::conditional_t<std::is_same<scalar_t, at::BFloat16>::value, __nv_bfloat16, scalar_t>>;
     const T* c = reinterpret_cast<const T*>(cache.data_ptr());
     T* ko = reinterpret_cast<T*>(k_out.data_ptr());
-    T* vo = reinterpret_cast<T*>(v_out.data_ptr());
+    T* vo = v_out.has_value() ? reinterpret_cast<T*>(v_out->data_ptr()) : nullptr;
     const int64_t sl = k_out.stride(0), sn = k_out.stride(1), sh = k_out.stride(2);
     switch (vec) {
       case 8: gather_kernel<T, 8><<<grid, threads, 0, stream>>>(c, loff.data_ptr<int64_t>(), s_kv, s_blk, s_off, s_h, s64, s32, block_size, ko, vo, sl, sn, sh, (int)H, (int)D); break;

@@ -5,9 +5,10 @@ One program handles `BLOCK_N` tokens x every head of one layer:
     K' = R(dst - src) (K + A_k B_k),   V' = V + A_v B_v     (fp32 inside, one rounding)
 
 and writes both to `out + layer_off[l] + blk * s_blk + off * s_off + h * s_h + d` (V at `+ s_kv`),
-with `blk, off = divmod(slot, block_size)`.  That one address formula covers vLLM's FLASH
-(`[2, blocks, block_size, H, D]`) and HND (`[blocks, 2, H, block_size, D]`) layouts and a dense
-`[L, N, H, D]` output (identity slots, `block_size = 1`).  Layers live in separate tensors, so
+with `blk, off = divmod(slot, block_size)`.  That one address formula covers vLLM 0.32's per-layer
+`[B, H, N, C]` views under every `KVCacheLayout` (K|V split on C: `s_kv = D`; MLA latent: no V),
+with the strides `kvreuse.layout.PagedLayout.kernel_strides` gives, and a dense `[L, N, H, D]`
+output (identity slots, `block_size = 1`).  Layers live in separate tensors, so
 each layer's destination (and factor) tensor is addressed as an element offset from the first
 one's pointer: one launch covers a whole store entry.
 
@@ -213,10 +214,11 @@ def gather_kernel(
     cache_ptr, cache_loff_ptr,           # cache of layer 0; [L] int64 element offsets of each layer's
     sc_kv, sc_blk, sc_off, sc_h,         # cache strides: K->V plane, block, in-block offset, head
     slot_ptr, block_size,                # [N] slots
-    k_ptr, v_ptr,                        # outputs [L, N, H, D]
+    k_ptr, v_ptr,                        # outputs [L, N, H, D] (v unused without HAS_V)
     so_l, so_n, so_h,                    # output strides (same for k and v)
     N, H,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, HAS_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     layer = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -230,9 +232,10 @@ def gather_kernel(
     mask = n_ok[:, None, None] & (h[None, :, None] < H) & (d[None, None, :] < D)
     dst3 = layer * so_l + n[:, None, None] * so_n + h[None, :, None] * so_h + d[None, None, :]
     kk = tl.load(src3, mask=mask)
-    vv = tl.load(src3 + sc_kv, mask=mask)
     tl.store(k_ptr + dst3, kk.to(k_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + dst3, vv.to(v_ptr.dtype.element_ty), mask=mask)
+    if HAS_V:
+        vv = tl.load(src3 + sc_kv, mask=mask)
+        tl.store(v_ptr + dst3, vv.to(v_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -288,16 +291,16 @@ def launch_relocate_scatter(k, v, dest, ang, rope, fk, fv) -> None:
 
 
 def launch_gather(dest, k_out, v_out) -> None:
-    """Launch `gather_kernel`: read `dest`'s slots into `k_out, v_out: [L, N, H, D]`."""
+    """Launch `gather_kernel`: read `dest`'s slots into `k_out, v_out: [L, N, H, D]` (v_out None: K only)."""
     L, N, H, D = k_out.shape
     if N == 0 or L == 0:
         return
-    assert k_out.stride() == v_out.stride() and k_out.stride(-1) == 1
+    assert (v_out is None or k_out.stride() == v_out.stride()) and k_out.stride(-1) == 1
     block_n, block_h, block_d, _, num_warps = _tiles(H, D, 2)
     grid = (triton.cdiv(N, block_n), L)
     gather_kernel[grid](
         dest.base, dest.layer_off, dest.s_kv, dest.s_blk, dest.s_off, dest.s_h,
         dest.slots, dest.block_size,
-        k_out, v_out, k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        N, H, D=D, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+        k_out, v_out if v_out is not None else k_out, k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        N, H, D=D, HAS_V=v_out is not None, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
     )

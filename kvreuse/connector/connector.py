@@ -113,15 +113,28 @@ class KVReuseConnector(KVConnectorBase_V1):
 
     # ============================================================ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Read each layer's cache layout from vLLM's own description; refuse here what kvreuse cannot address.
+
+        vLLM 0.32 hands over per-layer `[B, H, N, C]` views (in kernel blocks where it splits blocks);
+        the group, block size and heads come from its `KVCacheConfig`, the stride order from the
+        resolved `KVCacheLayout`, the reading of `C` from each layer's backend (`kvreuse.layout`).
+        """
+        from kvreuse.layout import layouts_from_kv_cache_config
+
         mc = self._vllm_config.model_config
-        pc = self._vllm_config.parallel_config
-        heads = mc.get_num_kv_heads(pc)
-        backend = None
+        cc = self._vllm_config.cache_config
+        heads = mc.get_num_kv_heads(self._vllm_config.parallel_config)
         ctx = self._vllm_config.compilation_config.static_forward_context
-        layer = ctx.get(next(iter(kv_caches)))
-        if layer is not None and hasattr(layer, "get_attn_backend"):
-            backend = layer.get_attn_backend().get_name()
-        self._worker.register(kv_caches, backend, heads, mc.get_head_size())
+        backends = {name: ctx[name].get_attn_backend().get_name() for name in kv_caches
+                    if name in ctx and hasattr(ctx[name], "get_attn_backend")}
+        kv_layout = getattr(cc, "kv_cache_layout", None)
+        layouts = None
+        if self._kv_cache_config is not None:
+            layouts = layouts_from_kv_cache_config(kv_caches, self._kv_cache_config, backends,
+                                                   kv_cache_dtype=cc.cache_dtype, kv_layout=kv_layout)
+        self._worker.register(kv_caches, next(iter(backends.values()), None), heads, mc.get_head_size(),
+                              layouts=layouts, block_size=cc.block_size, kv_cache_dtype=cc.cache_dtype,
+                              kv_layout=kv_layout)
 
     def _check_isa(self) -> None:
         if self._checked_isa:

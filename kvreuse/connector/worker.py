@@ -31,8 +31,9 @@ from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad
 from kvreuse.connector.mrope import chunk_shift
 from kvreuse.connector.stats import ReuseStats
 from kvreuse.errors import KVReuseError
-from kvreuse.ops import relocate
-from kvreuse.paged import Layout, PagedSpec, block_slots, gather_kv, scatter_kv
+from kvreuse.layout import PagedLayout, from_vllm_view
+from kvreuse.ops import gather, place, relocate
+from kvreuse.paged import block_slots, scatter_kv
 from kvreuse.patch import fit_patch
 from kvreuse.rope.spec import RopeSpec
 from kvreuse.store import ChunkEntry, ChunkKey, ChunkStore, ModelFingerprint
@@ -48,16 +49,15 @@ def layer_index(name: str) -> int:
     return int(m.group(1))
 
 
-def detect_layout(kv_cache: torch.Tensor, backend_name: str | None) -> Layout:
-    """The paged layout of a layer's cache tensor, from the backend and the tensor's rank."""
-    name = (backend_name or "").upper()
-    if kv_cache.dim() == 4 and (name.startswith("CPU") or kv_cache.device.type == "cpu"):
-        return Layout.CPU_ATTN
-    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
-        return Layout.FLASH
-    if kv_cache.dim() == 5 and kv_cache.shape[1] == 2:
-        return Layout.HND
-    raise KVReuseError(f"unsupported paged KV layout: backend {backend_name!r}, cache shape {list(kv_cache.shape)}")
+def detect_layout(kv_cache: torch.Tensor, backend_name: str | None, num_kv_heads: int, head_size: int, *,
+                  block_size: int | None = None, kv_cache_dtype: str | None = "auto",
+                  kv_layout: str | None = None) -> PagedLayout:
+    """The layout of a layer's vLLM 0.32 cache view `[B, H, N, C]` as its backend reads it.
+
+    Refuses (KVReuseError naming the backend and the KV dtype) an unknown backend or a quantized cache.
+    """
+    return from_vllm_view(kv_cache, backend_name, num_kv_heads=num_kv_heads, head_size=head_size,
+                          block_size=block_size, kv_cache_dtype=kv_cache_dtype, kv_layout=kv_layout)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class WorkerSide:
             fit_patch, energy=pol.patch_energy, max_rank=pol.patch_max_rank, budget=pol.patch_budget))
         self.layers: dict[str, int] = {}
         self.caches: dict[str, torch.Tensor] = {}
-        self.spec: PagedSpec | None = None
+        self.spec: PagedLayout | None = None
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-save")
         self._pending: dict[bytes, Future] = {}
         self._lock = threading.Lock()
@@ -94,16 +94,35 @@ class WorkerSide:
 
     # ---------------------------------------------------------------- setup
     def register(self, kv_caches: dict[str, torch.Tensor], backend_name: str | None, num_kv_heads: int,
-                 head_size: int) -> None:
+                 head_size: int, *, layouts: dict[str, PagedLayout] | None = None, block_size: int | None = None,
+                 kv_cache_dtype: str | None = "auto", kv_layout: str | None = None) -> None:
+        """Take vLLM's per-layer cache views; refuse (at startup) any kvreuse cannot address.
+
+        layouts: each layer's layout as derived from vLLM's KVCacheConfig (`kvreuse.layout`); without
+        it, every view is read as `backend_name`'s with the scheduler's `block_size`.
+        """
+        if layouts is None:
+            layouts = {n: detect_layout(c, backend_name, num_kv_heads, head_size, block_size=block_size,
+                                        kv_cache_dtype=kv_cache_dtype, kv_layout=kv_layout)
+                       for n, c in kv_caches.items()}
+        first = next(iter(layouts.values()))
+        groups = sorted({lay.group for lay in layouts.values()})
+        if len(groups) > 1:
+            raise KVReuseError(f"kvreuse places KV through one block table, but this model's attention layers are in "
+                               f"{len(groups)} KV cache groups {groups} (backend {first.backend!r}, KV dtype "
+                               f"{first.dtype}); serve it without the hybrid KV cache manager")
+        odd = [n for n, lay in layouts.items() if lay != first]
+        if odd:
+            raise KVReuseError(f"layer {odd[0]!r} has cache layout {layouts[odd[0]]}, unlike {first}")
         self.caches = dict(kv_caches)
         self.layers = {n: layer_index(n) for n in kv_caches}
         if sorted(self.layers.values()) != list(range(len(self.layers))):
             # hybrid/odd models: fall back to registration order
             self.layers = {n: i for i, n in enumerate(kv_caches)}
-        first = next(iter(kv_caches.values()))
-        layout = detect_layout(first, backend_name)
-        self.spec = PagedSpec.of(first, layout, num_kv_heads=num_kv_heads, head_size=head_size)
-        log.info("kvreuse: %d layers, layout %s, block size %d", len(self.layers), layout.value, self.spec.block_size)
+        self.spec = first
+        log.info("kvreuse: %d layers, backend %s (%s, KV cache layout %s), block size %d (kernel blocks of %d), %s",
+                 len(self.layers), first.backend, first.reading.value, first.kv_layout or "?", first.block_size,
+                 first.kernel_block_size, first.dtype)
 
     # ---------------------------------------------------------------- load
     def start_load(self, meta: KVReuseMetadata) -> None:
@@ -183,16 +202,16 @@ class WorkerSide:
         i = self.layers[layer_name]
         cache = self.caches[layer_name]
         for job in self._jobs:
-            v = torch.cat([x[i] for x in job.v])
+            v = torch.cat([x[i] for x in job.v]) if self.spec.has_v else None
             if cache.device.type == "cpu" and len({x.shape[0] for x in job.k}) == 1:
                 # On CPU the layers are placed one after another with nothing to overlap; one call for all
                 # layers builds the rotation table once instead of once per layer (about half the time).
                 if job.k_all is None:
                     job.k_all = relocate(torch.cat(job.k, dim=1), job.src_pos, job.dst_pos, self.rope)
-                k = job.k_all[i]
-            else:
-                k = relocate(torch.cat([x[i] for x in job.k]), job.src_pos, job.dst_pos, self.rope)  # [N, H, D]
-            scatter_kv(cache, self.spec, k, v, job.slots)
+                scatter_kv(cache, self.spec, job.k_all[i], v, job.slots)
+            else:  # GPU: the fused relocate + scatter kernel, straight into the layer's cache
+                k = torch.cat([x[i] for x in job.k])  # [N, H, D]
+                place(cache, self.spec, k, v, job.src_pos, job.dst_pos, job.slots, self.rope)
         self._layers_done.add(layer_name)
         self._load_t += time.perf_counter() - t0
         if len(self._layers_done) == len(self.layers):
@@ -227,9 +246,7 @@ class WorkerSide:
         for req in meta.saves:
             idx = torch.cat([torch.arange(it.start, it.end) for it in req.items])
             slots = block_slots(req.block_ids, self.spec.block_size, 0, int(idx.max()) + 1)[idx]
-            kv = [gather_kv(self.caches[n], self.spec, slots) for n in names]
-            k = torch.stack([a for a, _ in kv])  # [L, N, H, D]
-            v = torch.stack([b for _, b in kv])
+            k, v = gather([self.caches[n] for n in names], self.spec, slots)  # [L, N, H, D] (fused on GPU)
             off = 0
             for it in req.items:
                 n = it.end - it.start

@@ -30,6 +30,7 @@ def relocate_scatter(k, v, dest: plan.Dest, ang: plan.Angles, rope, fk, fv) -> N
                          rope.rotary_dim, rope.is_neox, *fa, *fb, _align(dest))
 
 
-def gather(dest: plan.Dest, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+def gather(dest: plan.Dest, k_out: torch.Tensor, v_out: torch.Tensor | None) -> None:
+    """k_out, v_out: `[L, N, H, D]` (v_out None: K only, MLA)."""
     backends.cuda_ext().gather(dest.base, dest.layer_off, dest.s_kv, dest.s_blk, dest.s_off, dest.s_h,
                                dest.slots, dest.block_size, k_out, v_out, _align(dest))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kvreuse.ops import reference
-from kvreuse.paged import Layout, PagedSpec
+from kvreuse.layout import PagedLayout
 from kvreuse.rope.spec import RopeSpec
 
 
@@ -88,24 +88,18 @@ def offsets(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.tensor(offs, dtype=torch.int64).to(device, non_blocking=True)
 
 
-def paged_dest(caches: list[torch.Tensor], spec: PagedSpec, slots: torch.Tensor | None) -> Dest:
-    """A `Dest` over vLLM caches (FLASH or HND), one tensor per layer with the same geometry/strides."""
+def paged_dest(caches: list[torch.Tensor], layout: PagedLayout, slots: torch.Tensor | None) -> Dest:
+    """A `Dest` over vLLM caches (one `[B, H, N, C]` view per layer, all with `layout`'s strides)."""
     c0 = caches[0]
     for c in caches:
-        if c.shape != c0.shape or c.stride() != c0.stride():
-            raise ValueError(f"all layers' caches must share shape and strides: {list(c.shape)} "
-                             f"{c.stride()} vs {list(c0.shape)} {c0.stride()}")
-    if c0.stride(-1) != 1:
-        raise ValueError(f"cache head_size dim must be contiguous, strides {c0.stride()}")
-    st = c0.stride()
-    if spec.layout is Layout.FLASH:     # [2, blocks, block_size, H, D]
-        s_kv, s_blk, s_off, s_h = st[0], st[1], st[2], st[3]
-    elif spec.layout is Layout.HND:     # [blocks, 2, H, block_size, D]
-        s_kv, s_blk, s_off, s_h = st[1], st[0], st[3], st[2]
-    else:
-        raise ValueError(f"the fused kernels write FLASH and HND caches, not {spec.layout.name}")
-    return Dest(c0, offsets(caches, c0.device), s_kv, s_blk, s_off, s_h, spec.block_size,
-                spec.num_slots, slots, host_offsets(caches))
+        layout.check(c, "every layer's cache")
+    strides = layout.kernel_strides()
+    if strides is None:
+        raise ValueError(f"the fused kernels cannot address a {layout.reading.value} cache "
+                         f"(strides {layout.strides}); use the reference")
+    s_kv, s_blk, s_off, s_h = strides
+    return Dest(c0, offsets(caches, c0.device), s_kv, s_blk, s_off, s_h, layout.kernel_block_size,
+                layout.num_slots, slots, host_offsets(caches))
 
 
 def dense_dest(out: torch.Tensor) -> Dest:

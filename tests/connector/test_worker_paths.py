@@ -13,7 +13,9 @@ from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, Req
 from kvreuse.connector.stats import KVReuseConnectorStats, ReuseStats  # noqa: E402
 from kvreuse.connector.worker import WorkerSide, detect_layout, layer_index  # noqa: E402
 from kvreuse.ops import relocate  # noqa: E402
-from kvreuse.paged import Layout, block_slots, gather_kv, scatter_kv  # noqa: E402
+from kvreuse.errors import KVReuseError  # noqa: E402
+from kvreuse.layout import Reading, allocate  # noqa: E402
+from kvreuse.paged import block_slots, gather_kv, scatter_kv  # noqa: E402
 from kvreuse.rope.spec import RopeSpec  # noqa: E402
 from kvreuse.store import ModelFingerprint  # noqa: E402
 
@@ -22,16 +24,20 @@ ROPE = RopeSpec.from_hf_config({"hidden_size": 64, "num_attention_heads": 2, "he
                                 "max_position_embeddings": 4096, "model_type": "llama"})
 
 
-def make_caches(layout: Layout, dtype=torch.float32):
-    shape = {Layout.CPU_ATTN: (NB, H, BS, 2 * D), Layout.FLASH: (2, NB, BS, H, D)}[layout]
-    return {f"model.layers.{i}.self_attn.attn": torch.zeros(shape, dtype=dtype) for i in range(L)}
+def make_caches(backend: str, dtype=torch.float32):
+    """vLLM 0.32 per-layer views: CPU_ATTN's [NB, H, BS, 2D] pages, or FlashAttention's over one LBNHC buffer."""
+    if backend == "CPU_ATTN":
+        return {f"model.layers.{i}.self_attn.attn": torch.zeros(NB, H, BS, 2 * D, dtype=dtype) for i in range(L)}
+    views, _ = allocate("LBNHC", Reading.KV_SPLIT, num_layers=L, num_blocks=NB, num_heads=H, block_size=BS,
+                        head_size=D, dtype=dtype)
+    return {f"model.layers.{i}.self_attn.attn": v.zero_() for i, v in enumerate(views)}
 
 
-@pytest.mark.parametrize("layout", [Layout.CPU_ATTN, Layout.FLASH])
-def test_save_then_load_relocated(layout):
+@pytest.mark.parametrize("backend", ["CPU_ATTN", "FLASH_ATTN"])
+def test_save_then_load_relocated(backend):
     w = WorkerSide(ConnectorConfig(), ROPE, ModelFingerprint("Tiny", "w", "float32"))
-    caches = make_caches(layout)
-    w.register(caches, "CPU_ATTN" if layout is Layout.CPU_ATTN else "FLASH_ATTN", H, D)
+    caches = make_caches(backend)
+    w.register(caches, backend, H, D)
     spec = w.spec
     # request 1: chunk of 20 tokens at positions 5..25 in blocks [3, 1]
     n, src0, dst0 = 20, 5, 37
@@ -65,7 +71,7 @@ def test_save_then_load_relocated(layout):
 
 def test_failed_load_reports_blocks_and_lost_key():
     w = WorkerSide(ConnectorConfig(), ROPE, ModelFingerprint("Tiny", "w", "float32"))
-    caches = make_caches(Layout.CPU_ATTN)
+    caches = make_caches("CPU_ATTN")
     w.register(caches, "CPU_ATTN", H, D)
     item = LoadItem(b"z" * 16, tuple(range(40)), 0, 40, 20, context_signature(()), "exact")
     w.start_load(KVReuseMetadata(loads=[ReqLoad("r", [4, 5, 6, 7], [item])]))
@@ -77,8 +83,10 @@ def test_failed_load_reports_blocks_and_lost_key():
 
 def test_layout_and_layer_names():
     assert layer_index("model.layers.11.self_attn.attn") == 11
-    assert detect_layout(torch.zeros(2, 2, 16, 64), "CPU_ATTN") is Layout.CPU_ATTN
-    assert detect_layout(torch.zeros(2, 4, 16, 2, 32), "FLASH_ATTN") is Layout.FLASH
+    assert detect_layout(torch.zeros(2, 2, 16, 64), "CPU_ATTN", 2, 32).reading is Reading.CPU_ATTN
+    assert detect_layout(torch.zeros(2, 2, 16, 64), "FLASH_ATTN", 2, 32).reading is Reading.KV_SPLIT
+    with pytest.raises(KVReuseError, match="FLASH_ATTN"):   # vLLM < 0.32's 5-D cache is not 0.32's view
+        detect_layout(torch.zeros(2, 4, 16, 2, 32), "FLASH_ATTN", 2, 32)
 
 
 def test_stats_merge_and_carrier():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvreuse.paged import Layout
+from kvreuse.layout import PagedLayout, Reading, allocate
 from kvreuse.patch import Factors, Patch
 from kvreuse.rope import freqs
 from kvreuse.rope.spec import RopeSpec
@@ -62,9 +62,11 @@ def random_patch(num_layers: int, n: int, h: int, d: int, rank: int, dtype, gen,
     return Patch([fac(l) for l in range(num_layers)], [fac(l + 1) for l in range(num_layers)], n, h, d)
 
 
-def make_cache(layout: Layout, num_blocks: int, block_size: int, h: int, d: int, dtype, device) -> torch.Tensor:
-    shape = {Layout.FLASH: (2, num_blocks, block_size, h, d), Layout.HND: (num_blocks, 2, h, block_size, d)}[layout]
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+def make_caches(kv_layout: str, num_layers: int, num_blocks: int, block_size: int, h: int, d: int, dtype, device,
+                reading: Reading = Reading.KV_SPLIT) -> tuple[list[torch.Tensor], PagedLayout]:
+    """NaN-filled per-layer views over one allocation, strided as vLLM 0.32 does for `kv_layout`."""
+    return allocate(kv_layout, reading, num_layers=num_layers, num_blocks=num_blocks, num_heads=h,
+                    block_size=block_size, head_size=d, dtype=dtype, device=device)
 
 
 def assert_close_rounding(actual: torch.Tensor, expected: torch.Tensor, what: str = "", flips: bool = False) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvreuse.ops import backends, gather_paged, relocate
-from kvreuse.paged import Layout, PagedSpec
+from kvreuse.layout import from_vllm_view
+from kvreuse.ops import backends, gather, relocate
 
 from tests.kernels.cases import make_rope
 
@@ -41,8 +41,12 @@ def test_reference_paths_on_cpu():
     src, dst = torch.arange(5), torch.arange(5) + 3
     assert relocate(k, src, dst, rope).dtype == torch.float64
     cache = torch.randn(4, 2, 4, 2 * d)                          # CPU_ATTN layout
-    spec = PagedSpec.of(cache, Layout.CPU_ATTN)
-    k2, v2 = gather_paged(cache, spec, torch.tensor([0, 5, 9]))
+    layout = from_vllm_view(cache, "CPU_ATTN", num_kv_heads=2, head_size=d)
+    assert layout.kernel_strides() is None                       # transposed keys: reference only
+    k2, v2 = gather(cache, layout, torch.tensor([0, 5, 9]))
     assert k2.shape == (3, 2, d)
+    # token 5 = block 1, offset 1: keys are the transposed [D, N] page, values the [N, D] page after it
+    page = cache[1, 0].reshape(-1)
+    assert torch.equal(k2[1, 0], page[: d * 4].view(d, 4)[:, 1]) and torch.equal(v2[1, 0], page[d * 4:].view(4, d)[1])
     with pytest.raises(ValueError, match="lie in"):
-        gather_paged(cache, spec, torch.tensor([0, 99]))
+        gather(cache, layout, torch.tensor([0, 99]))

@@ -7,12 +7,11 @@ import zlib
 import pytest
 import torch
 
-from kvreuse.ops import gather_paged, relocate, relocate_patch_scatter
-from kvreuse.ops.paged_reference import relocate_patch_scatter_reference
-from kvreuse.paged import Layout, PagedSpec
+from kvreuse.layout import Reading
+from kvreuse.ops import gather, place, relocate
+from kvreuse.ops.paged_reference import place_reference
 
-from tests.kernels.cases import (ROPES, assert_close_rounding, make_cache, make_rope, positions,
-                                 random_patch)
+from tests.kernels.cases import ROPES, assert_close_rounding, make_caches, make_rope, positions, random_patch
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -39,48 +38,51 @@ def test_relocate_matches_reference(kernel_device, rope_name, dtype, angles):
     assert torch.equal(out[:, still.to(out.device)], k[:, still.to(k.device)])
 
 
-CASES = [  # rope, heads, layout, dtype, rank, layers
-    ("neox", 4, Layout.FLASH, torch.bfloat16, 0, 2),
-    ("neox", 4, Layout.HND, torch.bfloat16, 4, 2),
-    ("gptj", 3, Layout.FLASH, torch.float16, 4, 3),
-    ("gptj", 5, Layout.HND, torch.float16, 0, 1),
-    ("neox-partial", 5, Layout.FLASH, torch.float16, 3, 3),
-    ("gptj-partial", 3, Layout.HND, torch.bfloat16, 2, 2),
-    ("neox-linear", 3, Layout.FLASH, torch.bfloat16, 1, 2),
-    ("mrope", 4, Layout.HND, torch.bfloat16, 4, 3),
-    ("mrope-interleaved", 3, Layout.FLASH, torch.float16, 2, 2),
-    ("mla-kpe", 1, Layout.FLASH, torch.bfloat16, 2, 2),
+CASES = [  # rope, heads, vLLM KVCacheLayout, dtype, rank, layers (MLA: the latent cache, one head)
+    ("neox", 4, "LBNHC", torch.bfloat16, 0, 2),
+    ("neox", 4, "LBHNC", torch.bfloat16, 4, 2),
+    ("gptj", 3, "BLNHC", torch.float16, 4, 3),
+    ("gptj", 5, "BLHNC", torch.float16, 0, 1),
+    ("neox-partial", 5, "LHBNC", torch.float16, 3, 3),
+    ("gptj-partial", 3, "BHLNC", torch.bfloat16, 2, 2),
+    ("neox-linear", 3, "LBNHC", torch.bfloat16, 1, 2),
+    ("mrope", 4, "LBHNC", torch.bfloat16, 4, 3),
+    ("mrope-interleaved", 3, "BLNHC", torch.float16, 2, 2),
+    ("mla-kpe", 1, "LBNHC", torch.bfloat16, 2, 2),
 ]
 
 
+def reading_of(rope_name: str) -> Reading:
+    return Reading.MLA if rope_name == "mla-kpe" else Reading.KV_SPLIT
+
+
 @pytest.mark.parametrize("angles", ["table", "kernel"])
-@pytest.mark.parametrize("rope_name,heads,layout,dtype,rank,layers", CASES)
-def test_relocate_patch_scatter_matches_reference(kernel_device, rope_name, heads, layout, dtype, rank,
-                                                  layers, angles):
+@pytest.mark.parametrize("rope_name,heads,kv_layout,dtype,rank,layers", CASES)
+def test_place_matches_reference(kernel_device, rope_name, heads, kv_layout, dtype, rank, layers, angles):
     head_dim, rope = make_rope(rope_name)
-    gen = _gen((rope_name, heads, layout.value, str(dtype), rank, angles))
+    reading = reading_of(rope_name)
+    gen = _gen((rope_name, heads, kv_layout, str(dtype), rank, angles))
     n, block_size, num_blocks = 11, 4, 6
     dev = kernel_device
     k = torch.randn(layers, n, heads, head_dim, generator=gen).to(device=dev, dtype=dtype)
     v = torch.randn(layers, n, heads, head_dim, generator=gen).to(device=dev, dtype=dtype)
+    v = v if reading is Reading.KV_SPLIT else None
     src, dst = positions(rope, n, gen)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
     slots[3] = -1                                              # vLLM padding: never written
     slots = slots.to(dev)
     patch = random_patch(layers, n, heads, head_dim, rank, dtype, gen, dev) if rank else None
-    spec = PagedSpec(layout, num_blocks, block_size, heads, head_dim)
-    got = [make_cache(layout, num_blocks, block_size, heads, head_dim, dtype, dev) for _ in range(layers)]
-    want = [c.clone() for c in got]
-    relocate_patch_scatter(k, v, src, dst, rope, got, spec, slots, patch, backend="triton", angles=angles)
-    relocate_patch_scatter_reference(k, v, src.to(dev), dst.to(dev), rope, want, spec, slots, patch)
+    got, layout = make_caches(kv_layout, layers, num_blocks, block_size, heads, head_dim, dtype, dev, reading)
+    want, _ = make_caches(kv_layout, layers, num_blocks, block_size, heads, head_dim, dtype, dev, reading)
+    place(got, layout, k, v, src, dst, slots, rope, patch, backend="triton", angles=angles)
+    place_reference(want, layout, k, v, src.to(dev), dst.to(dev), slots, rope, patch)
     for layer in range(layers):
         assert_close_rounding(got[layer], want[layer], f"layer {layer}", flips=angles == "kernel")
     # one layer at a time (layer-wise loading) writes the same thing
-    one = [make_cache(layout, num_blocks, block_size, heads, head_dim, dtype, dev) for _ in range(layers)]
+    one, _ = make_caches(kv_layout, layers, num_blocks, block_size, heads, head_dim, dtype, dev, reading)
     for layer in range(layers):
-        relocate_patch_scatter(k[layer], v[layer], src, dst, rope, one[layer], spec, slots, patch,
-                               patch_layer=layer if patch is not None else None, backend="triton",
-                               angles=angles)
+        place(one[layer], layout, k[layer], v[layer] if v is not None else None, src, dst, slots, rope, patch,
+              patch_layer=layer if patch is not None else None, backend="triton", angles=angles)
         assert torch.equal(one[layer].nan_to_num(7.0), got[layer].nan_to_num(7.0))
 
 
@@ -92,12 +94,11 @@ def test_rank0_patch_is_no_patch(kernel_device):
     v = torch.randn_like(k)
     src, dst = positions(rope, n, gen)
     slots = torch.arange(n, device=kernel_device)
-    spec = PagedSpec(Layout.FLASH, 4, 4, heads, head_dim)
     empty = random_patch(layers, n, heads, head_dim, 0, torch.bfloat16, gen, kernel_device)
-    a = [make_cache(Layout.FLASH, 4, 4, heads, head_dim, torch.bfloat16, kernel_device) for _ in range(layers)]
-    b = [c.clone() for c in a]
-    relocate_patch_scatter(k, v, src, dst, rope, a, spec, slots, empty, backend="triton")
-    relocate_patch_scatter(k, v, src, dst, rope, b, spec, slots, None, backend="triton")
+    a, layout = make_caches("LBNHC", layers, 4, 4, heads, head_dim, torch.bfloat16, kernel_device)
+    b, _ = make_caches("LBNHC", layers, 4, 4, heads, head_dim, torch.bfloat16, kernel_device)
+    place(a, layout, k, v, src, dst, slots, rope, empty, backend="triton")
+    place(b, layout, k, v, src, dst, slots, rope, None, backend="triton")
     for x, y in zip(a, b):
         assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0))
 
@@ -113,18 +114,20 @@ def test_relocate_round_trip(kernel_device):
     assert torch.equal(relocate(k, src, src, rope, backend="triton"), k)
 
 
-@pytest.mark.parametrize("layout", [Layout.FLASH, Layout.HND])
+@pytest.mark.parametrize("kv_layout,reading", [("LBNHC", Reading.KV_SPLIT), ("BHLNC", Reading.KV_SPLIT),
+                                               ("LHBNC", Reading.MLA)])
 @pytest.mark.parametrize("dtype,heads,head_dim", [(torch.bfloat16, 3, 80), (torch.float16, 5, 96),
                                                   (torch.bfloat16, 4, 128)])
-def test_gather_matches_reference(kernel_device, layout, dtype, heads, head_dim):
-    gen = _gen((layout.value, heads, head_dim))
+def test_gather_matches_reference(kernel_device, kv_layout, reading, dtype, heads, head_dim):
+    gen = _gen((kv_layout, reading.value, heads, head_dim))
     layers, num_blocks, block_size, n = 2, 5, 4, 13
-    caches = [torch.randn(*make_cache(layout, num_blocks, block_size, heads, head_dim, dtype, "cpu").shape,
-                          generator=gen).to(kernel_device, dtype) for _ in range(layers)]
-    spec = PagedSpec.of(caches[0], layout)
+    caches, layout = make_caches(kv_layout, layers, num_blocks, block_size, heads, head_dim, dtype, kernel_device,
+                                 reading)
+    for c in caches:
+        c.copy_(torch.randn(c.shape, generator=gen))
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:n].to(kernel_device)
-    k, v = gather_paged(caches, spec, slots, backend="triton")
-    rk, rv = gather_paged(caches, spec, slots, backend="reference")
+    k, v = gather(caches, layout, slots, backend="triton")
+    rk, rv = gather(caches, layout, slots, backend="reference")
     assert torch.equal(k, rk) and torch.equal(v, rv)
-    k1, v1 = gather_paged(caches[1], spec, slots.int(), backend="triton")
+    k1, v1 = gather(caches[1], layout, slots.int(), backend="triton")
     assert torch.equal(k1, rk[1]) and torch.equal(v1, rv[1])
