@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -38,15 +39,38 @@ log = logging.getLogger("kvreuse.connector")
 _GAUGE_PERIOD_S = 1.0
 
 
-def model_fingerprint(vllm_config: "VllmConfig", tp_rank: int = 0) -> ModelFingerprint:
-    """Identity of the served weights: model, revision, HF config, dtype and TP placement."""
+def _weights_identity(mc: Any) -> str:
+    """Identity of the checkpoint files (names, sizes, safetensors headers, sampled blocks), read at start-up."""
+    from kvreuse.store.keys import checkpoint_identity
+
+    path = mc.model
+    if not os.path.isdir(path):
+        try:  # a hub model already downloaded: its snapshot directory (never a network call)
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(mc.model, revision=mc.revision, local_files_only=True)
+        except Exception:
+            path = None
+    ident = checkpoint_identity(path) if path else None
+    return ident or f"unread:{mc.model}@{mc.revision or ''}"
+
+
+def model_fingerprint(vllm_config: "VllmConfig", tp_rank: int = 0, pp_rank: int = 0) -> ModelFingerprint:
+    """Identity of the served KV: architecture, weights (files and HF config), dtypes, quantization, TP/PP rank.
+
+    Rank 0's fingerprint names chunk keys (the scheduler computes them); each rank stores and
+    looks up entries under its own fingerprint (its own heads and layers).
+    """
     mc = vllm_config.model_config
     hf = mc.hf_config
     cfg = json.dumps(hf.to_dict(), sort_keys=True, default=str).encode()
-    weights = f"{mc.model}@{mc.revision or ''}#{hashlib.sha256(cfg).hexdigest()[:32]}"
+    weights = f"{_weights_identity(mc)}#{hashlib.sha256(cfg).hexdigest()[:32]}"
     arch = (getattr(hf, "architectures", None) or [type(hf).__name__])[0]
-    tp = vllm_config.parallel_config.tensor_parallel_size
-    return ModelFingerprint(arch, weights, str(mc.dtype), tp_rank, tp)
+    pc = vllm_config.parallel_config
+    return ModelFingerprint(arch, weights, str(mc.dtype), tp_rank, pc.tensor_parallel_size,
+                            kv_cache_dtype=str(vllm_config.cache_config.cache_dtype),
+                            quantization=str(mc.quantization or "none"), pp_rank=pp_rank,
+                            pp_size=pc.pipeline_parallel_size)
 
 
 def _boundary_ids(vllm_config: "VllmConfig", names: tuple[str, ...]) -> frozenset[int]:
@@ -99,16 +123,17 @@ class KVReuseConnector(KVConnectorBase_V1):
                                             _boundary_ids(vllm_config, self.cfg.chunking.boundary_tokens),
                                             allow_faults, _positions_fn(vllm_config))
         else:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+            from vllm.distributed.parallel_state import (get_pipeline_model_parallel_rank,
+                                                         get_tensor_model_parallel_rank)
 
             from kvreuse.connector.worker import WorkerSide
 
             try:
-                rank = get_tensor_model_parallel_rank()
-            except Exception:
-                rank = 0
+                rank, pp_rank = get_tensor_model_parallel_rank(), get_pipeline_model_parallel_rank()
+            except Exception:  # no distributed state (single process)
+                rank, pp_rank = 0, 0
             rope = RopeSpec.from_hf_config(vllm_config.model_config.hf_text_config)
-            self._worker = WorkerSide(self.cfg, rope, model_fingerprint(vllm_config, rank))
+            self._worker = WorkerSide(self.cfg, rope, model_fingerprint(vllm_config, rank, pp_rank))
             self._checked_isa = False
 
     # ============================================================ worker side

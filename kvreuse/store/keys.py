@@ -1,4 +1,4 @@
-"""Content keys: a chunk's identity is its model, its cache salt, its tokens and its media.
+"""Content keys: a chunk's identity is its model, its cache salt, its LoRA adapter, its tokens and its media.
 
 Every field is length-prefixed before hashing so that no two different field tuples can
 produce the same byte stream.
@@ -6,6 +6,7 @@ produce the same byte stream.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import struct
@@ -37,10 +38,11 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray | torch.Tensor) -> bytes:
 
 @dataclass(frozen=True)
 class ModelFingerprint:
-    """What changes a model's KV: architecture, weights, dtype and tensor-parallel placement.
+    """What changes a model's KV: architecture, weights, dtypes, quantization and parallel placement.
 
     ``digest`` (16 bytes) goes into every key and every persisted header; two stores with
-    different fingerprints never serve each other's entries.
+    different fingerprints never serve each other's entries.  Each tensor-parallel rank holds
+    other KV heads and each pipeline-parallel rank other layers, so ranks are part of it too.
     """
 
     architecture: str
@@ -48,22 +50,123 @@ class ModelFingerprint:
     dtype: str
     tp_rank: int = 0
     tp_size: int = 1
+    kv_cache_dtype: str = "auto"
+    quantization: str = "none"
+    pp_rank: int = 0
+    pp_size: int = 1
 
     def __post_init__(self) -> None:
         if not self.architecture:
             raise ValueError("architecture: must be non-empty")
         if not self.weights_id:
-            raise ValueError("weights_id: must be non-empty (checkpoint hash or weights_id_from_files)")
+            raise ValueError("weights_id: must be non-empty (checkpoint_identity or weights_id_from_files)")
         if not (0 <= self.tp_rank < self.tp_size):
             raise ValueError(f"tp_rank: need 0 <= tp_rank < tp_size, got {self.tp_rank}/{self.tp_size}")
+        if not (0 <= self.pp_rank < self.pp_size):
+            raise ValueError(f"pp_rank: need 0 <= pp_rank < pp_size, got {self.pp_rank}/{self.pp_size}")
 
     @property
     def digest(self) -> bytes:
         h = xxhash.xxh3_128()
-        for part in ("kvreuse-model-v1", self.architecture, self.weights_id, self.dtype,
-                     str(self.tp_rank), str(self.tp_size)):
+        for part in ("kvreuse-model-v2", self.architecture, self.weights_id, self.dtype, str(self.tp_rank),
+                     str(self.tp_size), self.kv_cache_dtype, self.quantization, str(self.pp_rank), str(self.pp_size)):
             _feed(h, part.encode())
         return h.digest()
+
+    def for_rank(self, tp_rank: int, pp_rank: int = 0) -> "ModelFingerprint":
+        """The same model as seen by another tensor/pipeline-parallel rank."""
+        return dataclasses.replace(self, tp_rank=tp_rank, pp_rank=pp_rank)
+
+    def all_ranks(self) -> list["ModelFingerprint"]:
+        """Every rank's fingerprint (an entry is usable by the engine only when every rank holds it)."""
+        return [self.for_rank(t, p) for p in range(self.pp_size) for t in range(self.tp_size)]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
+_SAMPLES, _SAMPLE_BYTES = 8, 4096
+_MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def _file_identity(h: "hashlib._Hash", path: str) -> None:
+    """Feed a weight file's name, size, safetensors header and a few sampled blocks into ``h``.
+
+    A safetensors header (u64 length + JSON) names every tensor with its dtype, shape and offsets;
+    a checkpoint fine-tuned in place keeps all of those, so a few evenly spaced 4 KiB blocks of
+    the tensor bytes are hashed too.  About 40 KiB read per file, whatever its size.
+    """
+    size = os.path.getsize(path)
+    h.update(os.path.basename(path).encode() + b"\0" + struct.pack("<Q", size))
+    with open(path, "rb") as f:
+        data_start = 0
+        if path.endswith(".safetensors") and size >= 8:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= min(_MAX_SAFETENSORS_HEADER, size - 8):
+                h.update(f.read(n))
+                data_start = 8 + n
+        span = size - data_start
+        for i in range(_SAMPLES if span > 0 else 0):
+            f.seek(data_start + (span - min(span, _SAMPLE_BYTES)) * i // max(_SAMPLES - 1, 1))
+            h.update(f.read(_SAMPLE_BYTES))
+
+
+def checkpoint_identity(path: str | os.PathLike) -> str | None:
+    """Cheap identity of the checkpoint in directory ``path`` (None if it holds no weight files).
+
+    sha256 over every weight file's name, size, safetensors header and sampled tensor blocks
+    (see :func:`_file_identity`), plus the bytes of ``*.json`` files (config, index).  Reads a
+    few tens of KiB per file, so it runs at start-up on checkpoints of any size; a checkpoint
+    replaced at the same path gets another identity and therefore other keys.
+    """
+    root = os.fspath(path)
+    if not os.path.isdir(root):
+        return None
+    names = sorted(n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n)))
+    weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES)]
+    if not weights:
+        return None
+    h = hashlib.sha256(b"kvreuse-ckpt-v1")
+    for n in weights:
+        _file_identity(h, os.path.join(root, n))
+    for n in names:
+        if n.endswith(".json") and os.path.getsize(os.path.join(root, n)) <= 16 << 20:
+            with open(os.path.join(root, n), "rb") as f:
+                h.update(n.encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
+def adapter_identity(name: str, path: str | os.PathLike | None) -> bytes:
+    """Key component of a LoRA adapter: its name, its path and (when local) its files' identity.
+
+    vLLM's own prefix hash uses (name, path); the files' identity keeps an adapter retrained
+    in place from being served KV of its previous version.
+    """
+    p = "" if path is None else os.fspath(path)
+    ident = checkpoint_identity(p) if p else None
+    return b"\0".join([b"lora-v1", name.encode(), p.encode(), (ident or "").encode()])
+
+
+class AdapterKeys:
+    """Per-scheduler cache of :func:`adapter_identity` by (name, path): the files are read once.
+
+    ``of(lora_request)`` takes vLLM's ``LoRARequest`` (or None) and returns what
+    :meth:`ChunkKey.of` wants as ``lora``.
+    """
+
+    def __init__(self, max_adapters: int = 1024) -> None:
+        self._ids: dict[tuple[str, str], bytes] = {}
+        self.max_adapters = max_adapters
+
+    def of(self, lora_request: object | None) -> bytes | None:
+        if lora_request is None:
+            return None
+        name = str(getattr(lora_request, "lora_name", "") or getattr(lora_request, "name", ""))
+        path = str(getattr(lora_request, "lora_path", "") or getattr(lora_request, "path", "") or "")
+        ident = self._ids.get((name, path))
+        if ident is None:
+            if len(self._ids) >= self.max_adapters:
+                self._ids.pop(next(iter(self._ids)))
+            ident = self._ids[(name, path)] = adapter_identity(name, path or None)
+        return ident
 
 
 def weights_id_from_files(paths: Iterable[str | os.PathLike], *, chunk_bytes: int = 1 << 24) -> str:
@@ -83,7 +186,7 @@ def weights_id_from_files(paths: Iterable[str | os.PathLike], *, chunk_bytes: in
 
 @dataclass(frozen=True, order=True)
 class ChunkKey:
-    """xxh3-128 over (model fingerprint, cache salt, token ids, multimodal content identifiers)."""
+    """xxh3-128 over (model fingerprint, cache salt, LoRA adapter, token ids, multimodal content identifiers)."""
 
     digest: bytes
 
@@ -93,14 +196,21 @@ class ChunkKey:
 
     @classmethod
     def of(cls, model: bytes | ModelFingerprint, token_ids: Sequence[int] | np.ndarray | torch.Tensor,
-           *, cache_salt: str | bytes | None = None, mm_ids: Sequence[str | bytes] = ()) -> "ChunkKey":
-        """Key of a chunk.  ``mm_ids`` are the content identifiers of the media inside the chunk, in order."""
+           *, cache_salt: str | bytes | None = None, mm_ids: Sequence[str | bytes] = (),
+           lora: str | bytes | None = None) -> "ChunkKey":
+        """Key of a chunk.
+
+        ``mm_ids`` are the content identifiers of the media inside the chunk, in order; ``lora``
+        identifies the LoRA adapter the request runs with (:class:`AdapterKeys`), None for the base model.
+        """
         fp = model.digest if isinstance(model, ModelFingerprint) else model
         h = xxhash.xxh3_128()
-        _feed(h, b"kvreuse-chunk-v1")
+        _feed(h, b"kvreuse-chunk-v2")
         _feed(h, fp)
         salt = cache_salt.encode() if isinstance(cache_salt, str) else cache_salt
         _feed(h, b"\0" if salt is None else b"\1" + salt)
+        adapter = lora.encode() if isinstance(lora, str) else lora
+        _feed(h, b"\0" if adapter is None else b"\1" + adapter)
         _feed(h, token_bytes(token_ids))
         h.update(struct.pack("<Q", len(mm_ids)))
         for m in mm_ids:

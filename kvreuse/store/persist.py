@@ -4,13 +4,18 @@ Layout::
 
     prefix   : magic b"KVRCHNK1" | u32 header_len | u64 xxh3_64(header)      (20 bytes, little-endian)
     header   : msgpack map (format version, key, model fingerprint, shapes, dtype, token ids,
-               positions, contexts, patch ranks, segment table, payload checksum)
+               positions, contexts and their preceding chunk keys, patch ranks, segment table,
+               payload checksum)
     payload  : segments back to back: k.0, v.0, k.1, v.1, ... (one layer's base K and V each,
                so a reader can verify and hand out layer i before layer i+1 arrives), then
                in-context KV ("ctx.J.k", "ctx.J.v") and patch tensors ("patch.J.NAME").
 
 Every segment carries its own xxh3_64 and the header carries xxh3_64 of the whole payload.
 Tensors are stored as their raw bytes (bf16 through a uint8 view), so round trips are bit-exact.
+
+An :class:`IndexRecord` is what a directory of stored chunks needs of an entry (key, token count,
+context signatures and, where recorded, each context's preceding chunk keys); it is read from the
+header alone, so indexing a store never touches a payload.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ MAGIC = b"KVRCHNK1"
 _PREFIX = struct.Struct("<8sIQ")
 PREFIX_BYTES = _PREFIX.size
 MAX_HEADER_BYTES = 64 << 20
+# Preceding chunk keys persisted per context: the last ones, in order (a context's signature covers all).
+MAX_PRECEDING = 64
 
 
 class EntryCorrupt(Exception):
@@ -87,6 +94,7 @@ class EntryHeader:
     payload_offset: int
     payload_bytes: int
     checksum: int
+    preceding: dict[bytes, tuple[bytes, ...]]  # context signature -> ordered preceding chunk key digests
 
     @property
     def total_bytes(self) -> int:
@@ -95,6 +103,40 @@ class EntryHeader:
     @property
     def num_layers(self) -> int:
         return self.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape[1]
+
+    def record(self) -> "IndexRecord":
+        """What a directory of stored chunks needs of this entry."""
+        sigs = tuple(dict.fromkeys((self.context, *self.contexts, *self.patch_contexts)))
+        return IndexRecord(self.key.digest, self.num_tokens, sigs,
+                           {s: p for s, p in self.preceding.items() if s in sigs})
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """A stored chunk as a directory sees it: no KV, only what claims are planned from.
+
+    ``contexts``: signatures of the contexts the entry can serve (its base context first, then
+    in-context KV, then patches); ``preceding``: for those recorded with it, the ordered digests
+    of the last (at most MAX_PRECEDING) chunk keys that preceded the chunk.
+    """
+
+    key: bytes
+    num_tokens: int
+    contexts: tuple[bytes, ...]
+    preceding: dict[bytes, tuple[bytes, ...]]
+
+    def pack(self) -> bytes:
+        return msgpack.packb([self.key, self.num_tokens, list(self.contexts),
+                              [[s, list(p)] for s, p in self.preceding.items()]], use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, b: bytes) -> "IndexRecord":
+        key, n, sigs, pre = msgpack.unpackb(b, raw=False)
+        return cls(bytes(key), int(n), tuple(bytes(x) for x in sigs), {bytes(s): tuple(p) for s, p in pre})
 
 
 def _patch_ranks(p: Any) -> Any:
@@ -137,6 +179,8 @@ def plan(entry: ChunkEntry, model: bytes) -> tuple[bytes, list[np.ndarray]]:
         "contexts": contexts, "patch_contexts": patch_contexts,
         "patch_ranks": [_patch_ranks(entry.patches[c]) for c in patch_contexts],
         "segments": segs, "payload_bytes": off, "checksum": total.intdigest(),
+        "preceding": [[c, list(p[-MAX_PRECEDING:])] for c, p in entry.preceding.items()
+                      if c == entry.context or c in entry.in_context or c in entry.patches],
     }
     hb = msgpack.packb(header, use_bin_type=True)
     return _PREFIX.pack(MAGIC, len(hb), xxhash.xxh3_64_intdigest(hb)) + hb, bufs
@@ -192,7 +236,8 @@ def decode_header(head: bytes, *, model: bytes, key: ChunkKey | None = None) -> 
             context=h["context"], recompute_cost=float(h["recompute_cost"]), hits=int(h["hits"]),
             contexts=tuple(h["contexts"]), patch_contexts=tuple(h["patch_contexts"]),
             patch_ranks=tuple(h["patch_ranks"]), segments=segs, payload_offset=PREFIX_BYTES + n,
-            payload_bytes=int(h["payload_bytes"]), checksum=int(h["checksum"]))
+            payload_bytes=int(h["payload_bytes"]), checksum=int(h["checksum"]),
+            preceding={bytes(c): tuple(bytes(d) for d in p) for c, p in h.get("preceding", ())})
     except EntryCorrupt:
         raise
     except Exception as e:  # malformed msgpack or fields: never served
@@ -241,7 +286,8 @@ def assemble(h: EntryHeader, tensors: dict[str, torch.Tensor],
             continue  # no patch class available: the base still serves
         patches[c] = patch_from_state_dict(sd)
     return ChunkEntry(key=h.key, token_ids=h.token_ids, positions=h.positions, k=k, v=v, context=h.context,
-                      in_context=in_ctx, patches=patches, recompute_cost=h.recompute_cost, hits=h.hits)
+                      in_context=in_ctx, patches=patches, recompute_cost=h.recompute_cost, hits=h.hits,
+                      preceding=dict(h.preceding))
 
 
 def decode(blob: Any, *, model: bytes, key: ChunkKey | None = None,

@@ -1,35 +1,49 @@
-"""Shared tier: entries in a Redis server (single node), under one byte budget shared by all stores.
+"""Shared tier: entries in Redis (one server or a Redis Cluster), under one byte budget shared by all stores.
 
-Accounting lives in Redis next to the entries, so every process sees the same totals:
-``<ns>bytes`` (value bytes held), ``<ns>prio`` (zset: entry key -> eviction priority),
-``<ns>size`` (hash: entry key -> bytes) and ``<ns>clock`` (the GDSF clock).  A put is one Lua
-script that evicts lowest-priority entries until the new one fits, so the budget holds even with
-concurrent writers.  Entries above Redis' 512 MiB value limit are not stored here.
+Names.  An entry is ``<p>e:<model fingerprint hex>:<key hex>``: the fingerprint is the store's
+own (each tensor/pipeline-parallel rank has its own), so ranks and models that share a Redis never
+overwrite or evict each other's entries by name.  ``<p>`` is the namespace on a single server; on a
+cluster the budget is split into ``CLUSTER_SHARDS`` shards with hash-tagged prefixes
+(``<ns>{s<i>}:``), so an entry and the accounting it is evicted by live in one slot, and the
+shards spread over the cluster's nodes.
 
-A lost connection is a miss, never an error: the tier backs off for ``retry_seconds`` and then
-tries again; redis-py reconnects by itself and reloads the scripts.
+Accounting lives in Redis next to the entries, so every process sees the same totals (per
+shard): ``<p>bytes`` (value bytes held), ``<p>prio`` (zset: entry name -> eviction priority),
+``<p>size`` (hash: name -> bytes), ``<p>clock`` (the GDSF clock), ``<p>meta`` (hash: name -> the
+entry's :class:`~kvreuse.store.persist.IndexRecord`, what a scheduler's directory needs) and
+``<p>ver`` (bumped on every change of ``meta``).  A put is one Lua script that evicts
+lowest-priority entries until the new one fits, so the budget holds with concurrent writers.
+Entries above Redis' 512 MiB value limit are not stored here.
+
+Faults are misses, never errors: a lost connection backs the tier off for ``retry_seconds``
+(redis-py reconnects by itself and reloads the scripts); an error reply (READONLY replica, OOM
+under ``maxmemory``, NOPERM from an ACL, a cluster slot without a node) fails that one call.
+Both are counted in ``errors``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+import zlib
+from typing import Any, Iterator
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from kvreuse.store.keys import ChunkKey
 from kvreuse.store.persist import PREFIX_BYTES, EntryCorrupt, EntryHeader, decode_header, header_length
 
 MAX_VALUE_BYTES = 512 * 2**20 - 4096
+CLUSTER_SHARDS = 16
 
 _PUT = """
-local bytes_k, prio_k, size_k, clock_k, key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local bytes_k, prio_k, size_k, clock_k, meta_k, ver_k, key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local budget, size, policy = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5]
 if size > budget then return -1 end
 local old = redis.call('HGET', size_k, key)
 if old then
   redis.call('DECRBY', bytes_k, old); redis.call('HDEL', size_k, key)
-  redis.call('ZREM', prio_k, key); redis.call('DEL', key)
+  redis.call('ZREM', prio_k, key); redis.call('DEL', key); redis.call('HDEL', meta_k, key)
 end
 local used = tonumber(redis.call('GET', bytes_k) or '0')
 local evicted = 0
@@ -38,6 +52,7 @@ while used + size > budget do
   if #v == 0 then used = 0; break end
   local vs = tonumber(redis.call('HGET', size_k, v[1]) or '0')
   redis.call('ZREM', prio_k, v[1]); redis.call('HDEL', size_k, v[1]); redis.call('DEL', v[1])
+  redis.call('HDEL', meta_k, v[1])
   used = used - vs; evicted = evicted + 1
   if policy == 'cost' then redis.call('SET', clock_k, v[2]) end
 end
@@ -45,6 +60,7 @@ local prio = tonumber(ARGV[6])
 if policy == 'cost' then prio = tonumber(redis.call('GET', clock_k) or '0') + tonumber(ARGV[4]) end
 redis.call('SET', key, ARGV[1]); redis.call('HSET', size_k, key, size)
 redis.call('ZADD', prio_k, prio, key); redis.call('SET', bytes_k, used + size)
+redis.call('HSET', meta_k, key, ARGV[7]); redis.call('INCR', ver_k)
 return evicted
 """
 
@@ -57,12 +73,28 @@ return 1
 """
 
 _REMOVE = """
-local s = redis.call('HGET', KEYS[3], KEYS[4])
-if s then redis.call('DECRBY', KEYS[1], s); redis.call('HDEL', KEYS[3], KEYS[4]) end
-redis.call('ZREM', KEYS[2], KEYS[4]); return redis.call('DEL', KEYS[4])
+local s = redis.call('HGET', KEYS[3], KEYS[6])
+if s then redis.call('DECRBY', KEYS[1], s); redis.call('HDEL', KEYS[3], KEYS[6]) end
+redis.call('ZREM', KEYS[2], KEYS[6])
+if redis.call('HDEL', KEYS[4], KEYS[6]) == 1 then redis.call('INCR', KEYS[5]) end
+return redis.call('DEL', KEYS[6])
 """
 
+# Connection-level failures: back off, then retry.  Anything else redis-py raises (error replies,
+# cluster routing failures) fails the call alone.
 _DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+_FAILED = (redis.RedisError, RedisClusterException)
+
+
+def is_cluster(url: str, timeout_seconds: float = 2.0) -> bool:
+    """Whether ``url`` names a Redis Cluster node (``INFO cluster``); False when unreachable."""
+    c = redis.Redis.from_url(url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds)
+    try:
+        return bool(c.info("cluster").get("cluster_enabled"))
+    except _FAILED:
+        return False
+    finally:
+        c.close()
 
 
 class RedisReader:
@@ -72,7 +104,7 @@ class RedisReader:
         self.tier, self.name, self.header = tier, name, header
 
     def read(self, offset: int, n: int) -> bytes:
-        b = self.tier._call(lambda c: c.getrange(self.name, offset, offset + n - 1), default=None)
+        b = self.tier.call(lambda c: c.getrange(self.name, offset, offset + n - 1), default=None)
         if b is None or len(b) != n:
             raise EntryCorrupt(f"short read at {offset} (entry evicted or Redis unreachable)")
         return b
@@ -82,38 +114,59 @@ class RedisReader:
 
 
 class RedisTier:
-    """Serialized entries in Redis; every failure to reach Redis is a miss and is counted in ``errors``."""
+    """Serialized entries in Redis; every failure to reach Redis is a miss and is counted in ``errors``.
+
+    ``cluster``: None detects it from the server (``INFO cluster``) once at start.
+    """
 
     name = "redis"
 
     def __init__(self, url: str, budget_bytes: int, model: bytes, *, policy: str = "cost",
                  namespace: str = "kvreuse:", timeout_seconds: float = 2.0, bulk_timeout_seconds: float = 120.0,
-                 retry_seconds: float = 0.5) -> None:
+                 retry_seconds: float = 0.5, cluster: bool | None = None) -> None:
         assert policy in ("cost", "lru")
         self.budget_bytes, self.model, self.policy = budget_bytes, model, policy
-        self.ns = namespace
+        self.ns, self.model_hex = namespace, model.hex()
         self.retry_seconds = retry_seconds
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_seconds,
-                                           socket_connect_timeout=timeout_seconds)
-        # Writes move whole entries (up to 512 MiB) and run the eviction script: a longer read timeout.
-        self.bulk = redis.Redis.from_url(url, socket_timeout=bulk_timeout_seconds,
-                                         socket_connect_timeout=timeout_seconds)
+        self.cluster = is_cluster(url, timeout_seconds) if cluster is None else cluster
+        if self.cluster:
+            self.prefixes = [f"{namespace}{{s{i}}}:" for i in range(CLUSTER_SHARDS)]
+            opts = dict(socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds)
+            self.client = redis.RedisCluster.from_url(url, **opts)
+            self.bulk = redis.RedisCluster.from_url(url, **{**opts, "socket_timeout": bulk_timeout_seconds})
+        else:
+            self.prefixes = [namespace]
+            self.client = redis.Redis.from_url(url, socket_timeout=timeout_seconds,
+                                               socket_connect_timeout=timeout_seconds)
+            # Writes move whole entries (up to 512 MiB) and run the eviction script: a longer read timeout.
+            self.bulk = redis.Redis.from_url(url, socket_timeout=bulk_timeout_seconds,
+                                             socket_connect_timeout=timeout_seconds)
+        self.shard_budget = budget_bytes // len(self.prefixes)
         self._put = self.client.register_script(_PUT)
         self._touch = self.client.register_script(_TOUCH)
         self._remove = self.client.register_script(_REMOVE)
-        self._meta = [f"{namespace}bytes", f"{namespace}prio", f"{namespace}size", f"{namespace}clock"]
         self._down_until = 0.0
         self.errors = 0
         self.evictions = 0
 
-    def _name(self, key: ChunkKey) -> str:
-        return f"{self.ns}e:{key.hex()}"
+    # ---------------------------------------------------------------- names
+    def _prefix(self, key: ChunkKey) -> str:
+        return self.prefixes[zlib.crc32(key.digest) % len(self.prefixes)]
 
+    def _meta(self, p: str) -> list[str]:
+        return [f"{p}bytes", f"{p}prio", f"{p}size", f"{p}clock", f"{p}meta", f"{p}ver"]
+
+    def entry_name(self, key: ChunkKey, model: bytes | None = None) -> str:
+        """The Redis key of ``key``'s entry under ``model``'s fingerprint (default: this store's)."""
+        return f"{self._prefix(key)}e:{self.model_hex if model is None else model.hex()}:{key.hex()}"
+
+    # ---------------------------------------------------------------- calls
     @property
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    def _call(self, fn: Any, default: Any = None, *, bulk: bool = False) -> Any:
+    def call(self, fn: Any, default: Any = None, *, bulk: bool = False) -> Any:
+        """``fn(client)``, or ``default`` when Redis is unreachable or answers with an error (counted)."""
         if not self.available:
             return default
         try:
@@ -122,15 +175,24 @@ class RedisTier:
             self.errors += 1
             self._down_until = time.monotonic() + self.retry_seconds
             return default
+        except _FAILED:
+            self.errors += 1
+            return default
 
+    # ---------------------------------------------------------------- entries
     def put_blob(self, key: ChunkKey, blob: bytes, *, cost: float, hits: int) -> bool:
         """Store a serialized entry, evicting others as needed; False if it cannot be stored now."""
-        if len(blob) > min(self.budget_bytes, MAX_VALUE_BYTES):
+        if len(blob) > min(self.shard_budget, MAX_VALUE_BYTES):
+            return False
+        try:
+            h = decode_header(blob[:PREFIX_BYTES + header_length(blob[:PREFIX_BYTES])], model=self.model, key=key)
+        except EntryCorrupt:
             return False
         delta = (hits + 1) * cost / max(len(blob), 1)
-        r = self._call(lambda c: self._put(keys=[*self._meta, self._name(key)],
-                                           args=[blob, self.budget_bytes, len(blob), delta, self.policy,
-                                                 time.time()], client=c), default=None, bulk=True)
+        p = self._prefix(key)
+        r = self.call(lambda c: self._put(keys=[*self._meta(p), self.entry_name(key)],
+                                          args=[blob, self.shard_budget, len(blob), delta, self.policy,
+                                                time.time(), h.record().pack()], client=c), default=None, bulk=True)
         if r is None or r < 0:
             return False
         self.evictions += int(r)
@@ -138,24 +200,26 @@ class RedisTier:
 
     def touch(self, key: ChunkKey, *, nbytes: int, cost: float, hits: int) -> None:
         delta = (hits + 1) * cost / max(nbytes, 1)
-        self._call(lambda c: self._touch(keys=[self._meta[3], self._meta[1], self._name(key)],
-                                         args=[self.policy, time.time(), delta], client=c))
+        m = self._meta(self._prefix(key))
+        self.call(lambda c: self._touch(keys=[m[3], m[1], self.entry_name(key)],
+                                        args=[self.policy, time.time(), delta], client=c))
 
     def contains(self, key: ChunkKey) -> bool:
-        return bool(self._call(lambda c: c.exists(self._name(key)), default=0))
+        return bool(self.call(lambda c: c.exists(self.entry_name(key)), default=0))
 
     def remove(self, key: ChunkKey) -> None:
-        self._call(lambda c: self._remove(keys=[*self._meta[:3], self._name(key)], client=c))
+        m = self._meta(self._prefix(key))
+        self.call(lambda c: self._remove(keys=[m[0], m[1], m[2], m[4], m[5], self.entry_name(key)], client=c))
 
     def open(self, key: ChunkKey) -> RedisReader | None:
         """A range reader over ``key``'s value, or None (absent, unreachable, or a bad header: removed)."""
-        name = self._name(key)
-        prefix = self._call(lambda c: c.getrange(name, 0, PREFIX_BYTES - 1), default=None)
+        name = self.entry_name(key)
+        prefix = self.call(lambda c: c.getrange(name, 0, PREFIX_BYTES - 1), default=None)
         if not prefix:
             return None
         try:
             n = header_length(prefix)
-            head = self._call(lambda c: c.getrange(name, 0, PREFIX_BYTES + n - 1), default=None)
+            head = self.call(lambda c: c.getrange(name, 0, PREFIX_BYTES + n - 1), default=None)
             if head is None:
                 return None
             h = decode_header(head, model=self.model, key=key)
@@ -165,18 +229,46 @@ class RedisTier:
         return RedisReader(self, name, h)
 
     def get_blob(self, key: ChunkKey) -> bytes | None:
-        return self._call(lambda c: c.get(self._name(key)), default=None, bulk=True)
+        return self.call(lambda c: c.get(self.entry_name(key)), default=None, bulk=True)
 
+    # ---------------------------------------------------------------- index (for directories)
+    def index_version(self) -> int | None:
+        """Sum of the shards' change counters (None when unreachable): unchanged means no new records."""
+        def f(c: Any) -> int:
+            return sum(int(v or 0) for v in (c.get(f"{p}ver") for p in self.prefixes))
+        return self.call(f, default=None)
+
+    def index_records(self, model: bytes, limit: int) -> dict[bytes, bytes] | None:
+        """Packed :class:`IndexRecord` of every entry of ``model`` (at most ``limit``), by key digest.
+
+        One HSCAN per shard; None when Redis cannot be read (the caller keeps what it had).
+        """
+        pattern = f"e:{model.hex()}:*"
+
+        def f(c: Any) -> dict[bytes, bytes]:
+            out: dict[bytes, bytes] = {}
+            for p in self.prefixes:
+                for name, rec in c.hscan_iter(f"{p}meta", match=p + pattern, count=1000):
+                    out[bytes.fromhex(name.decode()[-32:])] = rec
+                    if len(out) >= limit:
+                        return out
+            return out
+        return self.call(f, default=None)
+
+    # ---------------------------------------------------------------- accounting
     def used_bytes(self) -> int | None:
         """Bytes held by all stores sharing this Redis namespace (None when unreachable)."""
-        v = self._call(lambda c: c.get(self._meta[0]), default=None)
-        return None if v is None else int(v)
+        def f(c: Any) -> int:
+            return sum(int(c.get(f"{p}bytes") or 0) for p in self.prefixes)
+        return self.call(f, default=None)
+
+    def _entry_names(self, c: Any) -> Iterator[bytes]:
+        for p in self.prefixes:
+            yield from c.scan_iter(match=f"{p}e:*", count=1000)
 
     def actual_bytes(self) -> int | None:
         """Sum of the stored values' lengths, measured (for tests / audits)."""
-        def f(c: redis.Redis) -> int:
-            return sum(c.strlen(k) for k in c.scan_iter(match=f"{self.ns}e:*", count=1000))
-        return self._call(f, default=None)
+        return self.call(lambda c: sum(c.strlen(k) for k in self._entry_names(c)), default=None)
 
     def close(self) -> None:
         self.client.close()

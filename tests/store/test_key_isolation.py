@@ -1,0 +1,157 @@
+"""Keys that never cross: entries made under one model identity, adapter or rank are never served under another.
+
+Each identity dimension (weights, KV cache dtype, quantization, TP rank and size, PP rank, LoRA
+adapter) gives other keys, and an entry planted under a foreign fingerprint is refused by its
+header — on disk and in Redis.  With tensor parallelism, ranks sharing one Redis keep their own
+entries (names carry each rank's fingerprint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import struct
+
+import pytest
+import torch
+
+from kvreuse.store import ChunkEntry, ChunkKey, ChunkStore, ModelFingerprint, StoreConfig
+from kvreuse.store.keys import AdapterKeys, adapter_identity, checkpoint_identity
+from tests.store.conftest import FP, make_entry
+
+VARIANTS = {
+    "weights": dict(weights_id="weights-sha256-9"),
+    "kv_cache_dtype": dict(kv_cache_dtype="fp8_e4m3"),
+    "quantization": dict(quantization="awq"),
+    "tp_rank": dict(tp_rank=1, tp_size=2),
+    "tp_size": dict(tp_size=2),
+    "pp_rank": dict(pp_rank=1, pp_size=2),
+    "pp_size": dict(pp_size=2),
+}
+
+
+def _same_tokens_under(fp: ModelFingerprint, e: ChunkEntry) -> ChunkEntry:
+    return dataclasses.replace(e, key=ChunkKey.of(fp, e.token_ids))
+
+
+@pytest.mark.parametrize("dim", sorted(VARIANTS))
+def test_every_identity_dimension_changes_fingerprint_and_keys(dim):
+    other = dataclasses.replace(FP, **VARIANTS[dim])
+    assert other.digest != FP.digest
+    ids = [5, 6, 7]
+    assert ChunkKey.of(other, ids) != ChunkKey.of(FP, ids)
+
+
+@pytest.mark.parametrize("dim", sorted(VARIANTS))
+def test_disk_entries_of_one_identity_are_never_served_under_another(tmp_path, dim):
+    other = dataclasses.replace(FP, **VARIANTS[dim])
+    cfg = StoreConfig(disk_path=str(tmp_path), disk_bytes=1 << 20)
+    mine = make_entry(1)
+    with ChunkStore(cfg, FP) as store:
+        assert store.put(mine)
+        store.flush()
+        src = store.disk.path(mine.key)
+    with ChunkStore(cfg, other) as store:
+        # the same tokens are another key under the other identity: a plain miss
+        assert store.get(ChunkKey.of(other, mine.token_ids), mine.token_ids) is None
+        # our file planted in its directory under the very key asked for: refused by its header, removed
+        dst = store.disk.path(mine.key)
+        shutil.copyfile(src, dst)
+    with ChunkStore(cfg, other) as store:
+        assert store.get(mine.key, mine.token_ids) is None and not os.path.exists(dst)
+    with ChunkStore(cfg, FP) as store:  # and ours is still served to us
+        v = store.get(mine.key, mine.token_ids, timeout=30)
+        assert v is not None and torch.equal(v.k, mine.k)
+
+
+def test_lora_adapters_get_their_own_keys(tmp_path):
+    ids = [1, 2, 3, 4]
+    a = (tmp_path / "a")
+    a.mkdir()
+    (a / "adapter_model.safetensors").write_bytes(_safetensors(b"\x01" * 64))
+    (a / "adapter_config.json").write_text('{"r": 8}')
+    keys = {ChunkKey.of(FP, ids), ChunkKey.of(FP, ids, lora=adapter_identity("sql", a)),
+            ChunkKey.of(FP, ids, lora=adapter_identity("chat", a)), ChunkKey.of(FP, ids, lora=b""),
+            ChunkKey.of(FP, ids, cache_salt="sql")}
+    assert len(keys) == 5
+    # an adapter retrained in place (same name, same path): other weights, other keys
+    before = adapter_identity("sql", a)
+    (a / "adapter_model.safetensors").write_bytes(_safetensors(b"\x02" * 64))
+    assert adapter_identity("sql", a) != before
+    # vLLM's own LoRARequest, as the scheduler sees it on a request
+    from vllm.lora.request import LoRARequest
+
+    cache = AdapterKeys()
+    r1, r2 = LoRARequest("sql", 1, str(a)), LoRARequest("chat", 2, str(a))
+    assert cache.of(None) is None
+    assert cache.of(r1) == adapter_identity("sql", a) != cache.of(r2)
+    assert cache.of(LoRARequest("sql", 7, str(a))) == cache.of(r1)  # the engine-local int id is not identity
+
+
+def test_lora_entries_are_never_served_to_another_adapter_or_the_base_model(tmp_path):
+    cfg = StoreConfig(host_bytes=1 << 20)
+    e = make_entry(3)
+    with ChunkStore(cfg, FP) as store:
+        keyed = dataclasses.replace(e, key=ChunkKey.of(FP, e.token_ids, lora=adapter_identity("sql", None)))
+        assert store.put(keyed)
+        assert store.get(ChunkKey.of(FP, e.token_ids), e.token_ids) is None
+        assert store.get(ChunkKey.of(FP, e.token_ids, lora=adapter_identity("chat", None)), e.token_ids) is None
+        assert store.get(keyed.key, e.token_ids) is not None
+
+
+def _safetensors(data: bytes, shape=(16,)) -> bytes:
+    head = b'{"w":{"dtype":"F32","shape":[%d],"data_offsets":[0,%d]}}' % (shape[0], len(data))
+    return struct.pack("<Q", len(head)) + head + data
+
+
+def test_checkpoint_identity_sees_weights_changed_in_place(tmp_path):
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    (ck / "config.json").write_text('{"hidden_size": 4}')
+    (ck / "model.safetensors").write_bytes(_safetensors(bytes(range(64))))
+    ident = checkpoint_identity(ck)
+    assert ident is not None and ident == checkpoint_identity(ck)
+    copy = tmp_path / "copy"
+    shutil.copytree(ck, copy)
+    assert checkpoint_identity(copy) == ident  # a copy elsewhere keeps its identity (restart-warm)
+    # same names, sizes and header, other tensor bytes (a fine-tune written in place)
+    (ck / "model.safetensors").write_bytes(_safetensors(bytes(reversed(range(64)))))
+    assert checkpoint_identity(ck) != ident
+    (copy / "config.json").write_text('{"hidden_size": 5}')
+    assert checkpoint_identity(copy) != ident
+    assert checkpoint_identity(tmp_path / "missing") is None
+    (tmp_path / "empty").mkdir()
+    assert checkpoint_identity(tmp_path / "empty") is None
+
+
+def test_checkpoint_identity_reads_little_of_a_large_file(tmp_path):
+    ck = tmp_path / "big"
+    ck.mkdir()
+    with open(ck / "model.safetensors", "wb") as f:
+        f.write(_safetensors(b"", shape=(0,)))
+        f.truncate(2 << 30)  # 2 GiB sparse: reading it whole would take seconds
+    import time
+
+    t0 = time.perf_counter()
+    assert checkpoint_identity(ck) is not None
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_tp_ranks_sharing_redis_keep_their_own_entries(redis_server):
+    """Rank 0 and rank 1 save the same chunk (same key, their own heads); neither evicts or shadows the other."""
+    r0 = ModelFingerprint("TestArch", "w", "bfloat16", tp_rank=0, tp_size=2)
+    r1 = r0.for_rank(1)
+    cfg = StoreConfig(redis_url=redis_server.url, redis_bytes=1 << 24)
+    key_fp = r0  # the scheduler names chunks with rank 0's fingerprint
+    e = make_entry(4, model=key_fp)
+    heads1 = dataclasses.replace(e, k=e.k + 1, v=e.v - 1)
+    with ChunkStore(cfg, r0) as s0, ChunkStore(cfg, r1) as s1:
+        assert s0.put(e) and s1.put(heads1)
+        s0.flush(), s1.flush()
+        assert s0.redis.entry_name(e.key) != s1.redis.entry_name(e.key)
+    with ChunkStore(cfg, r0) as s0, ChunkStore(cfg, r1) as s1:
+        v0, v1 = s0.get(e.key, e.token_ids, timeout=30), s1.get(e.key, e.token_ids, timeout=30)
+        assert v0 is not None and torch.equal(v0.k, e.k)
+        assert v1 is not None and torch.equal(v1.k, heads1.k)
+        assert s0.snapshot_stats().failed_loads == 0 and s1.snapshot_stats().failed_loads == 0

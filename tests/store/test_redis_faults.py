@@ -1,0 +1,92 @@
+"""Redis answering with errors — a read-only replica, out of memory, an ACL that forbids — is misses, never errors.
+
+A real `redis-server` put into each state: `REPLICAOF` a master that does not exist (READONLY),
+`maxmemory` below what the server holds, with `noeviction` (OOM), and ACL users without write or read
+rights (NOPERM).  Every store call returns normally, errors are counted, what can still be read
+is served, and the tier works again once Redis does.
+"""
+
+from __future__ import annotations
+
+import redis
+import torch
+
+from kvreuse.connector.remote import RemoteLookup
+from kvreuse.store import ChunkStore, StoreConfig
+from tests.store.conftest import FP, make_entry
+
+
+def _cfg(url: str) -> StoreConfig:
+    return StoreConfig(host_bytes=1 << 24, redis_url=url, redis_bytes=1 << 26)
+
+
+def _exercise(store: ChunkStore, stored, new) -> None:
+    """Every path that talks to Redis, with Redis refusing writes: reads of `stored` work, `new` misses."""
+    assert store.put(new) in (True, False)  # memory may take it; the write-through fails quietly
+    store.flush()
+    store.memory[0].pop(new.key)
+    assert store.contains(new.key) is None and store.get(new.key, new.token_ids, timeout=30) is None
+    v = store.get(stored.key, stored.token_ids, timeout=30)  # the rehydration's touch is a write too
+    assert v is not None and torch.equal(v.k, stored.k)
+    store.memory[0].pop(stored.key)
+    store.remove(stored.key)  # refused: still there
+    store.snapshot_stats()
+
+
+def test_read_only_replica(redis_server):
+    admin = redis.Redis.from_url(redis_server.url)
+    a, b = make_entry(1), make_entry(2)
+    with ChunkStore(_cfg(redis_server.url), FP) as store:
+        store.put(a)
+        store.flush()
+        admin.replicaof("127.0.0.1", 1)  # a master that never answers: the data stays, writes are READONLY
+        try:
+            _exercise(store, a, b)
+            assert store.snapshot_stats().tiers["redis"].errors >= 2
+            assert store.contains(a.key) == "redis"
+        finally:
+            admin.replicaof("NO", "ONE")
+        store.put(b)
+        store.flush()
+        assert store.redis.contains(b.key)
+
+
+def test_out_of_memory(redis_server):
+    admin = redis.Redis.from_url(redis_server.url)
+    a, b = make_entry(1), make_entry(2)
+    with ChunkStore(_cfg(redis_server.url), FP) as store:
+        store.put(a)
+        store.flush()
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1 << 20)  # below what the server already uses: every write is OOM
+        try:
+            _exercise(store, a, b)
+            assert store.snapshot_stats().tiers["redis"].errors >= 1
+        finally:
+            admin.config_set("maxmemory", 0)
+        store.put(b)
+        store.flush()
+        assert store.redis.contains(b.key)
+
+
+def test_acl_without_write_or_read_rights(redis_server):
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.acl_setuser("reader", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-@write"])
+    admin.acl_setuser("blind", enabled=True, passwords=["+pw"], keys=["*"],
+                      commands=["+@all", "-getrange", "-get", "-hscan"])
+    host = redis_server.url.split("//", 1)[1]
+    a, b = make_entry(1), make_entry(2)
+    with ChunkStore(_cfg(redis_server.url), FP) as store:
+        store.put(a)
+        store.flush()
+    with ChunkStore(_cfg(f"redis://reader:pw@{host}"), FP) as store:
+        _exercise(store, a, b)
+        assert store.snapshot_stats().tiers["redis"].errors >= 2
+    with ChunkStore(_cfg(f"redis://blind:pw@{host}"), FP) as store:
+        assert store.get(a.key, a.token_ids, timeout=30) is None and store.contains(a.key) is None
+        assert store.snapshot_stats().tiers["redis"].errors >= 1
+    remote = RemoteLookup(f"redis://blind:pw@{host}", 1 << 26, FP.digest, start=False)
+    try:  # the scheduler's index: a refused refresh is a failed refresh, and lookups miss
+        assert not remote.refresh() and remote.lookup(a.key.digest) is None
+    finally:
+        remote.close()
