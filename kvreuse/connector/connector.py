@@ -198,8 +198,7 @@ class KVReuseConnector(KVConnectorBase_V1):
         return self._worker.take_failed_blocks() if self._worker is not None else set()
 
     def build_connector_worker_meta(self) -> KVReuseWorkerReport | None:
-        lost = self._worker.take_lost_keys()
-        return KVReuseWorkerReport(lost) if lost else None
+        return self._worker.take_report()
 
     def get_kv_connector_stats(self) -> KVReuseConnectorStats | None:
         if self._worker is not None:

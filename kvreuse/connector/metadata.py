@@ -11,17 +11,24 @@ from kvreuse.connector.claim import LoadItem, SaveItem
 
 @dataclass
 class ReqLoad:
-    """Place `items` (in order, contiguous from `items[0].dst_start`) into the request's blocks."""
+    """Place `items` into the request's blocks, each at its own `dst_start` (any set of chunks, in
+    prompt order: a step may place several segments of one prompt).
+
+    `strict`: never serve base KV in a context it was not computed or patched for (the worker fails
+    such a load and vLLM recomputes it); the worker also applies it when `policy.mode` is
+    "patched_or_exact".
+    """
 
     req_id: str
     block_ids: list[int]
     items: list[LoadItem]
     inject_failure: bool = False  # testing: fail this request's first load (needs allow_fault_injection)
+    strict: bool = False
 
     @property
     def end(self) -> int:
-        last = self.items[-1]
-        return last.dst_start + last.src_end - last.src_start
+        """One past the last position any item fills."""
+        return max(it.dst_start + it.src_end - it.src_start for it in self.items)
 
 
 @dataclass
@@ -41,10 +48,20 @@ class KVReuseMetadata(KVConnectorMetadata):
 
 @dataclass
 class KVReuseWorkerReport(KVConnectorWorkerMetadata):
-    """Keys the scheduler must forget: a put was refused, or a claimed load failed."""
+    """What the scheduler's directory and save planning must hear from the workers.
+
+    lost_keys: chunks the store no longer holds (evicted from its last tier, refused, dropped
+        from a full ingest queue) or whose claimed load failed: forget them.
+    demoted_keys: chunks whose in-context KV was dropped under pressure (base + patches remain).
+    unsaved_req_ids: requests whose save this step was skipped because one of their loads failed
+        (what the step computed attended to blocks never written): save them after the recompute.
+    """
 
     lost_keys: list[bytes] = field(default_factory=list)
+    demoted_keys: list[bytes] = field(default_factory=list)
+    unsaved_req_ids: list[str] = field(default_factory=list)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVReuseWorkerReport":
         assert isinstance(other, KVReuseWorkerReport)
-        return KVReuseWorkerReport(self.lost_keys + other.lost_keys)
+        return KVReuseWorkerReport(self.lost_keys + other.lost_keys, self.demoted_keys + other.demoted_keys,
+                                   list(dict.fromkeys(self.unsaved_req_ids + other.unsaved_req_ids)))

@@ -22,6 +22,8 @@ METRICS = [
     ("kvreuse_demotions", "counter", "Entries demoted from full in-context KV to base + patch", None),
     ("kvreuse_rehydrations", "counter", "Entries loaded back from a lower tier, by tier", "tier"),
     ("kvreuse_load_failures", "counter", "Claimed chunks that failed to load (recomputed by vLLM)", None),
+    ("kvreuse_dropped_saves", "counter",
+     "Chunks not saved because the store's bounded ingest queue was full (a save never blocks a step)", None),
     ("kvreuse_encoder_inputs", "counter",
      "Multimodal items vLLM scheduled through the encoder (seen by the connector), by modality", "modality"),
     ("kvreuse_mm_items_reused", "counter",
@@ -37,7 +39,8 @@ _FIELD = {"kvreuse_chunk_lookups": None, "kvreuse_claims": "claims", "kvreuse_re
           "kvreuse_saved_chunks": "saved_chunks", "kvreuse_captured_patches": "captured_patches",
           "kvreuse_loaded_bytes": "bytes_loaded", "kvreuse_saved_bytes": "bytes_saved",
           "kvreuse_evictions": "evictions", "kvreuse_demotions": "demotions", "kvreuse_rehydrations": "rehydrations",
-          "kvreuse_load_failures": "load_failures", "kvreuse_encoder_inputs": "encoder_inputs",
+          "kvreuse_load_failures": "load_failures", "kvreuse_dropped_saves": "dropped_saves",
+          "kvreuse_encoder_inputs": "encoder_inputs",
           "kvreuse_mm_items_reused": "mm_items_reused", "kvreuse_store_bytes": "store_bytes",
           "kvreuse_store_budget_bytes": "store_budget_bytes", "kvreuse_store_entries": "store_entries",
           "kvreuse_load_seconds": "load_seconds", "kvreuse_save_seconds": "save_seconds"}
@@ -65,6 +68,7 @@ class KVReusePromMetrics(KVConnectorPromMetrics):
                 self._families["kvreuse_chunk_lookups"][0].labels(*values, r)
             self._families["kvreuse_reused_tokens"][0].labels(*values)
             self._families["kvreuse_load_failures"][0].labels(*values)
+            self._families["kvreuse_dropped_saves"][0].labels(*values)
             self._families["kvreuse_demotions"][0].labels(*values)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:

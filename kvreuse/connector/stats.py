@@ -31,6 +31,7 @@ class ReuseStats:
     saved_chunks: int = 0
     captured_patches: int = 0
     load_failures: int = 0
+    dropped_saves: int = 0  # chunks the store's ingest queue was too full to take (never waited for)
     bytes_loaded: dict[str, int] = field(default_factory=dict)  # tier -> bytes
     bytes_saved: dict[str, int] = field(default_factory=dict)
     evictions: dict[str, int] = field(default_factory=dict)

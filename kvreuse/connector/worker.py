@@ -6,28 +6,33 @@ the request's positions and scatters K and V into the layer's paged cache throug
 mapping.  A chunk that cannot be fetched fails the rest of its request's claim: those blocks are
 reported through `failed_block_ids` and vLLM recomputes them.
 
+Loads wait for nothing but their own bytes: a chunk still being ingested is served from the
+bytes already copied out (see `ChunkStore.fetch`).  What is counted is what is served: a claim
+the store can only serve from base KV counts as "blind", and is refused (recomputed) when the
+operator asked for `policy.mode = "patched_or_exact"` or the load is `strict`.
+
 Save: after the step that computed a request's prompt, each new chunk's K/V is gathered out of
-the paged cache (a copy: the blocks may be reused once the request ends) and handed to a
-background thread that puts it in the store — a new entry, or, for a stored chunk computed in a
-new context, that context's KV (relocated to the entry's frame) plus a fitted conditioning patch.
+the paged cache (a copy: the blocks may be reused once the request ends) and handed to
+`ChunkStore.ingest`, which queues it and returns at once; the store decides what it is (a new
+entry, or a stored chunk in a new context: relocated into the entry's frame, patch fitted) on
+its own thread.  A request with a failed load in a step saves nothing that step (what it
+computed attended to blocks never written); it is reported as unsaved and saved after the
+recompute.  Keys the store evicted or demoted are reported to the scheduler's directory.
 """
 
 from __future__ import annotations
 
 import functools
-
 import logging
 import re
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from kvreuse.connector.claim import SaveItem, context_signature
 from kvreuse.connector.config import ConnectorConfig
-from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad
+from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, ReqLoad
 from kvreuse.connector.mrope import chunk_shift
 from kvreuse.connector.stats import ReuseStats
 from kvreuse.errors import KVReuseError
@@ -36,9 +41,10 @@ from kvreuse.ops import gather, place, relocate
 from kvreuse.paged import block_slots, scatter_kv
 from kvreuse.patch import fit_patch
 from kvreuse.rope.spec import RopeSpec
-from kvreuse.store import ChunkEntry, ChunkKey, ChunkStore, ModelFingerprint
+from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint
 
 log = logging.getLogger("kvreuse.connector")
+_STORE_SNAPSHOT_PERIOD_S = 1.0  # the store's gauges and counters are read at most this often
 
 
 def layer_index(name: str) -> int:
@@ -47,6 +53,19 @@ def layer_index(name: str) -> int:
     if m is None:
         raise KVReuseError(f"cannot find a layer index in attention layer name {name!r}")
     return int(m.group(1))
+
+
+def served_policy(claimed: str, how: str) -> str:
+    """The policy a load actually serves, from the claim's and how the store read the chunk.
+
+    `how` is the store's view ("exact", "patched", "base"): base KV in the claimed context is
+    "blind" whatever the claim said; a patch read for an exact or survival claim is "recall".
+    """
+    if how == "base":
+        return "blind"
+    if how == "patched" and claimed in ("exact", "survival"):
+        return "recall"
+    return claimed
 
 
 def detect_layout(kv_cache: torch.Tensor, backend_name: str | None, num_kv_heads: int, head_size: int, *,
@@ -62,7 +81,8 @@ def detect_layout(kv_cache: torch.Tensor, backend_name: str | None, num_kv_heads
 
 @dataclass
 class _Job:
-    """One layer-independent placement: the chunks of one request's claim, concatenated."""
+    """One layer-independent placement: the chunks of one request's load, concatenated (each item
+    with its own destination slots)."""
 
     k: list[torch.Tensor]  # per item: [num_layers, n_i, H, D] (entry frame)
     v: list[torch.Tensor]
@@ -75,20 +95,22 @@ class _Job:
 class WorkerSide:
     def __init__(self, cfg: ConnectorConfig, rope: RopeSpec, fingerprint: ModelFingerprint) -> None:
         self.cfg, self.rope = cfg, rope
-        pol = cfg.policy  # demotion under pressure fits patches with the operator's settings too
+        pol = cfg.policy  # patches are fitted with the operator's settings, at ingest and under pressure
         self.store = ChunkStore(cfg.store, fingerprint, fit_patch=functools.partial(
-            fit_patch, energy=pol.patch_energy, max_rank=pol.patch_max_rank, budget=pol.patch_budget))
+            fit_patch, energy=pol.patch_energy, max_rank=pol.patch_max_rank, budget=pol.patch_budget),
+            capture_patches=pol.capture_patches and pol.patch_max_rank > 0)
         self.layers: dict[str, int] = {}
         self.caches: dict[str, torch.Tensor] = {}
         self.spec: PagedLayout | None = None
-        self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-save")
-        self._pending: dict[bytes, Future] = {}
         self._lock = threading.Lock()
         self._stats = ReuseStats()
         self._last_store = None
+        self._last_store_t = float("-inf")
         self._jobs: list[_Job] = []
         self._layers_done: set[str] = set()
         self._failed_blocks: set[int] = set()
+        self._failed_reqs: set[str] = set()  # requests with a failed load in this step: nothing of theirs is saved
+        self._unsaved: list[str] = []
         self._lost: list[bytes] = []
         self._load_t = 0.0
 
@@ -127,7 +149,7 @@ class WorkerSide:
     # ---------------------------------------------------------------- load
     def start_load(self, meta: KVReuseMetadata) -> None:
         """Fetch every claimed chunk of this step (layers are placed in `load_layer`)."""
-        self._jobs, self._layers_done = [], set()
+        self._jobs, self._layers_done, self._failed_reqs = [], set(), set()
         t0 = time.perf_counter()
         for req in meta.loads:
             job = self._fetch(req)
@@ -136,21 +158,30 @@ class WorkerSide:
         self._load_t = time.perf_counter() - t0 if meta.loads else 0.0
 
     def _fetch(self, req: ReqLoad) -> _Job | None:
+        """Views of the request's chunks, each bound for the slots of its own `dst_start`.
+
+        Waits for nothing but the chunks' own bytes.  The first chunk that cannot be served — a
+        miss, M-RoPE positions that are not one shift, or base KV under a strict policy — fails
+        the request's load from there on (vLLM recomputes those blocks).
+        """
         assert self.spec is not None
-        ks, vs, src, dst, placed = [], [], [], [], 0
+        strict = req.strict or self.cfg.policy.mode == "patched_or_exact"
+        ks, vs, src, dst, slots = [], [], [], [], []
         for n, item in enumerate(req.items):
-            fut = self._pending.get(item.key)
-            if fut is not None:
-                fut.result()
-            tier = self.store.contains(ChunkKey(item.key))
             view = None
-            if not (req.inject_failure and n == 0) and tier is not None:
+            if not (req.inject_failure and n == 0):
                 view = self.store.get(ChunkKey(item.key), list(item.token_ids), context=item.context,
                                       tokens=slice(item.src_start, item.src_end))
             if view is None:
                 self._fail(req, item.dst_start, item.key)
                 break
-            policy = "recall" if view.how == "patched" and item.policy in ("exact", "survival") else item.policy
+            policy = served_policy(item.policy, view.how)
+            if strict and policy == "blind":
+                # the store holds neither this context's KV nor its patch (it did not fit, or was evicted)
+                log.warning("kvreuse: chunk %s: only base KV is held for this context; recomputed "
+                            "(patched_or_exact)", item.key.hex()[:12])
+                self._fail(req, item.dst_start, item.key)
+                break
             ntok = item.src_end - item.src_start
             src_pos = self._frame(view.positions)
             dst_pos = self._frame(torch.tensor(item.dst_pos, dtype=torch.int64) if item.dst_pos is not None
@@ -165,17 +196,15 @@ class WorkerSide:
             vs.append(view.v)
             src.append(src_pos)
             dst.append(dst_pos)
+            slots.append(block_slots(req.block_ids, self.spec.block_size, item.dst_start, item.dst_start + ntok))
             with self._lock:
                 self._stats.claims[policy] = self._stats.claims.get(policy, 0) + 1
                 self._stats.reused_tokens += ntok
                 nb = 2 * view.k.numel() * view.k.element_size()
-                self._stats.bytes_loaded[tier] = self._stats.bytes_loaded.get(tier, 0) + nb
-            placed += ntok
+                self._stats.bytes_loaded[view.source] = self._stats.bytes_loaded.get(view.source, 0) + nb
         if not ks:
             return None
-        start = req.items[0].dst_start
-        slots = block_slots(req.block_ids, self.spec.block_size, start, start + placed)
-        return _Job(ks, vs, torch.cat(src, dim=-1), torch.cat(dst, dim=-1), slots)
+        return _Job(ks, vs, torch.cat(src, dim=-1), torch.cat(dst, dim=-1), torch.cat(slots))
 
     def _frame(self, pos: torch.Tensor) -> torch.Tensor:
         """Positions in the rope's frame: M-RoPE wants `[3, n]` (text at index positions: one row, thrice)."""
@@ -189,6 +218,7 @@ class WorkerSide:
         blocks = req.block_ids[first_bad // bs: -(-req.end // bs)]
         with self._lock:
             self._failed_blocks.update(blocks)
+            self._failed_reqs.add(req.req_id)
             self._stats.load_failures += 1
             self._lost.append(key)
         log.warning("kvreuse: request %s: chunk %s failed to load; %d blocks recomputed", req.req_id, key.hex()[:12],
@@ -230,78 +260,63 @@ class WorkerSide:
             out, self._failed_blocks = self._failed_blocks, set()
         return out
 
-    def take_lost_keys(self) -> list[bytes]:
+    def take_report(self) -> KVReuseWorkerReport | None:
+        """Keys lost (failed loads, evicted, refused, dropped) and demoted, and requests left unsaved, since
+        the last call; None when there is nothing to report."""
+        ev = self.store.take_events()
         with self._lock:
-            out, self._lost = self._lost, []
-        return out
+            lost, self._lost = self._lost, []
+            unsaved, self._unsaved = self._unsaved, []
+        lost += [k.digest for k in ev.evicted]
+        if not (lost or ev.demoted or unsaved):
+            return None
+        return KVReuseWorkerReport(list(dict.fromkeys(lost)), list(dict.fromkeys(k.digest for k in ev.demoted)),
+                                   unsaved)
 
     # ---------------------------------------------------------------- save
     def save(self, meta: KVReuseMetadata) -> None:
-        """Copy each new chunk's KV out of the paged cache; the store put runs in the background."""
+        """Copy each new chunk's KV out of the paged cache and hand it to the store (which returns at once)."""
         if not meta.saves:
             return
         assert self.spec is not None
         t0 = time.perf_counter()
         names = sorted(self.layers, key=self.layers.get)
         for req in meta.saves:
+            if req.req_id in self._failed_reqs:  # computed over blocks a failed load never wrote
+                with self._lock:
+                    self._unsaved.append(req.req_id)
+                continue
             idx = torch.cat([torch.arange(it.start, it.end) for it in req.items])
             slots = block_slots(req.block_ids, self.spec.block_size, 0, int(idx.max()) + 1)[idx]
             k, v = gather([self.caches[n] for n in names], self.spec, slots)  # [L, N, H, D] (fused on GPU)
             off = 0
             for it in req.items:
                 n = it.end - it.start
-                ki, vi = k[:, off:off + n].clone(), v[:, off:off + n].clone()
+                ki, vi = k[:, off:off + n].clone(), v[:, off:off + n].clone()  # [L, n, H, D], owned by the store
                 off += n
-                fut = self._saver.submit(self._put, it, ki, vi)
-                self._pending[it.key] = fut
-                fut.add_done_callback(lambda f, key=it.key: self._pending.pop(key, None) if self._pending.get(key) is f else None)
+                pos = self._frame(torch.tensor(it.positions, dtype=torch.int64) if it.positions is not None
+                                  else torch.arange(it.start, it.end))
+                ok = self.store.ingest(ChunkKey(it.key), torch.tensor(it.token_ids), pos, ki, vi, it.context,
+                                       rope=self.rope)
+                with self._lock:
+                    if ok:
+                        self._stats.saved_chunks += 1
+                        self._stats.bytes_saved["queued"] = self._stats.bytes_saved.get("queued", 0) + 2 * ki.nbytes
+                    else:
+                        self._stats.dropped_saves += 1
         with self._lock:
             self._stats.save_seconds.append(time.perf_counter() - t0)
 
-    def _put(self, it: SaveItem, k: torch.Tensor, v: torch.Tensor) -> None:
-        key = ChunkKey(it.key)
-        ctx = context_signature(it.preceding)
-        pos = self._frame(torch.tensor(it.positions, dtype=torch.int64) if it.positions is not None
-                          else torch.arange(it.start, it.end))
-        try:
-            if self.store.contains(key, list(it.token_ids)) is None:
-                ok = self.store.put(ChunkEntry(key=key, token_ids=torch.tensor(it.token_ids), positions=pos,
-                                               k=k, v=v, context=ctx))
-                if ok:
-                    with self._lock:
-                        self._stats.saved_chunks += 1
-                        tier = self.store.contains(key) or "none"
-                        self._stats.bytes_saved[tier] = self._stats.bytes_saved.get(tier, 0) + 2 * k.numel() * k.element_size()
-                else:
-                    self._lost.append(it.key)
-                return
-            self._put_context(key, it, ctx, pos, k, v)
-        except Exception:  # a failed save is a future miss, never a failed request
-            log.exception("kvreuse: saving chunk %s failed", key.hex()[:12])
-            with self._lock:
-                self._lost.append(it.key)
-
-    def _put_context(self, key: ChunkKey, it: SaveItem, ctx: bytes, pos: torch.Tensor, k: torch.Tensor,
-                     v: torch.Tensor) -> None:
-        """A stored chunk computed in another context: keep that KV and capture its patch."""
-        h = self.store.fetch(key, list(it.token_ids))
-        if h is None:
-            return
-        base = h.result()
-        k_rel = relocate(k, pos, base.positions, self.rope)  # into the entry's frame
-        self.store.add_context_kv(key, ctx, k_rel, v)
-        if self.cfg.policy.capture_patches and self.cfg.policy.patch_max_rank > 0:
-            p = self.cfg.policy
-            patch = fit_patch(k_rel.float() - base.k.float(), v.float() - base.v.float(), energy=p.patch_energy,
-                              max_rank=p.patch_max_rank, budget=p.patch_budget, base_k=base.k, base_v=base.v, dtype=base.k.dtype)
-            if self.store.add_patch(key, ctx, patch):
-                with self._lock:
-                    self._stats.captured_patches += 1
-
     # ---------------------------------------------------------------- stats
-    def take_stats(self) -> ReuseStats:
+    def take_stats(self, now: float | None = None) -> ReuseStats:
+        """Counters since the last call; the store's gauges and counters only when its last read is a
+        period old (reading them takes the store's lock: not on every step)."""
         with self._lock:
             s, self._stats = self._stats, ReuseStats()
+        now = time.monotonic() if now is None else now
+        if now - self._last_store_t < _STORE_SNAPSHOT_PERIOD_S:
+            return s
+        self._last_store_t = now
         snap = self.store.snapshot_stats()
         last = self._last_store
         for name, t in snap.tiers.items():
@@ -316,9 +331,9 @@ class WorkerSide:
                 if rh:
                     s.rehydrations[name] = rh
         s.demotions = snap.demotions - (last.demotions if last is not None else 0)
+        s.captured_patches = snap.captured_patches - (last.captured_patches if last is not None else 0)
         self._last_store = snap
         return s
 
     def close(self) -> None:
-        self._saver.shutdown(wait=True)
         self.store.close()

@@ -49,8 +49,9 @@ def test_save_then_load_relocated(backend):
         scatter_kv(caches[name], spec, k[i], v[i], slots1)
     toks = tuple(range(100, 100 + n))
     key = b"k" * 16
-    w.save(KVReuseMetadata(saves=[ReqSave("r1", blocks1, [SaveItem(key, toks, src0, src0 + n, (), True)])]))
-    w._saver.submit(lambda: None).result()
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", blocks1, [SaveItem(key, toks, src0, src0 + n,
+                                                                    context_signature(()), True)])]))
+    w.store.flush()
     # request 2: the same chunk at 37..57 in blocks [6, 0, 2, 5]
     blocks2 = [6, 0, 2, 5]
     item = LoadItem(key, toks, 0, n, dst0, context_signature(()), "reorder")
@@ -76,7 +77,7 @@ def test_failed_load_reports_blocks_and_lost_key():
     item = LoadItem(b"z" * 16, tuple(range(40)), 0, 40, 20, context_signature(()), "exact")
     w.start_load(KVReuseMetadata(loads=[ReqLoad("r", [4, 5, 6, 7], [item])]))
     assert w.take_failed_blocks() == {5, 6, 7}   # tokens 20..60 live in blocks 1..3 of the request
-    assert w.take_lost_keys() == [b"z" * 16]
+    assert w.take_report().lost_keys == [b"z" * 16]
     assert w.take_stats().load_failures == 1
     w.close()
 
