@@ -93,10 +93,12 @@ class _Job:
 
 
 class WorkerSide:
-    def __init__(self, cfg: ConnectorConfig, rope: RopeSpec, fingerprint: ModelFingerprint) -> None:
+    def __init__(self, cfg: ConnectorConfig, rope: RopeSpec, fingerprint: ModelFingerprint, *,
+                 store: ChunkStore | None = None) -> None:
+        """`store`: the chunk store to use (default: one built from `cfg.store` and `cfg.policy`)."""
         self.cfg, self.rope = cfg, rope
         pol = cfg.policy  # patches are fitted with the operator's settings, at ingest and under pressure
-        self.store = ChunkStore(cfg.store, fingerprint, fit_patch=functools.partial(
+        self.store = store if store is not None else ChunkStore(cfg.store, fingerprint, fit_patch=functools.partial(
             fit_patch, energy=pol.patch_energy, max_rank=pol.patch_max_rank, budget=pol.patch_budget),
             capture_patches=pol.capture_patches and pol.patch_max_rank > 0)
         self.layers: dict[str, int] = {}

@@ -1,0 +1,145 @@
+"""ChunkStore.ingest: one call per saved chunk, off the caller's thread, bounded, never under the lookup lock."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+
+import torch
+
+from kvreuse import fit_patch
+from kvreuse.ops import relocate
+from kvreuse.rope.spec import RopeSpec
+from kvreuse.store import ChunkKey, ChunkStore, StoreConfig
+from tests.store.conftest import FP, make_entry
+
+ROPE = RopeSpec.from_hf_config({"hidden_size": 64, "num_attention_heads": 4, "head_dim": 16, "rope_theta": 10000.0,
+                                "max_position_embeddings": 4096, "model_type": "llama"})
+FAST = 0.5  # seconds: a lookup that waited on a fit (held for many seconds below) could not meet this
+
+
+class GatedFit:
+    """A real patch fit that first blocks until released (a deliberately slow SVD)."""
+
+    def __init__(self) -> None:
+        self.started, self.release, self.calls = threading.Event(), threading.Event(), 0
+
+    def __call__(self, dk, dv, **kw):
+        self.calls += 1
+        self.started.set()
+        assert self.release.wait(30), "test never released the fit"
+        return fit_patch(dk, dv, max_rank=2, budget=None, **kw)
+
+
+def _ingest(store: ChunkStore, e, *, context=b"isolated", shift: int = 0, k=None, v=None) -> bool:
+    """Hand over `e`'s chunk as computed at positions shifted by `shift` (keys rotated accordingly)."""
+    pos = e.positions + shift
+    k = relocate(e.k, e.positions, pos, ROPE) if k is None else k
+    return store.ingest(e.key, e.token_ids, pos, k.clone(), (e.v if v is None else v).clone(), context, rope=ROPE)
+
+
+def _in_context(e, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(e.num_layers, 1, e.num_kv_heads, e.head_dim, generator=g)
+    return (e.k.float() + 0.2 * w).to(e.k.dtype), (e.v.float() - 0.2 * w).to(e.v.dtype)
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def test_new_entry_then_new_context_relocated_into_the_entry_frame():
+    e = make_entry(1, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32)
+    ck, cv = _in_context(e, 5)
+    with ChunkStore(StoreConfig(device_bytes=1 << 20), FP, fit_patch=functools.partial(fit_patch, budget=None)) as st:
+        assert _ingest(st, e)
+        st.flush()
+        # the same chunk computed elsewhere in the prompt (40 positions later) after other chunks
+        assert _ingest(st, e, context=b"ctx-A", shift=40, k=relocate(ck, e.positions, e.positions + 40, ROPE), v=cv)
+        st.flush()
+        exact = st.get(e.key, e.token_ids, context=b"ctx-A")
+        assert exact.how == "exact" and torch.equal(exact.positions, e.positions)
+        torch.testing.assert_close(exact.k, ck, atol=1e-5, rtol=1e-5)  # back in the entry's frame
+        torch.testing.assert_close(exact.v, cv)
+        s = st.snapshot_stats()
+        assert (s.ingests, s.ingested_entries, s.ingested_contexts, s.captured_patches) == (2, 1, 1, 1)
+        st.demote(e.key)  # the context keeps its patch: served patched, no fit needed now
+        assert st.get(e.key, e.token_ids, context=b"ctx-A").how == "patched"
+        assert st.take_events().demoted == [e.key]
+
+
+def test_lookups_never_wait_on_a_slow_fit_nor_take_a_lock_it_holds():
+    a, b = (make_entry(s, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32) for s in (2, 3))
+    fit = GatedFit()
+    with ChunkStore(StoreConfig(device_bytes=1 << 20), FP, fit_patch=fit) as st:
+        assert _ingest(st, a)
+        st.flush()
+        ck, cv = _in_context(a, 7)
+        assert _ingest(st, a, context=b"ctx", k=ck, v=cv)  # a new context: its patch fit blocks the thread
+        assert fit.started.wait(10)
+        assert _ingest(st, b)  # queued behind the blocked fit
+        try:
+            view, dt = _timed(lambda: st.get(a.key, a.token_ids, context=b"isolated"))
+            assert view is not None and view.how == "exact" and dt < FAST
+            queued, dt = _timed(lambda: st.get(b.key, b.token_ids))  # served from the bytes handed over
+            assert queued is not None and queued.source == "ingest" and torch.equal(queued.k, b.k) and dt < FAST
+            assert st.contains(b.key, b.token_ids) == "ingest"
+            assert st.get(b.key, b.token_ids, context=b"elsewhere").how == "base"
+        finally:
+            fit.release.set()
+        st.flush()
+        assert st.contains(b.key) == "device" and st.get(a.key, a.token_ids, context=b"ctx").how == "exact"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_ingest_under_overload_is_bounded_and_counts_drops():
+    bound = 8 << 20
+    fit = GatedFit()
+    with ChunkStore(StoreConfig(device_bytes=64 << 20), FP, fit_patch=fit, ingest_bytes=bound) as st:
+        first = make_entry(4, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32)
+        assert _ingest(st, first)
+        st.flush()
+        assert _ingest(st, first, context=b"ctx")  # blocks the ingest thread in its fit
+        assert fit.started.wait(10)
+        rss0 = _rss_bytes()
+        offered, accepted, worst = 200, 0, 0
+        try:
+            for i in range(offered):  # 200 chunks of 1 MiB of KV each, nothing drains them
+                k = torch.full((4, 256, 4, 64), float(i))  # [L, N, H, D] fp32: 1 MiB, v the same
+                ids = torch.arange(256) + 1000 * i
+                t0 = time.perf_counter()
+                accepted += st.ingest(ChunkKey.of(FP, ids), ids, torch.arange(256), k, k.clone(), rope=ROPE)
+                assert time.perf_counter() - t0 < FAST  # a full queue refuses at once
+                worst = max(worst, st.pending_ingest_bytes())
+            grown = _rss_bytes() - rss0
+        finally:
+            fit.release.set()
+        assert worst <= bound and 0 < accepted <= bound // (2 << 20)
+        assert grown < 64 << 20, f"resident memory grew {grown >> 20} MiB while {offered * 2} MiB was offered"
+        st.flush()
+        s = st.snapshot_stats()
+        assert s.dropped_ingests == offered - accepted and s.ingested_entries == 1 + accepted
+        assert len(st.take_events().evicted) == offered - accepted  # dropped new keys: the scheduler forgets them
+
+
+def test_evicted_keys_are_reported_spilled_keys_are_not(tmp_path):
+    es = [make_entry(s, layers=2, tokens=8) for s in range(10, 13)]
+    one = es[0].nbytes
+    with ChunkStore(StoreConfig(device_bytes=2 * one), FP) as st:  # no tier below: the first one is gone
+        for e in es:
+            assert _ingest(st, e, k=e.k)
+        st.flush()
+        assert st.take_events().evicted == [es[0].key] and st.contains(es[0].key) is None
+        assert st.take_events().evicted == []  # reported once
+    with ChunkStore(StoreConfig(device_bytes=2 * one, disk_path=str(tmp_path), disk_bytes=1 << 20), FP) as st:
+        for e in es:
+            assert _ingest(st, e, k=e.k)
+        st.flush()
+        assert st.take_events().evicted == [] and st.contains(es[0].key) == "disk"
