@@ -53,9 +53,10 @@ class FitJob:
 
 @dataclass
 class SpillJob:
-    """Write an entry evicted from memory to the disk tier."""
+    """Write an entry evicted from memory to the disk tier (``copy``: a write-behind copy of one kept in memory)."""
 
     entry: ChunkEntry
+    copy: bool = False
 
     @property
     def nbytes(self) -> int:

@@ -93,6 +93,7 @@ class StoreStats:
     failed_ingests: int = 0  # ingest jobs that raised (the chunk is not stored; never an engine error)
     failed_fits: int = 0  # patch fits that raised (non-finite KV): that context reads as base KV
     dropped_spills: int = 0  # evicted entries not written to disk because the background lane was full
+    dropped_write_behind: int = 0  # disk copies of new entries skipped because the background lane was full
     dropped_fits: int = 0  # demoted contexts left without a patch because the background lane was full
     lookup_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
     put_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)

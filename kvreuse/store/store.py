@@ -1,7 +1,9 @@
 """The chunk store: content-addressed entries across device, host, disk and Redis tiers.
 
 Placement.  A new entry goes to the fastest memory tier it fits in.  Memory tiers are exclusive
-(an entry lives in one of them); disk and Redis may hold copies.  Redis is written through
+(an entry lives in one of them); disk and Redis may hold copies.  With a disk tier, every entry
+stored in memory is also copied to disk by the background thread (write-behind: bounded by the
+background lane, dropped and counted when it is full), so a restarted store starts warm.  Redis is written through
 (asynchronously, on a writer thread) so the other stores of a deployment see new chunks at once.
 
 Saving.  :meth:`ChunkStore.ingest` is the one call a saver makes: it queues the chunk's KV on a
@@ -272,13 +274,17 @@ class ChunkStore:
                 with self._lock:
                     self._publish_context(w.key, w.context, w.base, None, patch)
         else:
-            self._spill(w.entry)
+            self._spill(w.entry, copy=w.copy)
 
-    def _spill(self, e: ChunkEntry) -> None:
-        """Write an evicted entry to disk: plan and write outside the lock, account and index under it."""
+    def _spill(self, e: ChunkEntry, *, copy: bool = False) -> None:
+        """Write an evicted entry (or a ``copy`` of one kept in memory) to disk: plan and write outside
+        the lock, account and index under it."""
         with self._disk_lock:
             with self._lock:
-                if self.tiers.spilling.get(e.key) is not e:
+                if copy:
+                    if e.key in self.disk or not any(e.key in t for t in self.memory):
+                        return  # on disk already, or left memory (its eviction spills it)
+                elif self.tiers.spilling.get(e.key) is not e:
                     return  # removed, or a newer copy is on its way
             head, bufs = plan(e, self.model)
             n = len(head) + sum(b.nbytes for b in bufs)
@@ -374,9 +380,13 @@ class ChunkStore:
         n = entry.nbytes
         for i, t in enumerate(self.memory):
             if n <= t.budget_bytes and self.tiers.make_room(i, n):
-                t.insert(t.adopt(entry))
+                stored = t.adopt(entry)
+                t.insert(stored)
                 ts = self.stats.tier(t.name)
                 ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + n
+                if self.disk is not None:  # write-behind: every stored chunk reaches disk (restart-warm)
+                    if not self._bg.offer("work", SpillJob(self._snapshot(stored), copy=True), n):
+                        self.stats.dropped_write_behind += 1
                 return
             self.stats.tier(t.name).rejected_puts += 1
         if self.disk is not None:

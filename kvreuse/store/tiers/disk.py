@@ -1,10 +1,15 @@
 """Disk tier: one file per entry under ``disk_path/<model fingerprint hex>/``.
 
 Writes go to a temporary name, are fsynced and renamed, so a file with the final name is always
-complete.  On open the tier deletes leftover temporary files, indexes every entry file and deletes
-those that fail their header, their checksum, or belong to another model.  A directory is owned by
-one store at a time (an exclusive ``flock`` on ``.lock``); several models may share one
-``disk_path``, each in its own subdirectory.
+complete.  On open the tier deletes leftover temporary files and indexes every entry file from
+its header alone (one read of the first 64 KiB; its size must match the header): files with a bad
+header, of another model, or of the wrong size are deleted.  Payload checksums are verified when
+an entry is read, segment by segment, so start-up time grows with the number of entries, not
+their bytes.  A directory is owned by one store at a time (an exclusive ``flock`` on ``.lock``);
+several models, and each tensor/pipeline-parallel rank, have their own subdirectory.
+
+:func:`scan_index` reads the same headers without taking the lock, for a scheduler rebuilding
+its directory of stored chunks at start-up.
 """
 
 from __future__ import annotations
@@ -12,15 +17,16 @@ from __future__ import annotations
 import fcntl
 import os
 import uuid
+from typing import Iterator, Sequence
 
 from kvreuse.store.config import StoreConfigError
 from kvreuse.store.keys import ChunkKey
-from kvreuse.store.persist import (PREFIX_BYTES, EntryCorrupt, EntryHeader, decode_header, header_length,
-                                   verify_payload)
+from kvreuse.store.persist import (PREFIX_BYTES, EntryCorrupt, EntryHeader, IndexRecord, decode_header,
+                                   header_length)
 from kvreuse.store.policy import EvictionPolicy
 
 SUFFIX = ".kvc"
-_READ_BLOCK = 8 << 20
+_HEAD_READ = 64 << 10
 
 
 class FileReader:
@@ -48,10 +54,71 @@ class FileReader:
         os.close(self.fd)
 
 
+def _remove_file(path: str) -> None:
+    """Delete a file; a file already gone or a read-only/failing disk is not an error (a later open cleans up)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _read_header(fd: int, key: ChunkKey, model: bytes) -> EntryHeader:
-    prefix = os.pread(fd, PREFIX_BYTES, 0)
-    n = header_length(prefix)
-    return decode_header(os.pread(fd, PREFIX_BYTES + n, 0), model=model, key=key)
+    first = os.pread(fd, _HEAD_READ, 0)  # prefix and, nearly always, the whole header in one read
+    n = header_length(first)
+    head = first if len(first) >= PREFIX_BYTES + n else os.pread(fd, PREFIX_BYTES + n, 0)
+    return decode_header(head, model=model, key=key)
+
+
+def read_indexed_header(path: str, key: ChunkKey, model: bytes) -> EntryHeader:
+    """The verified header of one entry file whose size matches it (the payload is not read)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        h = _read_header(fd, key, model)
+        if os.fstat(fd).st_size != h.total_bytes:
+            raise EntryCorrupt("file size does not match its header")
+        return h
+    finally:
+        os.close(fd)
+
+
+def model_dir(root: str, model: bytes) -> str:
+    """The directory of one model fingerprint's entries under ``disk_path``."""
+    return os.path.join(root, model.hex())
+
+
+def _entry_files(d: str) -> Iterator[tuple[str, str]]:
+    with os.scandir(d) as it:
+        for de in it:
+            if de.name.endswith(SUFFIX) and not de.name.startswith("."):
+                yield de.name[: -len(SUFFIX)], de.path
+
+
+def scan_index(disk_path: str, model_digests: bytes | Sequence[bytes]) -> Iterator[IndexRecord]:
+    """Stored chunks of a disk tier, from headers only: what a scheduler's directory needs at start-up.
+
+    ``model_digests``: one fingerprint digest, or every rank's (tensor/pipeline parallel): a chunk
+    is yielded only when every rank's directory holds it, with rank 0's record (ranks store the
+    same chunks with the same contexts, each its own heads or layers).  Files that are unreadable,
+    of another model or damaged are skipped (the owning store deletes them); nothing is written
+    and no lock is taken, so this may run while the store's process writes.
+    """
+    digests = [model_digests] if isinstance(model_digests, bytes) else list(model_digests)
+    if not digests:
+        return
+    others = []
+    for m in digests[1:]:
+        d = model_dir(disk_path, m)
+        others.append({k for k, _ in _entry_files(d)} if os.path.isdir(d) else set())
+    d0 = model_dir(disk_path, digests[0])
+    if not os.path.isdir(d0):
+        return
+    for hexkey, path in _entry_files(d0):
+        if not all(hexkey in o for o in others):
+            continue
+        try:
+            yield read_indexed_header(path, ChunkKey.from_hex(hexkey), digests[0]).record()
+        except (EntryCorrupt, ValueError, OSError):
+            continue
 
 
 class DiskTier:
@@ -60,10 +127,11 @@ class DiskTier:
     name = "disk"
 
     def __init__(self, root: str, budget_bytes: int, model: bytes, policy: EvictionPolicy) -> None:
-        self.dir = os.path.join(root, model.hex())
+        self.dir = model_dir(root, model)
         self.budget_bytes, self.model, self.policy = budget_bytes, model, policy
         os.makedirs(self.dir, exist_ok=True)
-        self._lock = open(os.path.join(self.dir, ".lock"), "a+")
+        # read-only: an open writable descriptor would keep the filesystem from being remounted read-only
+        self._lock = open(os.open(os.path.join(self.dir, ".lock"), os.O_RDONLY | os.O_CREAT, 0o644), "rb")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -87,13 +155,12 @@ class DiskTier:
         for name in os.listdir(self.dir):
             p = os.path.join(self.dir, name)
             if name.endswith(".tmp"):
-                os.unlink(p)  # a write that never reached its rename
+                _remove_file(p)  # a write that never reached its rename
                 continue
             if not name.endswith(SUFFIX):
                 continue
             try:
-                key = ChunkKey.from_hex(name[: -len(SUFFIX)])
-                h = self._verify_file(p, key)
+                h = read_indexed_header(p, ChunkKey.from_hex(name[: -len(SUFFIX)]), self.model)
             except (EntryCorrupt, ValueError, OSError):
                 self._drop_file(p)
                 continue
@@ -101,33 +168,9 @@ class DiskTier:
         while self.used_bytes > self.budget_bytes:  # budget lowered since the last run
             self.remove(self.policy.peek(), evicted=True)
 
-    def _verify_file(self, path: str, key: ChunkKey) -> EntryHeader:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            h = _read_header(fd, key, self.model)
-            if os.fstat(fd).st_size != h.total_bytes:
-                raise EntryCorrupt("file size does not match its header")
-
-            def blocks():
-                off, end = h.payload_offset, h.total_bytes
-                while off < end:
-                    b = os.pread(fd, min(_READ_BLOCK, end - off), off)
-                    if not b:
-                        return
-                    off += len(b)
-                    yield b
-
-            verify_payload(h, blocks())
-            return h
-        finally:
-            os.close(fd)
-
     def _drop_file(self, path: str) -> None:
         self.dropped_corrupt += 1
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        _remove_file(path)
 
     def _add(self, h: EntryHeader) -> None:
         self.index[h.key] = h
@@ -188,10 +231,7 @@ class DiskTier:
                 os.close(dfd)
         except OSError:
             for p in (tmp, self.path(key)):
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
+                _remove_file(p)
             raise
 
     def commit(self, head: bytes, key: ChunkKey) -> EntryHeader:
@@ -204,10 +244,7 @@ class DiskTier:
 
     def unlink(self, key: ChunkKey) -> None:
         """Delete ``key``'s file (after it left the index)."""
-        try:
-            os.unlink(self.path(key))
-        except FileNotFoundError:
-            pass
+        _remove_file(self.path(key))
 
     def open(self, key: ChunkKey) -> FileReader | None:
         """A reader over ``key``'s file, or None (missing or bad file: dropped)."""
@@ -245,10 +282,7 @@ class DiskTier:
             return
         self.used_bytes -= h.total_bytes
         (self.policy.evicted if evicted else self.policy.remove)(key)
-        try:
-            os.unlink(self.path(key))
-        except FileNotFoundError:
-            pass
+        _remove_file(self.path(key))
 
     def close(self) -> None:
         if not self._lock.closed:
