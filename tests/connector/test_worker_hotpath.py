@@ -1,0 +1,203 @@
+"""Worker hot path on synthetic CPU_ATTN caches: loads never wait on saves, failed loads poison nothing,
+what is served is what is counted, and the store's evictions reach the scheduler's report."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from kvreuse import fit_patch  # noqa: E402
+from kvreuse.connector.claim import LoadItem, SaveItem, context_signature  # noqa: E402
+from kvreuse.connector.config import ConnectorConfig, PolicyConfig  # noqa: E402
+from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave  # noqa: E402
+from kvreuse.connector.worker import WorkerSide, served_policy  # noqa: E402
+from kvreuse.ops import relocate  # noqa: E402
+from kvreuse.paged import block_slots, gather_kv, scatter_kv  # noqa: E402
+from kvreuse.rope.spec import RopeSpec  # noqa: E402
+from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint, StoreConfig  # noqa: E402
+
+L, H, D, BS, NB, N = 2, 2, 32, 16, 12, 20  # N: tokens per chunk
+ROPE = RopeSpec.from_hf_config({"hidden_size": 64, "num_attention_heads": 2, "head_dim": D, "rope_theta": 10000.0,
+                                "max_position_embeddings": 4096, "model_type": "llama"})
+FP = ModelFingerprint("Tiny", "w", "float32")
+FAST = 0.5  # seconds; the fit below is held for as long as the test runs
+C0, C1 = context_signature(()), context_signature((b"x" * 16,))
+ENTRY_BYTES = 2 * L * N * H * D * 4 + 2 * 8 * N  # K, V (fp32), token ids, positions
+
+
+class GatedFit:
+    """A real patch fit that blocks until released (a deliberately slow SVD)."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, dk, dv, **kw):
+        self.started.set()
+        assert self.release.wait(30), "test never released the fit"
+        return fit_patch(dk, dv, max_rank=2, **kw)
+
+
+def worker(store_cfg: StoreConfig | None = None, *, mode: str = "any", fit=None) -> WorkerSide:
+    cfg = ConnectorConfig(policy=PolicyConfig(mode=mode), store=store_cfg or StoreConfig(device_bytes=1 << 20))
+    store = ChunkStore(cfg.store, FP, fit_patch=fit) if fit is not None else None
+    w = WorkerSide(cfg, ROPE, FP, store=store)
+    w.register({f"model.layers.{i}.self_attn.attn": torch.zeros(NB, H, BS, 2 * D) for i in range(L)}, "CPU_ATTN", H, D)
+    return w
+
+
+def chunk(seed: int) -> tuple[bytes, tuple[int, ...], torch.Tensor, torch.Tensor]:
+    """(key, tokens, k, v) of a chunk; k is rotated at positions 0..N."""
+    g = torch.Generator().manual_seed(seed)
+    return (bytes([seed]) * 16, tuple(range(100 * seed, 100 * seed + N)), torch.randn(L, N, H, D, generator=g),
+            torch.randn(L, N, H, D, generator=g))
+
+
+def in_context(c, seed: int):
+    """Chunk `c` as computed after other chunks: its K/V shifted by a low-rank residue."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(L, 1, H, D, generator=g)
+    return c[0], c[1], c[2] + 0.3 * w, c[3] - 0.3 * w
+
+
+def computed(w: WorkerSide, blocks: list[int], start: int, c, ctx: bytes) -> SaveItem:
+    """Write chunk `c` into the cache as a forward pass at positions start..start+N would; its SaveItem."""
+    key, toks, k, v = c
+    slots = block_slots(blocks, BS, start, start + N)
+    kk = relocate(k, torch.arange(N), torch.arange(start, start + N), ROPE)
+    for i, name in enumerate(w.caches):
+        scatter_kv(w.caches[name], w.spec, kk[i], v[i], slots)
+    return SaveItem(key, toks, start, start + N, ctx, True)
+
+
+def read(w: WorkerSide, blocks: list[int], start: int, n: int = N):
+    slots = block_slots(blocks, BS, start, start + n)
+    kv = [gather_kv(w.caches[name], w.spec, slots) for name in w.caches]
+    return torch.stack([a for a, _ in kv]), torch.stack([b for _, b in kv])
+
+
+def load(w: WorkerSide, *reqs: ReqLoad) -> float:
+    t0 = time.perf_counter()
+    w.start_load(KVReuseMetadata(loads=list(reqs)))
+    for name in w.caches:
+        w.load_layer(name)
+    return time.perf_counter() - t0
+
+
+def test_served_policy_labels_what_the_store_returned():
+    assert [served_policy(p, "exact") for p in ("exact", "survival", "reorder", "blind")] == \
+        ["exact", "survival", "reorder", "blind"]
+    assert [served_policy(p, "patched") for p in ("exact", "survival", "reorder")] == ["recall", "recall", "reorder"]
+    assert {served_policy(p, "base") for p in ("exact", "survival", "reorder", "blind")} == {"blind"}
+
+
+def test_load_never_waits_on_a_pending_slow_fit_and_places_each_item_at_its_own_slots():
+    fit = GatedFit()
+    w = worker(fit=fit)
+    a, b = chunk(1), chunk(2)
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", [3, 1], [computed(w, [3, 1], 5, a, C0)])]))
+    w.store.flush()
+    # r2 computes `a` again in another context (its patch fit now holds the store's thread) and a new chunk `b`
+    blocks2 = [2, 4, 5, 6, 7, 8]
+    save_a, save_b = computed(w, blocks2, 40, in_context(a, 2), C1), computed(w, blocks2, 60, b, C1)
+    w.save(KVReuseMetadata(saves=[ReqSave("r2", blocks2, [save_a, save_b])]))
+    assert fit.started.wait(10)
+    try:
+        # r3 places `a` at 10..30 and `b` (still queued behind the fit) at 50..70: two segments, a gap between
+        blocks3 = [0, 9, 10, 11, 1]
+        items = [LoadItem(a[0], a[1], 0, N, 10, C0, "exact"), LoadItem(b[0], b[1], 0, N, 50, C1, "exact")]
+        dt = load(w, ReqLoad("r3", blocks3, items))
+        assert dt < FAST, f"a load waited {dt:.2f} s behind the store's background work"
+        assert w.take_failed_blocks() == set()
+        for (key, toks, k, v), start in ((a, 10), (b, 50)):
+            gk, gv = read(w, blocks3, start)
+            torch.testing.assert_close(gk, relocate(k, torch.arange(N), torch.arange(start, start + N), ROPE),
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gv, v)
+        gap_k, gap_v = read(w, blocks3, 30, 20)
+        assert not gap_k.any() and not gap_v.any()  # nothing written between the two items
+        s = w.take_stats()
+        assert s.claims == {"exact": 2} and s.bytes_loaded.keys() == {"device", "ingest"}
+    finally:
+        fit.release.set()
+    w.close()
+
+
+@pytest.mark.parametrize("mode,strict", [("patched_or_exact", False), ("any", True), ("any", False)])
+def test_budget_too_small_for_the_context_serves_base_only_as_blind(mode, strict):
+    w = worker(StoreConfig(device_bytes=ENTRY_BYTES), mode=mode)  # room for the base KV, not for a context or patch
+    a = chunk(3)
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", [3, 1], [computed(w, [3, 1], 5, a, C0)])]))
+    w.store.flush()
+    w.save(KVReuseMetadata(saves=[ReqSave("r2", [2, 4, 5, 6], [computed(w, [2, 4, 5, 6], 40, in_context(a, 1), C1)])]))
+    w.store.flush()
+    assert w.store.get(ChunkKey(a[0]), a[1], context=C1).how == "base"  # the context did not fit
+    blocks = [0, 7, 8]
+    # the scheduler recorded C1 when it planned the save: it claims the chunk as exact
+    load(w, ReqLoad("r3", blocks, [LoadItem(a[0], a[1], 0, N, 10, C1, "exact")], strict=strict))
+    gk, gv = read(w, blocks, 10)
+    s = w.take_stats()
+    if mode == "patched_or_exact" or strict:
+        assert w.take_failed_blocks() == {0, 7}  # recomputed by vLLM
+        assert not gk.any() and not gv.any() and not s.claims  # nothing of the base KV was placed
+        assert w.take_report().lost_keys == [a[0]]
+    else:
+        assert w.take_failed_blocks() == set() and s.claims == {"blind": 1}
+        torch.testing.assert_close(gv, a[3])
+    w.close()
+
+
+def test_a_failed_load_saves_nothing_of_its_request_in_that_step():
+    w = worker()
+    a, b = chunk(4), chunk(5)
+    missing = LoadItem(b"m" * 16, tuple(range(N)), 0, N, 0, C0, "exact")
+    meta = KVReuseMetadata(loads=[ReqLoad("r", [0, 1, 2], [missing])],
+                           saves=[ReqSave("r", [0, 1, 2], [computed(w, [0, 1, 2], 20, a, C1)]),
+                                  ReqSave("q", [5, 6], [computed(w, [5, 6], 0, b, C0)])])
+    w.start_load(meta)
+    w.finish_loads()
+    w.save(meta)
+    w.store.flush()
+    assert w.store.contains(ChunkKey(a[0])) is None  # r's chunk attended to blocks the failed load never wrote
+    assert w.store.contains(ChunkKey(b[0])) == "device"  # another request of the same step is saved
+    rep = w.take_report()
+    assert rep.unsaved_req_ids == ["r"] and rep.lost_keys == [b"m" * 16]
+    assert w.take_report() is None
+    w.close()
+
+
+def test_evictions_and_demotions_reach_the_report():
+    w = worker(StoreConfig(device_bytes=2 * ENTRY_BYTES))
+    cs = [chunk(s) for s in (6, 7, 8)]
+    for i, c in enumerate(cs):
+        w.save(KVReuseMetadata(saves=[ReqSave(f"r{i}", [2 * i, 2 * i + 1], [computed(w, [2 * i, 2 * i + 1], 0, c,
+                                                                                      C0)])]))
+    w.store.flush()
+    assert w.take_report().lost_keys == [cs[0][0]]  # evicted, no lower tier: the directory must forget it
+    w.close()
+    w = worker()
+    a = chunk(9)
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", [3, 1], [computed(w, [3, 1], 5, a, C0)])]))
+    w.store.flush()
+    w.save(KVReuseMetadata(saves=[ReqSave("r2", [2, 4, 5, 6], [computed(w, [2, 4, 5, 6], 40, in_context(a, 1), C1)])]))
+    w.store.flush()
+    assert w.store.demote(ChunkKey(a[0])) > 0
+    rep = w.take_report()
+    assert rep.demoted_keys == [a[0]] and rep.lost_keys == []
+    w.close()
+
+
+def test_store_stats_are_read_at_most_once_a_second():
+    w = worker()
+    a = chunk(10)
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", [3, 1], [computed(w, [3, 1], 5, a, C0)])]))
+    w.store.flush()
+    first = w.take_stats(now=100.0)
+    assert first.store_entries == {"device": 1} and first.saved_chunks == 1
+    assert w.take_stats(now=100.5).store_entries == {}  # within the period: the store is not touched
+    assert w.take_stats(now=101.2).store_entries == {"device": 1}
+    w.close()
