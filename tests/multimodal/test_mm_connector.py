@@ -122,9 +122,9 @@ def test_worker_places_an_image_by_its_mrope_positions():
     for i, name in enumerate(caches):
         scatter_kv(caches[name], w.spec, k[i], v[i], slots1)
     toks, key = tuple(t1[o1:o1 + n]), b"i" * 16
-    w.save(KVReuseMetadata(saves=[ReqSave("r1", blocks1, [SaveItem(key, toks, o1, o1 + n, (), True,
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", blocks1, [SaveItem(key, toks, o1, o1 + n, context_signature(()), True,
                                                                    as_tuple(p1[:, o1:o1 + n]))])]))
-    w._saver.submit(lambda: None).result()
+    w.store.flush()
     entry_pos = w.store.fetch(ChunkKey(key), list(toks)).result().positions
     assert torch.equal(entry_pos, p1[:, o1:o1 + n]), "stored entries keep [3, T] positions"
     item = LoadItem(key, toks, 0, n, o2, context_signature(()), "blind", as_tuple(p2[:, o2:o2 + n]))
@@ -142,5 +142,5 @@ def test_worker_places_an_image_by_its_mrope_positions():
     bad[1] = bad[0]
     w.start_load(KVReuseMetadata(loads=[ReqLoad("r3", blocks2, [LoadItem(key, toks, 0, n, o2, context_signature(()),
                                                                          "blind", as_tuple(bad))])]))
-    assert w.take_failed_blocks() and w.take_lost_keys() == [key]
+    assert w.take_failed_blocks() and w.take_report().lost_keys == [key]
     w.close()
