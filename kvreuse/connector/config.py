@@ -6,7 +6,7 @@ Every key is optional::
      "policy": {"mode": "any" | "patched_or_exact", "patch_energy": 0.99, "patch_max_rank": 16,
                 "patch_budget": 0.05},
      "store": {"device_bytes": "1GiB", "host_bytes": ..., "disk_path": ..., ...},
-     "save": true, "load": true}
+     "save": true, "load": true, "isolation": "salt" | "salted_only"}
 
 The store's budget keys (`device_bytes`, `host_bytes`, `disk_path`, `disk_bytes`, `redis_url`,
 `redis_bytes`) are also accepted at the top level, exactly as the store documents them, so one
@@ -26,6 +26,9 @@ from kvreuse.errors import KVReuseError
 from kvreuse.store.config import StoreConfig, StoreConfigError
 
 POLICY_MODES = ("any", "patched_or_exact")
+# "salt": requests share chunks when their cache_salt is equal (unsalted requests form one pool);
+# "salted_only": only salted requests store or place chunks (unsalted ones are served without kvreuse).
+ISOLATION_MODES = ("salt", "salted_only")
 STORE_KEYS = ("device_bytes", "host_bytes", "disk_path", "disk_bytes", "redis_url", "redis_bytes")
 DEFAULT_STORE = {"device_bytes": "1GiB"}
 
@@ -84,6 +87,15 @@ class ConnectorConfig:
     store: StoreConfig = field(default_factory=lambda: StoreConfig.from_dict(DEFAULT_STORE))
     save: bool = True
     load: bool = True
+    isolation: str = "salt"
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATION_MODES:
+            raise ConnectorConfigError(f"isolation: expected one of {ISOLATION_MODES}, got {self.isolation!r}")
+
+    def shares_chunks(self, cache_salt: str | None) -> bool:
+        """Whether a request with this `cache_salt` may store or place chunks at all."""
+        return self.isolation != "salted_only" or bool(cache_salt)
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "ConnectorConfig":
@@ -114,6 +126,8 @@ class ConnectorConfig:
                 if not isinstance(extra[flag], bool):
                     raise ConnectorConfigError(f"{flag}: expected true or false, got {extra[flag]!r}")
                 kw[flag] = extra[flag]
+        if "isolation" in extra:  # checked in __post_init__
+            kw["isolation"] = extra["isolation"]
         return cls(**kw)
 
 

@@ -77,14 +77,18 @@ class SchedulerSide:
         return st
 
     def _off(self, st: _Req) -> bool:
-        return st.disabled or opted_out(st.request.kv_transfer_params)
+        return st.disabled or not self._shares(st.request)
+
+    def _shares(self, request: Any) -> bool:
+        """The request neither opted out nor is unsalted under `isolation: "salted_only"`."""
+        return not opted_out(request.kv_transfer_params) and self.cfg.shares_chunks(getattr(request, "cache_salt", None))
 
     def matched(self, request: Any, num_computed: int) -> int:
         """Tokens kvreuse can place beyond vLLM's `num_computed` prefix hit (no side effects but a memo)."""
         feats = getattr(request, "mm_features", None)
         if feats and request.request_id not in self.modalities:
             self.modalities[request.request_id] = [f.modality for f in feats]
-        if not self.cfg.load or opted_out(request.kv_transfer_params):
+        if not self.cfg.load or not self._shares(request):
             return 0
         st = self._state(request)
         if st.disabled:
