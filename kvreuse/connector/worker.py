@@ -303,7 +303,6 @@ class WorkerSide:
                 with self._lock:
                     if ok:
                         self._stats.saved_chunks += 1
-                        self._stats.bytes_saved["queued"] = self._stats.bytes_saved.get("queued", 0) + 2 * ki.nbytes
                     else:
                         self._stats.dropped_saves += 1
         with self._lock:
@@ -328,6 +327,9 @@ class WorkerSide:
             ev = t.evictions - (prev.evictions if prev else 0)
             if ev:
                 s.evictions[name] = ev
+            wrote = t.bytes_written - (prev.bytes_written if prev else 0)
+            if wrote:
+                s.bytes_saved[name] = wrote
             if name in ("disk", "redis"):
                 rh = t.hits - (prev.hits if prev else 0)
                 if rh:
