@@ -20,6 +20,7 @@ header alone, so indexing a store never touches a payload.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -90,7 +91,7 @@ class EntryHeader:
     contexts: tuple[bytes, ...]  # in-context KV signatures, index J of "ctx.J.*"
     patch_contexts: tuple[bytes, ...]  # index J of "patch.J.*"
     patch_ranks: tuple[Any, ...]
-    segments: dict[str, Segment]
+    segment_rows: tuple[tuple, ...]  # (name, dtype, shape, offset, nbytes, checksum); see ``segments``
     payload_offset: int
     payload_bytes: int
     checksum: int
@@ -107,6 +108,23 @@ class EntryHeader:
     @property
     def num_tokens(self) -> int:
         return self.shape[1]
+
+    @functools.cached_property
+    def segments(self) -> dict[str, Segment]:
+        """The segment table by name, in payload order.  Raises EntryCorrupt unless it tiles the payload."""
+        try:
+            segs = {s[0]: Segment(s[0], s[1], tuple(s[2]), int(s[3]), int(s[4]), int(s[5]))
+                    for s in self.segment_rows if len(s) == 6}
+        except Exception as e:
+            raise EntryCorrupt(f"malformed segment table: {type(e).__name__}: {e}") from None
+        end = 0
+        for seg in segs.values():
+            if seg.offset != end or seg.nbytes < 0:
+                raise EntryCorrupt("segment table is not contiguous")
+            end += seg.nbytes
+        if end != self.payload_bytes or len(segs) != len(self.segment_rows):
+            raise EntryCorrupt("segment table does not cover the payload")
+        return segs
 
     def record(self) -> "IndexRecord":
         """What a directory of stored chunks needs of this entry."""
@@ -212,7 +230,7 @@ def decode_header(head: bytes, *, model: bytes, key: ChunkKey | None = None) -> 
     if len(hb) != n or xxhash.xxh3_64_intdigest(hb) != hsum:
         raise EntryCorrupt("header checksum mismatch")
     try:
-        h = msgpack.unpackb(hb, raw=False)
+        h = msgpack.unpackb(hb, raw=False, use_list=False)
         if h["format"] != FORMAT_VERSION:
             raise EntryCorrupt(f"format {h['format']} != {FORMAT_VERSION}")
         if h["model"] != model:
@@ -223,19 +241,14 @@ def decode_header(head: bytes, *, model: bytes, key: ChunkKey | None = None) -> 
         shape = tuple(int(x) for x in h["shape"])
         tok = torch.from_numpy(np.frombuffer(h["token_ids"], dtype="<i8").copy())
         pos = torch.from_numpy(np.frombuffer(h["positions"], dtype="<i8").copy()).reshape(h["positions_shape"])
-        segs = {s[0]: Segment(s[0], s[1], tuple(s[2]), int(s[3]), int(s[4]), int(s[5])) for s in h["segments"]}
-        end = 0
-        for s in segs.values():
-            if s.offset != end:
-                raise EntryCorrupt("segment table is not contiguous")
-            end += s.nbytes
-        if end != h["payload_bytes"]:
-            raise EntryCorrupt("segment table does not cover the payload")
+        rows = h["segments"]  # checked and turned into Segments on first use: indexing never needs them
+        if not isinstance(rows, tuple):
+            raise EntryCorrupt("segment table is malformed")
         return EntryHeader(
             key=hk, model=h["model"], dtype=h["dtype"], shape=shape, token_ids=tok, positions=pos,
             context=h["context"], recompute_cost=float(h["recompute_cost"]), hits=int(h["hits"]),
             contexts=tuple(h["contexts"]), patch_contexts=tuple(h["patch_contexts"]),
-            patch_ranks=tuple(h["patch_ranks"]), segments=segs, payload_offset=PREFIX_BYTES + n,
+            patch_ranks=tuple(h["patch_ranks"]), segment_rows=rows, payload_offset=PREFIX_BYTES + n,
             payload_bytes=int(h["payload_bytes"]), checksum=int(h["checksum"]),
             preceding={bytes(c): tuple(bytes(d) for d in p) for c, p in h.get("preceding", ())})
     except EntryCorrupt:
