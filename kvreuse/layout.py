@@ -187,7 +187,7 @@ def check_addressable(backend: str | None, kv_cache_dtype: str | None, tensor_dt
         raise KVReuseError(f"kvreuse cannot address a quantized KV cache: backend {backend!r}, KV dtype "
                            f"{cache_dtype!r} (tensor {tensor_dtype}); serve with --kv-cache-dtype auto "
                            f"(float16, bfloat16 or float32 KV)")
-    return reading_of(backend, cache_dtype)
+    return reading_of(backend, f"{cache_dtype!r}, tensor {tensor_dtype}")
 
 
 def physical_order(strides: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
