@@ -62,6 +62,10 @@ test-fast: setup
 test-slow: setup
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS) tests
 
+# On a CUDA host (torch + Triton + nvcc; no vLLM needed): build kvreuse._C, GPU tests, kernel benchmark.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
+
 demo: setup
 	$(PY) -m server.demo
 
