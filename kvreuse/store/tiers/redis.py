@@ -16,7 +16,8 @@ lowest-priority entries until the new one fits, so the budget holds with concurr
 Entries above Redis' 512 MiB value limit are not stored here.
 
 Faults are misses, never errors: a lost connection backs the tier off for ``retry_seconds``
-(redis-py reconnects by itself and reloads the scripts); an error reply (READONLY replica, OOM
+(redis-py reconnects by itself and reloads the scripts; on a cluster only the calls routed to the
+lost node fail, the other shards keep working); an error reply (READONLY replica, OOM
 under ``maxmemory``, NOPERM from an ACL, a cluster slot without a node) fails that one call.
 Both are counted in ``errors``.
 """
@@ -173,7 +174,8 @@ class RedisTier:
             return fn(self.bulk if bulk else self.client)
         except _DOWN:
             self.errors += 1
-            self._down_until = time.monotonic() + self.retry_seconds
+            if not self.cluster:  # on a cluster one node is down, not the tier: the others still answer
+                self._down_until = time.monotonic() + self.retry_seconds
             return default
         except _FAILED:
             self.errors += 1
@@ -232,28 +234,36 @@ class RedisTier:
         return self.call(lambda c: c.get(self.entry_name(key)), default=None, bulk=True)
 
     # ---------------------------------------------------------------- index (for directories)
-    def index_version(self) -> int | None:
-        """Sum of the shards' change counters (None when unreachable): unchanged means no new records."""
-        def f(c: Any) -> int:
-            return sum(int(v or 0) for v in (c.get(f"{p}ver") for p in self.prefixes))
-        return self.call(f, default=None)
+    def index_version(self) -> tuple[int | None, ...] | None:
+        """Each shard's change counter (None for a shard that cannot be read; None when none can)."""
+        vers = tuple(self.call(lambda c, p=p: int(c.get(f"{p}ver") or 0), default=None) for p in self.prefixes)
+        return None if all(v is None for v in vers) else vers
 
     def index_records(self, model: bytes, limit: int) -> dict[bytes, bytes] | None:
         """Packed :class:`IndexRecord` of every entry of ``model`` (at most ``limit``), by key digest.
 
-        One HSCAN per shard; None when Redis cannot be read (the caller keeps what it had).
+        One HSCAN per shard; a shard that cannot be read contributes nothing (its entries cannot be
+        read either); None when no shard can be read (the caller keeps what it had).
         """
         pattern = f"e:{model.hex()}:*"
-
-        def f(c: Any) -> dict[bytes, bytes]:
-            out: dict[bytes, bytes] = {}
-            for p in self.prefixes:
+        out: dict[bytes, bytes] = {}
+        read = 0
+        for p in self.prefixes:
+            def f(c: Any, p: str = p) -> dict[bytes, bytes]:
+                got: dict[bytes, bytes] = {}
                 for name, rec in c.hscan_iter(f"{p}meta", match=p + pattern, count=1000):
-                    out[bytes.fromhex(name.decode()[-32:])] = rec
-                    if len(out) >= limit:
-                        return out
-            return out
-        return self.call(f, default=None)
+                    got[bytes.fromhex(name.decode()[-32:])] = rec
+                    if len(out) + len(got) >= limit:
+                        break
+                return got
+            got = self.call(f, default=None)
+            if got is None:
+                continue
+            read += 1
+            out.update(got)
+            if len(out) >= limit:
+                break
+        return out if read else None
 
     # ---------------------------------------------------------------- accounting
     def used_bytes(self) -> int | None:
