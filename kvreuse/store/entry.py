@@ -7,6 +7,7 @@ frame, the entry's ``positions``; callers relocate before adding KV computed els
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -206,6 +207,11 @@ class ChunkEntry:
             k, v, how = self.k[ls, ts], self.v[ls, ts], "base"
         return ChunkView(key=self.key, token_ids=self.token_ids[ts], positions=self.positions[..., ts],
                          k=k, v=v, how=how, context=ctx)
+
+    def shallow_copy(self) -> "ChunkEntry":
+        """A copy sharing the tensors, with its own context and patch maps (safe to serialise on
+        another thread while this entry gains or drops contexts)."""
+        return dataclasses.replace(self, in_context=dict(self.in_context), patches=dict(self.patches))
 
     def to(self, device: torch.device | str, *, pin: bool = False) -> "ChunkEntry":
         """A copy of this entry with every tensor on ``device`` (pinned when ``pin`` and CPU)."""

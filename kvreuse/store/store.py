@@ -35,11 +35,12 @@ and :meth:`evict`, on the caller's thread after the lock is released).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -49,13 +50,14 @@ from kvreuse.store.background import Background
 from kvreuse.store.config import StoreConfig
 from kvreuse.store.entry import ISOLATED, ChunkEntry, ChunkView, as_signature
 from kvreuse.store.keys import ChunkKey, ModelFingerprint, token_bytes
-from kvreuse.store.persist import EntryCorrupt, encode, plan
+from kvreuse.store.persist import EntryCorrupt
 from kvreuse.store.placement import _AUTO, FitJob, SpillJob, TierStack
 from kvreuse.store.policy import make_policy
 from kvreuse.store.rehydrate import ChunkLoadError, Rehydration, load_layers
+from kvreuse.store.spill import DiskWriter
 from kvreuse.store.stats import StoreStats
 from kvreuse.store.tiers import DiskTier, MemoryTier, RedisTier, device_tier, host_tier
-from kvreuse.store.tiers.redis import MAX_VALUE_BYTES
+from kvreuse.store.writethrough import RedisWriteThrough
 
 Tokens = Sequence[int] | torch.Tensor
 log = logging.getLogger("kvreuse.store")
@@ -111,7 +113,6 @@ class ChunkStore:
         self.capture_patches = capture_patches
         self.stats = StoreStats()
         self._lock = threading.RLock()
-        self._disk_lock = threading.Lock()  # serialises disk writes; never taken by lookups
         self.memory: list[MemoryTier] = []
         if config.device_bytes:
             self.memory.append(device_tier(config.device_bytes, make_policy(policy), device))
@@ -122,13 +123,14 @@ class ChunkStore:
         self.redis = (RedisTier(config.redis_url, config.redis_bytes, self.model, policy=policy,
                                 namespace=redis_namespace) if config.redis_url and config.redis_bytes else None)
         self.tiers = TierStack(self.memory, self.disk, self.redis, self.stats, fit_patch)
-        self._write_through = redis_write_through and self.redis is not None
-        self._pending_limit, self._pending_bytes = write_through_pending_bytes, 0
-        self._pending: set[Future] = set()
+        self._disk_writer = (DiskWriter(self._lock, self.tiers, self.stats, self.model, self._held)
+                             if self.disk is not None else None)
+        self._write_through = (RedisWriteThrough(self.redis, self.model, self.stats, self._lock,
+                                                 write_through_pending_bytes)
+                               if redis_write_through and self.redis is not None else None)
         self._inflight: dict[ChunkKey, Rehydration] = {}
         self._ingesting: dict[ChunkKey, IngestJob] = {}
         self._loads = ThreadPoolExecutor(io_threads, thread_name_prefix="kvreuse-load")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-redis") if self._write_through else None
         self._bg = Background(self._run_background, ingest_items=ingest_items, ingest_bytes=ingest_bytes,
                               work_items=1 << 16, work_bytes=background_bytes)
 
@@ -274,62 +276,7 @@ class ChunkStore:
                 with self._lock:
                     self._publish_context(w.key, w.context, w.base, None, patch)
         else:
-            self._spill(w.entry, copy=w.copy)
-
-    def _spill(self, e: ChunkEntry, *, copy: bool = False) -> None:
-        """Write an evicted entry (or a ``copy`` of one kept in memory) to disk: plan and write outside
-        the lock, account and index under it."""
-        with self._disk_lock:
-            with self._lock:
-                if copy:
-                    if e.key in self.disk or not any(e.key in t for t in self.memory):
-                        return  # on disk already, or left memory (its eviction spills it)
-                elif self.tiers.spilling.get(e.key) is not e:
-                    return  # removed, or a newer copy is on its way
-            head, bufs = plan(e, self.model)
-            n = len(head) + sum(b.nbytes for b in bufs)
-            with self._lock:
-                victims = self.disk.reserve(e.key, n)
-                if victims is None:
-                    self.stats.tier("disk").rejected_puts += 1
-                    self._unspill(e, lost=True)
-                    return
-                for vk, vh, _ in victims:
-                    self.tiers.count_eviction("disk", vh.total_bytes)
-                    if self.redis is None:
-                        self.tiers.lost.append(vk)
-            for vk, vh, reader in victims:  # disk victims go to Redis (network), then their files go
-                try:
-                    if reader is not None and self.redis is not None and not self.redis.contains(vk):
-                        self.redis.put_blob(vk, reader.read(0, vh.total_bytes), cost=vh.recompute_cost,
-                                            hits=vh.hits)
-                except (OSError, EntryCorrupt):
-                    pass
-                finally:
-                    if reader is not None:
-                        reader.close()
-                self.disk.unlink(vk)
-            try:
-                self.disk.write_file(e.key, head, bufs)
-            except OSError as err:
-                log.warning("kvreuse: spilling chunk %s to disk failed: %s", e.key.hex()[:12], err)
-                with self._lock:
-                    self.disk.unreserve(n)
-                    self.stats.tier("disk").errors += 1
-                    self._unspill(e, lost=True)
-                return
-            with self._lock:
-                self.disk.commit(head, e.key)
-                ts = self.stats.tier("disk")
-                ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + n
-                self.stats.bytes_moved += e.nbytes
-                self._unspill(e, lost=False)
-
-    def _unspill(self, e: ChunkEntry, *, lost: bool) -> None:
-        if self.tiers.spilling.get(e.key) is e:
-            del self.tiers.spilling[e.key]
-        if lost and not self._held(e.key):
-            self.tiers.lost.append(e.key)
+            self._disk_writer.write(w.entry, copy=w.copy)
 
     def _drain(self, inline: bool = True) -> None:
         """Run (inline) or queue the slow work the tiers deferred while the lock was held."""
@@ -345,7 +292,8 @@ class ChunkStore:
                     with self._lock:
                         if isinstance(w, SpillJob):
                             self.stats.dropped_spills += 1
-                            self._unspill(w.entry, lost=True)
+                            if not w.copy:
+                                self._disk_writer.abandon(w.entry)
                         else:
                             self.stats.dropped_fits += 1
             if not inline:
@@ -363,12 +311,12 @@ class ChunkStore:
         t0 = time.perf_counter()
         with self._lock:
             self._put_locked(entry)
-            snap = self._snapshot(entry) if self._write_through else None
+            snap = entry.shallow_copy() if self._write_through else None
         self._drain()
         with self._lock:
             stored = any(entry.key in t for t in self.memory) or (self.disk is not None and entry.key in self.disk)
         if snap is not None:
-            stored = self._publish(snap) or stored
+            stored = self._write_through.publish(snap) or stored
         self.stats.put_seconds.observe(time.perf_counter() - t0)
         return stored
 
@@ -385,7 +333,7 @@ class ChunkStore:
                 ts = self.stats.tier(t.name)
                 ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + n
                 if self.disk is not None:  # write-behind: every stored chunk reaches disk (restart-warm)
-                    if not self._bg.offer("work", SpillJob(self._snapshot(stored), copy=True), n):
+                    if not self._bg.offer("work", SpillJob(stored.shallow_copy(), copy=True), n):
                         self.stats.dropped_write_behind += 1
                 return
             self.stats.tier(t.name).rejected_puts += 1
@@ -476,7 +424,8 @@ class ChunkStore:
 
     def remove(self, key: ChunkKey) -> None:
         """Forget ``key`` in every tier."""
-        with self._disk_lock, self._lock:  # no disk write of it is under way
+        writing = self._disk_writer.write_lock if self._disk_writer else contextlib.nullcontext()
+        with writing, self._lock:  # no disk write of it is under way
             for t in self.memory:
                 if key in t:
                     t.pop(key)
@@ -661,38 +610,6 @@ class ChunkStore:
         self.stats.misses += 1
         return None
 
-    # ---------------------------------------------------------------- Redis write-through
-    def _snapshot(self, e: ChunkEntry) -> ChunkEntry:
-        return dataclasses.replace(e, in_context=dict(e.in_context), patches=dict(e.patches))
-
-    def _publish(self, e: ChunkEntry) -> bool:
-        n = e.nbytes
-        with self._lock:
-            if n > min(self.redis.budget_bytes, MAX_VALUE_BYTES) or self._pending_bytes + n > self._pending_limit:
-                self.stats.tier("redis").rejected_puts += 1
-                return False
-            self._pending_bytes += n
-            fut = self._writer.submit(self._redis_put, e, n)
-            self._pending.add(fut)
-        fut.add_done_callback(self._pending.discard)
-        return True
-
-    def _redis_put(self, e: ChunkEntry, n: int) -> None:
-        try:
-            if self.redis.contains(e.key):
-                return
-            blob = encode(e, self.model)
-            ok = self.redis.put_blob(e.key, blob, cost=e.recompute_cost, hits=e.hits)
-            with self._lock:
-                ts = self.stats.tier("redis")
-                if ok:
-                    ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + len(blob)
-                else:
-                    ts.rejected_puts += 1
-        finally:
-            with self._lock:
-                self._pending_bytes -= n
-
     # ---------------------------------------------------------------- misc
     @staticmethod
     def _patch_loader() -> Any:
@@ -706,8 +623,8 @@ class ChunkStore:
         """Wait for queued ingests, background work, Redis writes and in-flight loads."""
         self._drain()
         self._bg.join(timeout)
-        for f in list(self._pending):
-            f.result(timeout)
+        if self._write_through is not None:
+            self._write_through.flush(timeout)
         for h in list(self._inflight.values()):
             try:
                 h.result(timeout)
@@ -746,8 +663,8 @@ class ChunkStore:
         self.flush()
         self._bg.close()
         self._loads.shutdown(wait=True)
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
+        if self._write_through is not None:
+            self._write_through.close()
         if self.disk is not None:
             self.disk.close()
         if self.redis is not None:
