@@ -52,7 +52,7 @@ class VLServer:
 
     def ask(self, msgs, *, reference: bool = False, max_tokens: int = 6, salt: str | None = None):
         extra = {"kv_transfer_params": {"kvreuse": False},
-                 "cache_salt": salt or f"ref-{next(_ref)}"} if reference else None
+                 "cache_salt": salt or f"ref-{next(_ref)}"} if reference else ({"cache_salt": salt} if salt else None)
         if self.model_id is None:
             self.model_id = self.client.models.list().data[0].id
         r = self.client.chat.completions.create(model=self.model_id, messages=msgs, max_tokens=max_tokens,
@@ -245,3 +245,26 @@ def test_video_moved_keeps_temporal_positions_bf16(servers):
     assert got[2] >= image_ends(q25.model, m)[0], "the clip and the screenshot after it are reused"
     worst = assert_within_bf16_noise(got, q25.ask(m, reference=True), 0.05)
     print(f"qwen2.5-vl bf16 moved video: max |logprob diff| = {worst:.3g}")
+
+
+def test_cache_salt_isolates_images_and_uuids(servers):
+    """An image stored under one salt is never placed under another, by content or by client uuid."""
+    q2, _ = servers
+    reused = 'kvreuse_mm_items_reused_total{modality="image"}'
+    sys_ = {"role": "system", "content": words(60, 24)}
+    x, y, z = image_data_url(920), image_data_url(921), image_data_url(922)
+    # same layout each time (a claim stops at the first chunk not stored): only the salt differs
+    at = lambda img, i, **kw: [sys_, user_image(img, words(70, 5), **kw), {"role": "user", "content": words(i, 8)}]  # noqa: E731
+    q2.ask(at(x, 62), salt="tenant-a")
+    r0 = q2.metric(reused)
+    other = q2.ask(at(x, 63), salt="tenant-b")
+    assert other[2] == 0 and q2.metric(reused) == r0, "tenant-b was served tenant-a's image"
+    own = q2.ask(at(x, 64), salt="tenant-a")
+    assert own[2] >= image_ends(q2.model, at(x, 64))[0], "tenant-a reuses its own image"
+    # a client uuid names an item only within a salt: another tenant's picture under tenant-a's uuid
+    # (a tenant new to the server: nothing of its own is stored, so it must reuse nothing at all)
+    q2.ask(at(y, 65, uuid="shot-7"), salt="tenant-a")
+    r0, enc0 = q2.metric(reused), q2.encoded()
+    got = q2.ask(at(z, 66, uuid="shot-7"), salt="tenant-c")
+    assert got[2] == 0 and q2.metric(reused) == r0, "a uuid crossed salts in kvreuse"
+    print(f"tenant-c's uuid-named picture: {q2.encoded() - enc0} encoder runs (0: vLLM's encoder cache served it)")
