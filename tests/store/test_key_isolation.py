@@ -16,7 +16,7 @@ import struct
 import pytest
 import torch
 
-from kvreuse.store import ChunkEntry, ChunkKey, ChunkStore, ModelFingerprint, StoreConfig
+from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint, StoreConfig
 from kvreuse.store.keys import AdapterKeys, adapter_identity, checkpoint_identity
 from tests.store.conftest import FP, make_entry
 
@@ -29,10 +29,6 @@ VARIANTS = {
     "pp_rank": dict(pp_rank=1, pp_size=2),
     "pp_size": dict(pp_size=2),
 }
-
-
-def _same_tokens_under(fp: ModelFingerprint, e: ChunkEntry) -> ChunkEntry:
-    return dataclasses.replace(e, key=ChunkKey.of(fp, e.token_ids))
 
 
 @pytest.mark.parametrize("dim", sorted(VARIANTS))

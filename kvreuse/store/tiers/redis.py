@@ -106,8 +106,10 @@ class RedisReader:
 
     def read(self, offset: int, n: int) -> bytes:
         b = self.tier.call(lambda c: c.getrange(self.name, offset, offset + n - 1), default=None)
-        if b is None or len(b) != n:
-            raise EntryCorrupt(f"short read at {offset} (entry evicted or Redis unreachable)")
+        if b is None:  # unreachable or refused: the load fails, the entry itself is not suspect
+            raise OSError(f"Redis read at {offset} failed")
+        if len(b) != n:
+            raise EntryCorrupt(f"short read at {offset} (entry evicted meanwhile)")
         return b
 
     def close(self) -> None:
