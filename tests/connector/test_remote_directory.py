@@ -51,7 +51,8 @@ def test_scheduler_claims_chunks_stored_by_another_instance(redis_url):
     # instance B: nothing local, but the shared tier is visible
     local_only = plan_claim(tokens, chunks, keys, Directory(), 0)
     assert local_only.items == [] and local_only.misses == 3
-    remote = RemoteLookup(redis_url, 64 << 20, FP.digest)
+    remote = RemoteLookup(redis_url, 64 << 20, FP.digest, start=False)
+    assert remote.refresh()  # the scheduler's copy of the shared tier's index (a background thread in a server)
     d = Directory(remote)
     claim = plan_claim(tokens, chunks, keys, d, 0)
     assert [it.policy for it in claim.items] == ["exact", "exact"] and claim.num_tokens == 24
@@ -71,7 +72,9 @@ def test_scheduler_claims_chunks_stored_by_another_instance(redis_url):
     saves = plan_saves(tokens, chunks, keys, d, set(), capture_patches=True)
     assert [s.key for s in saves] == [keys[2], keys[3]]
     # another model's entries are invisible
-    other = Directory(RemoteLookup(redis_url, 64 << 20, ModelFingerprint("Other", "w", "bfloat16").digest))
+    theirs = RemoteLookup(redis_url, 64 << 20, ModelFingerprint("Other", "w", "bfloat16").digest, start=False)
+    assert theirs.refresh()
+    other = Directory(theirs)
     assert plan_claim(tokens, chunks, keys, other, 0).items == []
 
 
