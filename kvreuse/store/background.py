@@ -11,11 +11,16 @@ thread:
 Each lane is bounded by items and by bytes; an item's bytes count from the offer until its run
 ends, so the memory held here never exceeds the bounds.  An offer to a full lane returns False at
 once (the caller counts the drop): callers never wait for this thread.
+
+The thread runs at a lower CPU priority (``nice``, Linux: per thread, inherited by the threads
+it starts, e.g. an SVD's OpenMP team) so that, where the engine computes on the same cores,
+the forward pass wins them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from typing import Any, Callable
@@ -39,8 +44,8 @@ class Background:
     """One daemon thread draining a ``work`` lane (first) and an ``ingest`` lane through ``run(item)``."""
 
     def __init__(self, run: Callable[[Any], None], *, ingest_items: int, ingest_bytes: int, work_items: int,
-                 work_bytes: int, name: str = "kvreuse-store") -> None:
-        self._run = run
+                 work_bytes: int, name: str = "kvreuse-store", nice: int = 10) -> None:
+        self._run, self._nice = run, nice
         self._lanes = {"work": _Lane(work_items, work_bytes), "ingest": _Lane(ingest_items, ingest_bytes)}
         self._cv = threading.Condition()
         self._closed = False
@@ -76,6 +81,11 @@ class Background:
                 self._cv.wait()
 
     def _loop(self) -> None:
+        if self._nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)  # this thread only
+            except (OSError, AttributeError):
+                pass  # not Linux, or not permitted: run at the process' priority
         while True:
             nxt = self._next()
             if nxt is None:

@@ -1,0 +1,121 @@
+"""Worker hot path: load time per step while the store fits patches, vs an idle store (same run).
+
+    .venv/bin/python bench/hotpath_bench.py                 # ~1 min on 2 CPU cores
+    .venv/bin/python bench/hotpath_bench.py --steps 100 --layers 16
+
+No vLLM server: a `WorkerSide` over synthetic CPU_ATTN caches (the shapes vLLM's CPU backend
+hands it).  Each step places `--loads` stored chunks at new positions (`start_load` + every
+layer's `load_layer`, what a forward pass waits for) and, in the busy arm, also saves
+`--saves` chunks computed in new contexts, so the store's thread relocates them and fits their
+patches (SVDs) while later steps load.  Reported: load time per step (p50, p99) for both arms,
+their ratio, the time of the save call itself (copy out + `ingest`), and how many patch fits
+ran during the busy arm.  Seeded; one warm-up step per arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from kvreuse.connector.claim import LoadItem, SaveItem, context_signature  # noqa: E402
+from kvreuse.connector.config import ConnectorConfig  # noqa: E402
+from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave  # noqa: E402
+from kvreuse.connector.worker import WorkerSide  # noqa: E402
+from kvreuse.paged import block_slots, scatter_kv  # noqa: E402
+from kvreuse.rope.spec import RopeSpec  # noqa: E402
+from kvreuse.store import ModelFingerprint, StoreConfig  # noqa: E402
+
+BS = 128  # vLLM's CPU block size
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=256, help="tokens per chunk")
+    ap.add_argument("--chunks", type=int, default=12, help="stored chunks")
+    ap.add_argument("--loads", type=int, default=4, help="chunks placed per step")
+    ap.add_argument("--saves", type=int, default=2, help="chunks saved in a new context per step (busy arm)")
+    ap.add_argument("--steps", type=int, default=40)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    L, H, D, N = a.layers, a.heads, a.head_dim, a.chunk
+    rope = RopeSpec.from_hf_config({"hidden_size": H * D, "num_attention_heads": H, "head_dim": D,
+                                    "rope_theta": 10000.0, "max_position_embeddings": 1 << 16, "model_type": "llama"})
+    w = WorkerSide(ConnectorConfig(store=StoreConfig(device_bytes=4 << 30)), rope, ModelFingerprint("Bench", "w", "bf16"))
+    per_req = -(-(a.loads * N) // BS) + 1
+    nblocks = 2 * per_req + 2
+    w.register({f"model.layers.{i}.self_attn.attn": torch.zeros(nblocks, H, BS, 2 * D, dtype=torch.bfloat16)
+                for i in range(L)}, "CPU_ATTN", H, D)
+    chunks = [(bytes([j]) * 16, tuple(range(1000 * j, 1000 * j + N))) for j in range(a.chunks)]
+    src = list(range(per_req))  # blocks of the "computing" request
+    dst = list(range(per_req, 2 * per_req))  # blocks of the "loading" request
+
+    def compute(j: int, start: int, ctx: bytes) -> SaveItem:
+        kv = torch.randn(2, L, N, H, D).to(torch.bfloat16)
+        slots = block_slots(src, BS, start, start + N)
+        for i, name in enumerate(w.caches):
+            scatter_kv(w.caches[name], w.spec, kv[0, i], kv[1, i], slots)
+        key, toks = chunks[j]
+        return SaveItem(key, toks, start, start + N, ctx, True)
+
+    for j in range(a.chunks):  # the stored chunks, each in its own context
+        w.save(KVReuseMetadata(saves=[ReqSave("seed", src, [compute(j, 0, context_signature((bytes([j]) * 16,)))])]))
+    w.store.flush()
+
+    def arm(busy: bool) -> tuple[list[float], list[float]]:
+        loads, saves = [], []
+        for step in range(a.steps + 1):
+            if busy:
+                items = [compute((step * a.saves + s) % a.chunks, s * N, context_signature((b"s%d" % step,)))
+                         for s in range(a.saves)]
+                t0 = time.perf_counter()
+                w.save(KVReuseMetadata(saves=[ReqSave(f"s{step}", src, items)]))
+                saves.append(time.perf_counter() - t0)
+            picks = [(step + i) % a.chunks for i in range(a.loads)]
+            items = [LoadItem(chunks[j][0], chunks[j][1], 0, N, 64 + i * N, context_signature((bytes([j]) * 16,)),
+                              "exact") for i, j in enumerate(picks)]
+            t0 = time.perf_counter()
+            w.start_load(KVReuseMetadata(loads=[ReqLoad(f"l{step}", dst, items)]))
+            for name in w.caches:
+                w.load_layer(name)
+            if step:  # the first step of each arm is a warm-up
+                loads.append(time.perf_counter() - t0)
+            assert not w.take_failed_blocks()
+        return loads, saves
+
+    idle, _ = arm(False)
+    fits0 = w.store.snapshot_stats().captured_patches
+    busy, saves = arm(True)
+    fits_during = w.store.snapshot_stats().captured_patches - fits0
+    w.store.flush()
+    fits_total = w.store.snapshot_stats().captured_patches - fits0
+    w.close()
+    ms = lambda x: f"{1e3 * x:7.2f} ms"  # noqa: E731
+    print(f"{L} layers x {H} KV heads x {D} head dim, bf16; {a.loads} chunks of {N} tokens placed per step, "
+          f"{a.steps} steps per arm")
+    print(f"load per step, idle store : p50 {ms(statistics.median(idle))}  p99 {ms(pct(idle, 0.99))}")
+    print(f"load per step, busy store : p50 {ms(statistics.median(busy))}  p99 {ms(pct(busy, 0.99))}  "
+          f"(ratio p50 {statistics.median(busy) / statistics.median(idle):.2f})")
+    print(f"save call (copy out + ingest of {a.saves} chunks): p50 {ms(statistics.median(saves))}  "
+          f"p99 {ms(pct(saves, 0.99))}")
+    print(f"patch fits finished while the busy arm ran: {fits_during} (of {fits_total} queued and not dropped)")
+
+
+if __name__ == "__main__":
+    main()
