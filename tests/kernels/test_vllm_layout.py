@@ -4,7 +4,8 @@ Caches are allocated exactly as vLLM does (`get_kv_cache_config_from_groups` + `
 under each `KVCacheLayout`, kernel block split included); FlashAttention's reading is vLLM's own
 `kv_cache.transpose(1, 2).split(head_size, -1)`; the writer is vLLM's Triton
 `triton_reshape_and_cache_flash`; attention is vLLM's Triton `unified_attention` (TRITON_ATTN) and,
-for the MLA latent cache, its Triton MLA decode (TRITON_MLA) with the CPU MLA backend's writer.
+for the MLA latent cache, its Triton MLA decode (TRITON_MLA) with the CPU MLA backend's writer;
+CPU_ATTN's transposed pages are checked against vLLM's C++ CPU writer.
 `tests/support/vllm_triton.py` explains how vLLM's kernels run here.
 
 Comparisons: pure copies (gather, V) are bit-exact; K passes through one fp32 -> 16-bit rounding,
@@ -241,7 +242,8 @@ def test_mla_latent_cache(vk, bs, lora, rope_dim, start, n, dtype):
     for layer in range(2):
         _cpu_mla_write(caches[layer], lat[layer, :, 0, :lora], lat[layer, :, 0, lora:], slots)
     gk, gv = gather(caches, layout, slots, backend="triton")
-    assert_bitwise(gk, lat, "latent") and gv.shape[-1] == 0
+    assert_bitwise(gk, lat, "latent")
+    assert gv.shape == (2, n, 1, 0)
     # place relocated latents (RoPE on the k_pe tail, GPT-J pairs as vLLM's MLA) vs the writer given dense ones
     rope = rope_for(lora + rope_dim, rope_dim, rot_offset=lora, is_neox=False)
     placed, _ = vllm_caches("LBNHC", spec, 2, 5)
@@ -288,3 +290,48 @@ def test_triton_mla_decode_over_placed_chunk(vk, kv_layout):
     s = torch.einsum("bhc,kc->bhk", q.float(), dense[:, 0].float()) / math.sqrt(lora + rope_dim)
     want = torch.einsum("bhk,kc->bhc", s.softmax(-1), dense[:, 0, :lora].float())
     torch.testing.assert_close(out.float(), want, atol=3e-3, rtol=3e-3)
+
+
+# ---------------------------------------------------------------------------------------------- CPU_ATTN
+@pytest.mark.parametrize("dtype,bs,h,d,start,n", [(torch.float32, 32, 3, 64, 9, 40), (torch.bfloat16, 128, 2, 80, 100, 61)])
+def test_cpu_attn_layout_matches_vllm_cpu_writer(dtype, bs, h, d, start, n):
+    """CPU_ATTN (LBHNC, Kᵀ then V per block and head): vLLM's C++ writer vs kvreuse's gather and place."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(dtype, bs, d)
+    if isa == "amx":
+        pytest.skip("vLLM's AMX path prepacks the cache (the connector refuses it at startup)")
+    gen = _gen("cpu", str(dtype), bs)
+    spec = FullAttentionSpec(block_size=bs, num_kv_heads=h, head_size=d, dtype=dtype)
+
+    def caches():
+        cc = CacheConfig(block_size=bs)
+        cc.kv_cache_layout = "LBHNC"
+        vcfg = SimpleNamespace(cache_config=cc, attention_config=SimpleNamespace(hisparse_config=None))
+        names = ["model.layers.0.self_attn.attn"]
+        cfg = get_kv_cache_config_from_groups(vcfg, [KVCacheGroupSpec(names, spec)], 4 * spec.page_size_bytes)
+        kv = allocate_kv_cache(cfg, torch.device("cpu"), KVCacheLayout.LBHNC, [bs])
+        return kv[names[0]], layouts_from_kv_cache_config(kv, cfg, {names[0]: "CPU_ATTN"}, kv_cache_dtype="auto",
+                                                          kv_layout="LBHNC")[names[0]]
+
+    def vllm_cpu_write(cache, k, v, slots):   # as CPUAttentionBackendImpl.do_kv_cache_update does
+        key_cache, value_cache = cache.view(cache.shape[0], h, bs * 2, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+
+    blocks = torch.randperm(4, generator=gen)[: -(-(start + n) // bs)].tolist()
+    slots = block_slots(blocks, bs, start, start + n)
+    k, v = torch.randn(n, h, d, generator=gen).to(dtype), torch.randn(n, h, d, generator=gen).to(dtype)
+    cache, layout = caches()
+    assert layout.reading is Reading.CPU_ATTN and layout.kernel_strides() is None
+    vllm_cpu_write(cache, k, v, slots)
+    gk, gv = gather(cache, layout, slots)
+    assert_bitwise(gk, k, "K")
+    assert_bitwise(gv, v, "V")
+    rope = rope_for(d)
+    placed, _ = caches()
+    written, _ = caches()
+    src, dst = torch.arange(n) + 900, torch.arange(start, start + n)
+    place(placed, layout, k, v, src, dst, slots, rope)                  # CPU: the reference path
+    vllm_cpu_write(written, relocate_reference(k, src, dst, rope), v, slots)
+    assert_bitwise(placed, written, "cache")
