@@ -447,14 +447,17 @@ class ChunkStore:
             for t in self.memory:
                 if key in t:
                     return t.name if ok(t.entries[key].token_ids) else None
-            for name, e in (("spill", self.tiers.spilling.get(key)), ("ingest", self._ingested(key))):
-                if e is not None:
-                    return name if ok(e.token_ids) else None
+            e = self.tiers.spilling.get(key)
+            if e is not None:
+                return "spill" if ok(e.token_ids) else None
             h = self._inflight.get(key)
             if h is not None:
                 return h.source if ok(h.token_ids) else None
             if self.disk is not None and key in self.disk:
                 return "disk" if ok(self.disk.index[key].token_ids) else None
+            e = self._ingested(key)
+            if e is not None:
+                return "ingest" if ok(e.token_ids) else None
         if self.redis is not None:
             r = self.redis.open(key)
             if r is not None:
@@ -494,11 +497,9 @@ class ChunkStore:
                 t.touched(key)
                 self.stats.tier(t.name).hits += 1
                 return Rehydration.completed(self.tiers.promote(i, e) if i else e, t.name)
-            for name, e in (("spill", self.tiers.spilling.get(key)), ("ingest", self._ingested(key))):
-                if e is not None:  # its bytes are here already: no wait on the background thread
-                    if token_bytes(e.token_ids) != tok:
-                        return self._mismatch()
-                    return Rehydration.completed(e, name)
+            e = self.tiers.spilling.get(key)
+            if e is not None:  # on its way to disk: its bytes are still here
+                return Rehydration.completed(e, "spill") if token_bytes(e.token_ids) == tok else self._mismatch()
             h = self._inflight.get(key)
             if h is not None:
                 if token_bytes(h.token_ids) != tok:
@@ -510,6 +511,9 @@ class ChunkStore:
                 if reader is not None:
                     return self._start_load(key, tok, reader, "disk", t0)
                 self.stats.tier("disk").misses += 1
+            e = self._ingested(key)
+            if e is not None:  # a new chunk still queued for ingest: served from the bytes handed over, no wait
+                return Rehydration.completed(e, "ingest") if token_bytes(e.token_ids) == tok else self._mismatch()
         reader = self.redis.open(key) if self.redis is not None else None  # network: outside the lock
         if reader is None:
             if self.redis is not None:
