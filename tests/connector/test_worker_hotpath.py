@@ -201,3 +201,11 @@ def test_store_stats_are_read_at_most_once_a_second():
     assert w.take_stats(now=100.5).store_entries == {}  # within the period: the store is not touched
     assert w.take_stats(now=101.2).store_entries == {"device": 1}
     w.close()
+
+
+def test_report_aggregates_over_workers():
+    from kvreuse.connector.metadata import KVReuseWorkerReport
+
+    a = KVReuseWorkerReport([b"1"], [b"d"], ["r"])
+    m = a.aggregate(KVReuseWorkerReport([b"2"], [], ["r", "q"]))
+    assert (m.lost_keys, m.demoted_keys, m.unsaved_req_ids) == ([b"1", b"2"], [b"d"], ["r", "q"])
