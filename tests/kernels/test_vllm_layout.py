@@ -100,6 +100,14 @@ def rope_for(head_size: int, rotary_dim: int | None = None, **kw) -> RopeSpec:
     return RopeSpec(inv_freq=freqs.default_inv_freq(10000.0, rd), rotary_dim=rd, **kw)
 
 
+def test_layout_table_is_vllms():
+    """kvreuse's copy of KVCacheLayout (kept as data for hosts without vLLM) is vLLM's."""
+    assert {m.name: m.value for m in KVCacheLayout} == KV_CACHE_LAYOUTS
+    for m in KVCacheLayout:
+        view_order = tuple(i - 1 for i in KV_CACHE_LAYOUTS[m.name] if i != 0)
+        assert view_order == m.layer_view_order
+
+
 # (heads, head_size, dtype, manager block size, kernel block size, start offset, chunk length)
 GEOMETRIES = [
     (3, 40, torch.bfloat16, 16, 16, 5, 37),      # odd heads, head size 40, mid-block start
