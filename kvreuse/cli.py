@@ -55,6 +55,13 @@ def serve_argv(model: str, vllm_args: Sequence[str], kvreuse_config: dict) -> li
            "--kv-transfer-config", json.dumps(kv)]
     if "--enable-prompt-tokens-details" not in args:
         out.append("--enable-prompt-tokens-details")
+    if not any(a == "--scheduler-cls" or a.startswith("--scheduler-cls=") for a in args):
+        # segmented prefill: stored chunks are placed anywhere in a prompt, not only after vLLM's prefix hit
+        from kvreuse.connector.segmented_cls import SCHEDULER_CLS
+
+        out += ["--scheduler-cls", SCHEDULER_CLS]
+        if not any(a.endswith("async-scheduling") for a in args):
+            out.append("--no-async-scheduling")
     return out + args
 
 

@@ -1,33 +1,37 @@
-"""Scheduler-side logic, free of vLLM: chunk keys, the directory of stored chunks, claims, policies.
+"""Scheduler-side logic, free of vLLM: chunk keys, the directory of stored chunks, policies, items.
 
-A claim is the longest run of consecutive stored chunks that starts where vLLM's own prefix hit
-ends, ends on a chunk boundary and leaves at least one prompt token to compute.  A chunk that
-straddles the prefix hit is loaded from its first uncomputed token.  The first chunk that is not
-stored (or that policy refuses) ends the claim; every chunk after it counts as a miss.
-
-Policies (DESIGN.md), decided per chunk from the contexts recorded for it, where a context is the
-ordered list of chunk keys that preceded the chunk when its KV was computed:
-  exact     the current preceding keys equal a recorded list        → relocate only
-  survival  the current list is a recorded one with some dropped    → relocate only
-  reorder   the same set of preceding keys in another order         → relocate + that context's KV/patch
-  blind     anything else                                           → base KV only, or not claimed
+Policies (DESIGN.md), decided per chunk from what actually precedes it in the prompt.  A
+*context* is recorded for each KV the store holds of a chunk: the signature of every chunk key
+before it (exact match) and the last `RECENT` of those keys in order (bounded, for the looser
+matches).  Before a chunk, the prompt holds *stored* chunks (in the directory) and *gaps*
+(chunks nobody stored: new text, the chunk straddling a change point), computed in place.
+  exact     the signature of all preceding keys is a recorded one      → relocate only
+  survival  the stored chunks before it (the last `MATCH`) appear, in order, in a recorded
+            context (gaps and dropped chunks aside)                    → relocate only
+  reorder   the stored chunks before it are all in a recorded context,
+            in another order                                           → relocate + that context's KV/patch
+  blind     anything else                                              → base KV only, or not claimed
             when the operator requires patched-or-exact reuse
 (`recall`, an entry demoted to base + patch, is decided by the worker from what the store serves.)
+Memory is linear in the number of chunks: a context costs one signature and ≤ `RECENT` keys, and
+an entry keeps at most `MAX_CONTEXTS` contexts (least recently recorded or used first out).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
-import torch
 import xxhash
 
-from kvreuse.connector.mrope import as_tuple
 from kvreuse.connector.segment import Chunk
 from kvreuse.store.keys import ChunkKey
 
 POLICIES = ("exact", "survival", "reorder", "recall", "blind")
+RECENT = 64        # preceding keys remembered per context
+MATCH = 16         # stored neighbours compared for survival / reorder (the nearest matter most)
+MAX_CONTEXTS = 8   # contexts remembered per chunk
 
 
 def context_signature(preceding: Sequence[bytes]) -> bytes:
@@ -38,22 +42,51 @@ def context_signature(preceding: Sequence[bytes]) -> bytes:
     return h.digest()
 
 
+def prefix_signatures(keys: Sequence[bytes]) -> Iterator[bytes]:
+    """`context_signature(keys[:j])` for j = 0 .. len(keys) - 1, in O(len(keys))."""
+    h = xxhash.xxh3_128(b"kvreuse-ctx-v1")
+    for d in keys:
+        yield h.digest()
+        h.update(d)
+
+
 @dataclass
 class DirEntry:
     """What the scheduler knows of a stored chunk: its length and the contexts recorded for it.
 
-    `remote`: stored by another instance (seen in the shared Redis tier); only the signatures of its
-    contexts are known, not their preceding keys.
+    `contexts`: signature -> the last `RECENT` preceding keys (`()` when only the signature is
+    known: entries another instance stored, or found on disk after a restart).
     """
 
     num_tokens: int
-    contexts: dict[bytes, tuple[bytes, ...]] = field(default_factory=dict)  # signature -> preceding digests
+    contexts: "OrderedDict[bytes, tuple[bytes, ...]]" = field(default_factory=OrderedDict)
     remote: bool = False
+    _sets: dict[bytes, frozenset] = field(default_factory=dict, repr=False)
+
+    def add(self, sig: bytes, recent: tuple[bytes, ...]) -> None:
+        if sig in self.contexts:
+            self.contexts.move_to_end(sig)
+            if recent and not self.contexts[sig]:
+                self.contexts[sig] = recent
+                self._sets.pop(sig, None)
+            return
+        self.contexts[sig] = recent
+        while len(self.contexts) > MAX_CONTEXTS:
+            old, _ = self.contexts.popitem(last=False)
+            self._sets.pop(old, None)
+
+    def key_set(self, sig: bytes) -> frozenset:
+        """The keys of a recorded context, as a set (cached)."""
+        out = self._sets.get(sig)
+        if out is None:
+            out = self._sets[sig] = frozenset(self.contexts[sig])
+        return out
 
 
 class Directory:
-    """Keys the worker has stored, with their contexts (fed by worker reports), and optionally a
-    read-only view of what other instances stored in the shared Redis tier (`remote.lookup`)."""
+    """Keys the worker has stored, with their contexts (recorded when a save is planned, forgotten
+    when the worker reports a key lost or evicted), and optionally a read-only local view of what
+    other instances stored in the shared tier (`remote.lookup`, a local read)."""
 
     def __init__(self, remote=None) -> None:
         self.entries: dict[bytes, DirEntry] = {}
@@ -62,49 +95,60 @@ class Directory:
     def __contains__(self, digest: bytes) -> bool:
         return self.get(digest) is not None
 
+    def __len__(self) -> int:
+        return len(self.entries)
+
     def get(self, digest: bytes) -> DirEntry | None:
         e = self.entries.get(digest)
         if e is None and self.remote is not None:
             found = self.remote.lookup(digest)
             if found is not None:
                 n, sigs = found
-                e = DirEntry(n, {s: () for s in sigs}, remote=True)
+                e = DirEntry(n, OrderedDict((s, ()) for s in sigs), remote=True)
         return e
 
-    def record(self, digest: bytes, num_tokens: int, preceding: tuple[bytes, ...]) -> None:
-        e = self.entries.setdefault(digest, DirEntry(num_tokens))
-        e.contexts[context_signature(preceding)] = tuple(preceding)
+    def record(self, digest: bytes, num_tokens: int, context: bytes, recent: tuple[bytes, ...] = ()) -> None:
+        """The worker is storing `digest`'s KV computed after context `context` (last keys `recent`)."""
+        e = self.entries.get(digest)
+        if e is None or e.num_tokens != num_tokens:
+            e = self.entries[digest] = DirEntry(num_tokens)
+        e.add(context, tuple(recent[-RECENT:]))
 
     def forget(self, digest: bytes) -> None:
         self.entries.pop(digest, None)
 
 
-def _is_subsequence(short: Sequence[bytes], long: Sequence[bytes]) -> bool:
-    it = iter(long)
-    return all(any(x == y for y in it) for x in short)
+def _is_subsequence(short: Sequence[bytes], long: tuple[bytes, ...]) -> bool:
+    i = 0
+    try:
+        for x in short:
+            i = long.index(x, i) + 1
+    except ValueError:
+        return False
+    return True
 
 
-def choose_policy(entry: DirEntry, preceding: tuple[bytes, ...], mode: str) -> tuple[str, bytes] | None:
-    """(policy, recorded context signature to read) for a chunk preceded by `preceding`; None = not claimed."""
-    sig = context_signature(preceding)
+def choose_policy(entry: DirEntry, sig: bytes, stored: Sequence[bytes], mode: str) -> tuple[str, bytes] | None:
+    """(policy, recorded context signature to read) for a chunk; None = not claimed.
+
+    `sig`: signature of every key before the chunk; `stored`: the stored chunks among them (the
+    last `MATCH`, in order; gaps left out).  Among the recorded contexts that contain every
+    stored neighbour, the one with the fewest extra keys wins, survival (same order) first.
+    """
     if sig in entry.contexts:
         return "exact", sig
-    if entry.remote:  # only signatures are known: no survival/reorder matching
-        return None if mode == "patched_or_exact" else ("blind", next(iter(entry.contexts)))
-    best = None
-    for s, rec in entry.contexts.items():
-        if len(rec) > len(preceding) and _is_subsequence(preceding, rec):
-            if best is None or len(rec) < len(entry.contexts[best]):
-                best = s
-    if best is not None:
-        return "survival", best
-    cur = sorted(preceding)
-    for s, rec in entry.contexts.items():
-        if len(rec) == len(preceding) and sorted(rec) == cur:
-            return "reorder", s
-    if mode == "patched_or_exact":
+    if stored or not entry.remote:
+        have = frozenset(stored)
+        fits = sorted((len(rec) - len(have), s) for s, rec in entry.contexts.items()
+                      if (rec or not (have or entry.remote)) and have <= entry.key_set(s))
+        for _, s in fits:
+            if _is_subsequence(stored, entry.contexts[s]):
+                return "survival", s
+        if fits:
+            return "reorder", fits[0][1]
+    if mode == "patched_or_exact" or not entry.contexts:
         return None
-    return "blind", next(iter(entry.contexts))
+    return "blind", next(reversed(entry.contexts))
 
 
 @dataclass(frozen=True)
@@ -125,13 +169,23 @@ class LoadItem:
     def num_tokens(self) -> int:
         return self.src_end - self.src_start
 
+    @property
+    def dst_end(self) -> int:
+        return self.dst_start + self.num_tokens
 
-@dataclass
-class Claim:
-    items: list[LoadItem]
-    num_tokens: int  # tokens claimed beyond vLLM's prefix hit
-    hits: int
-    misses: int
+
+@dataclass(frozen=True)
+class SaveItem:
+    """Save tokens `[start, end)` of the request as chunk `key`, computed after context `context`."""
+
+    key: bytes
+    token_ids: tuple[int, ...]
+    start: int
+    end: int
+    context: bytes  # signature of every chunk key before it
+    is_new: bool    # False: the key is stored already; this is its KV in another context (patch capture)
+    positions: tuple[tuple[int, ...], ...] | None = None  # M-RoPE: `[3, end - start]` (None: token indices)
+    recent: tuple[bytes, ...] = ()  # the last `RECENT` keys before it (scheduler only; stripped for workers)
 
 
 def chunk_keys(token_ids: Sequence[int], chunks: Sequence[Chunk], model_digest: bytes,
@@ -139,68 +193,3 @@ def chunk_keys(token_ids: Sequence[int], chunks: Sequence[Chunk], model_digest: 
     """Content key digest of each chunk (model fingerprint, salt, tokens, media identifiers)."""
     return [ChunkKey.of(model_digest, list(token_ids[c.start:c.end]), cache_salt=cache_salt, mm_ids=c.mm_ids).digest
             for c in chunks]
-
-
-def plan_claim(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,
-               num_computed: int, mode: str = "any", positions: torch.Tensor | None = None) -> Claim:
-    """The claim after `num_computed` prefix-cached tokens (pure: nothing is recorded).
-
-    `positions`: the request's `[3, N]` M-RoPE positions (`kvreuse.connector.mrope`); each item
-    then carries its destination positions.  Claims end on chunk boundaries, and a media item
-    is one chunk, so a claim never ends inside an image or video span.
-    """
-    limit = len(token_ids) - 1  # vLLM must compute at least one prompt token
-    items: list[LoadItem] = []
-    hits = misses = 0
-    claiming = True
-    for j, c in enumerate(chunks):
-        if c.end <= num_computed:
-            continue
-        if c.end > limit:
-            break
-        e = directory.get(keys[j]) if claiming else None
-        pick = None
-        if e is not None and e.num_tokens == c.num_tokens:
-            pick = choose_policy(e, tuple(keys[:j]), mode)
-        if pick is None:
-            claiming = False
-            misses += 1
-            continue
-        start = max(c.start, num_computed)
-        dst_pos = as_tuple(positions[:, start:c.end]) if positions is not None else None
-        items.append(LoadItem(keys[j], tuple(token_ids[c.start:c.end]), start - c.start, c.num_tokens, start,
-                              pick[1], pick[0], dst_pos))
-        hits += 1
-    end = items[-1].dst_start + items[-1].src_end - items[-1].src_start if items else num_computed
-    return Claim(items, end - num_computed, hits, misses)
-
-
-@dataclass(frozen=True)
-class SaveItem:
-    """Save tokens `[start, end)` of the request as chunk `key`, computed after `preceding`."""
-
-    key: bytes
-    token_ids: tuple[int, ...]
-    start: int
-    end: int
-    preceding: tuple[bytes, ...]
-    is_new: bool  # False: the key is stored already; this is its KV in another context (patch capture)
-    positions: tuple[tuple[int, ...], ...] | None = None  # M-RoPE: `[3, end - start]` (None: token indices)
-
-
-def plan_saves(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,
-               loaded: set[bytes], capture_patches: bool, positions: torch.Tensor | None = None) -> list[SaveItem]:
-    """Chunks whose KV this request computed and the store lacks (new keys, or new contexts)."""
-    out = []
-    pos = (lambda c: as_tuple(positions[:, c.start:c.end])) if positions is not None else (lambda c: None)
-    for j, c in enumerate(chunks):
-        if keys[j] in loaded:
-            continue
-        pre = tuple(keys[:j])
-        e = directory.get(keys[j])
-        if e is None:
-            out.append(SaveItem(keys[j], tuple(token_ids[c.start:c.end]), c.start, c.end, pre, True, pos(c)))
-        elif (capture_patches and not e.remote and context_signature(pre) not in e.contexts
-              and e.num_tokens == c.num_tokens):
-            out.append(SaveItem(keys[j], tuple(token_ids[c.start:c.end]), c.start, c.end, pre, False, pos(c)))
-    return out

@@ -42,13 +42,16 @@ class ChunkingConfig:
     """Content-defined cuts: a cut lands where the rolling hash hits, between min and max tokens.
 
     `boundary_tokens`: token strings that always start a new chunk (message starts); resolved to
-    ids by the tokenizer at startup.
+    ids by the tokenizer at startup.  `end_tokens`: text that always ends a chunk where the
+    tokenizer encodes it as one token (a paragraph break: retrieval pipelines join passages with
+    blank lines, so each passage is cut the same way wherever it sits).
     """
 
     min_tokens: int = 16
     avg_tokens: int = 64
     max_tokens: int = 256
     boundary_tokens: tuple[str, ...] = ("<|im_start|>",)
+    end_tokens: tuple[str, ...] = ("\n\n",)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_tokens <= self.avg_tokens <= self.max_tokens:
@@ -81,9 +84,29 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class CostConfig:
+    """Where reuse pays (`kvreuse.connector.costs`): starting rates, learned online when `learn`."""
+
+    min_tokens: int = 16
+    prefill_s_per_token: float = 2e-4
+    place_s_per_token: float = 1e-5
+    step_overhead_s: float = 5e-3
+    margin: float = 1.25
+    learn: bool = True
+
+    def __post_init__(self) -> None:
+        if self.min_tokens < 1:
+            raise ConnectorConfigError(f"cost.min_tokens: must be >= 1, got {self.min_tokens!r}")
+        for name in ("prefill_s_per_token", "place_s_per_token", "step_overhead_s", "margin"):
+            if getattr(self, name) < 0:
+                raise ConnectorConfigError(f"cost.{name}: must be >= 0, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class ConnectorConfig:
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     store: StoreConfig = field(default_factory=lambda: StoreConfig.from_dict(DEFAULT_STORE))
     save: bool = True
     load: bool = True
@@ -116,6 +139,8 @@ class ConnectorConfig:
             kw["chunking"] = _section("chunking", extra["chunking"], ChunkingConfig)
         if "policy" in extra:
             kw["policy"] = _section("policy", extra["policy"], PolicyConfig)
+        if "cost" in extra:
+            kw["cost"] = _section("cost", extra["cost"], CostConfig)
         if "store" in extra:
             try:
                 kw["store"] = StoreConfig.from_dict(extra["store"])

@@ -73,7 +73,8 @@ def model_fingerprint(vllm_config: "VllmConfig", tp_rank: int = 0, pp_rank: int 
                             pp_size=pc.pipeline_parallel_size)
 
 
-def _boundary_ids(vllm_config: "VllmConfig", names: tuple[str, ...]) -> frozenset[int]:
+def _token_ids(vllm_config: "VllmConfig", names: tuple[str, ...], *, as_text: bool = False) -> frozenset[int]:
+    """Ids of `names`: vocabulary entries, or (`as_text`) strings the tokenizer encodes as one token."""
     if not names:
         return frozenset()
     try:
@@ -82,7 +83,11 @@ def _boundary_ids(vllm_config: "VllmConfig", names: tuple[str, ...]) -> frozense
         mc = vllm_config.model_config
         tok = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
                                             trust_remote_code=mc.trust_remote_code)
-        ids = tok.convert_tokens_to_ids(list(names))
+        if as_text:
+            enc = [tok.encode(n, add_special_tokens=False) for n in names]
+            ids = [e[0] for e in enc if len(e) == 1]
+        else:
+            ids = tok.convert_tokens_to_ids(list(names))
         unk = tok.unk_token_id
         return frozenset(i for i in ids if i is not None and i != unk)
     except Exception as e:  # no tokenizer: content-defined cuts alone still work
@@ -119,9 +124,16 @@ class KVReuseConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from kvreuse.connector.scheduler import SchedulerSide
 
-            self._scheduler = SchedulerSide(self.cfg, key_fp.digest,
-                                            _boundary_ids(vllm_config, self.cfg.chunking.boundary_tokens),
-                                            allow_faults, _positions_fn(vllm_config))
+            ch = self.cfg.chunking
+            self._scheduler = SchedulerSide(self.cfg, key_fp.digest, _token_ids(vllm_config, ch.boundary_tokens),
+                                            allow_faults, _positions_fn(vllm_config),
+                                            end_ids=_token_ids(vllm_config, ch.end_tokens, as_text=True),
+                                            block_size=vllm_config.cache_config.block_size)
+            cls = vllm_config.scheduler_config.scheduler_cls
+            if getattr(cls, "__name__", str(cls or "")).rsplit(".", 1)[-1] != "SegmentedScheduler":
+                log.warning("kvreuse: vLLM's own scheduler claims only a prefix, so the first chunk that is not "
+                            "stored ends reuse; add --scheduler-cls kvreuse.connector.segmented.SegmentedScheduler "
+                            "(kvreuse serve does) to place stored chunks anywhere in a prompt")
         else:
             from vllm.distributed.parallel_state import (get_pipeline_model_parallel_rank,
                                                          get_tensor_model_parallel_rank)
@@ -235,6 +247,14 @@ class KVReuseConnector(KVConnectorBase_V1):
         rep = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(rep, KVReuseWorkerReport):
             self._scheduler.lost(rep.lost_keys)
+            self._scheduler.demoted(getattr(rep, "demoted_keys", None) or [])
+            self._scheduler.unsaved(getattr(rep, "unsaved_req_ids", None) or [])
+
+    def enable_segments(self, hash_block_size: int):
+        """Called by `kvreuse.connector.segmented.SegmentedScheduler`: plan past gaps; returns the planner."""
+        self._scheduler.segmented = True
+        self._scheduler.hash_block_size = hash_block_size
+        return self._scheduler
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._scheduler.finished(request)

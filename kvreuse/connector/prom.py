@@ -28,6 +28,9 @@ METRICS = [
      "Multimodal items vLLM scheduled through the encoder (seen by the connector), by modality", "modality"),
     ("kvreuse_mm_items_reused", "counter",
      "Multimodal items placed from the store (their encoder run and prefill skipped), by modality", "modality"),
+    ("kvreuse_segments", "counter",
+     "Prompt segments after vLLM's prefix hit, by kind (placed from the store / computed in place)", "kind"),
+    ("kvreuse_gap_tokens", "counter", "Prompt tokens computed in place after vLLM's prefix hit (gaps)", None),
     ("kvreuse_store_bytes", "gauge", "Bytes held by the store, by tier", "tier"),
     ("kvreuse_store_budget_bytes", "gauge", "Byte budget of the store, by tier", "tier"),
     ("kvreuse_store_entries", "gauge", "Entries held by the store, by tier", "tier"),
@@ -41,7 +44,8 @@ _FIELD = {"kvreuse_chunk_lookups": None, "kvreuse_claims": "claims", "kvreuse_re
           "kvreuse_evictions": "evictions", "kvreuse_demotions": "demotions", "kvreuse_rehydrations": "rehydrations",
           "kvreuse_load_failures": "load_failures", "kvreuse_dropped_saves": "dropped_saves",
           "kvreuse_encoder_inputs": "encoder_inputs",
-          "kvreuse_mm_items_reused": "mm_items_reused", "kvreuse_store_bytes": "store_bytes",
+          "kvreuse_mm_items_reused": "mm_items_reused", "kvreuse_segments": "segments", "kvreuse_gap_tokens": "gap_tokens",
+          "kvreuse_store_bytes": "store_bytes",
           "kvreuse_store_budget_bytes": "store_budget_bytes", "kvreuse_store_entries": "store_entries",
           "kvreuse_load_seconds": "load_seconds", "kvreuse_save_seconds": "save_seconds"}
 
@@ -70,6 +74,9 @@ class KVReusePromMetrics(KVConnectorPromMetrics):
             self._families["kvreuse_load_failures"][0].labels(*values)
             self._families["kvreuse_dropped_saves"][0].labels(*values)
             self._families["kvreuse_demotions"][0].labels(*values)
+            for kind in ("placed", "computed"):
+                self._families["kvreuse_segments"][0].labels(*values, kind)
+            self._families["kvreuse_gap_tokens"][0].labels(*values)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         s = ReuseStats.from_dict(transfer_stats_data)

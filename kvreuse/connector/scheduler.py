@@ -1,27 +1,47 @@
-"""Scheduler side: segment requests, claim stored chunks after vLLM's prefix hit, plan saves.
+"""Scheduler side: segment requests, plan placements, hand loads and saves to the workers.
 
-It never touches KV: it keeps a directory of the keys the worker stored (recorded when a save is
-planned; a key is forgotten when the worker reports it lost) and tells the worker, per step, what
-to place and what to save.  `matched` is pure, as vLLM requires of `get_num_new_matched_tokens`.
+It never touches KV.  It keeps a directory of the keys the worker stored (recorded when a save
+is planned; a key is forgotten when the worker reports it lost or evicted) and, per request, a
+plan (`kvreuse.connector.plan`): the placements of stored chunks in the prompt.
+
+Two ways to run:
+  * connector only (stock scheduler): vLLM's connector API claims a prefix, so only the
+    placement at vLLM's prefix hit is used (`matched`); the first gap ends reuse.
+  * with `kvreuse.connector.segmented.SegmentedScheduler`: the scheduler extension also
+    advances a running request over each later placement (`advance`) and ends each computed
+    step where the next placement starts (`cap`); the placed KV is written in the step that
+    follows.
+
+`matched` has no side effect but a memo and the block-hash salt below, which is idempotent.
+Blocks holding KV placed under a policy other than exact, and every block after them, are
+cached by vLLM under *salted* block hashes, so vLLM's own prefix cache never serves them to a
+request that opted out or to a later request whose own hashes are unsalted (a
+`patched_or_exact` server re-decides through kvreuse instead).
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kvreuse.connector.claim import Claim, Directory, chunk_keys, plan_claim, plan_saves
+from kvreuse.connector.claim import Directory, chunk_keys
 from kvreuse.connector.config import ConnectorConfig
+from kvreuse.connector.costs import CostModel
 from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
 from kvreuse.connector.mrope import PositionsFn
+from kvreuse.connector.plan import Placement, Plan, plan_saves, plan_segments
 from kvreuse.connector.remote import RemoteLookup
 from kvreuse.connector.segment import Chunk, mm_spans, segment
 from kvreuse.connector.stats import ReuseStats
 
 log = logging.getLogger("kvreuse.connector")
+_SALT = b"kvreuse-approximate-kv"
 
 
 def opted_out(kv_transfer_params: dict[str, Any] | None) -> bool:
@@ -32,26 +52,47 @@ def opted_out(kv_transfer_params: dict[str, Any] | None) -> bool:
     return v is False or v == "off"
 
 
+def key_salt(request: Any) -> str | None:
+    """What besides content and model separates chunk keys: the cache salt and the LoRA adapter."""
+    salt = getattr(request, "cache_salt", None)
+    lora = getattr(request, "lora_request", None)
+    if lora is not None and getattr(lora, "lora_int_id", 0) > 0:
+        path = getattr(lora, "lora_path", None) or getattr(lora, "path", None) or ""
+        return f"{salt or ''}\x00lora:{lora.lora_name}:{path}"
+    return salt
+
+
 @dataclass
 class _Req:
     request: Any
     chunks: list[Chunk]
     keys: list[bytes]
-    claim: Claim | None = None
-    load_pending: bool = False
-    loaded: set[bytes] = field(default_factory=set)
-    saved: bool = False
-    counted: bool = False
     positions: torch.Tensor | None = None  # M-RoPE: [3, N] from the model's get_mrope_input_positions
     disabled: bool = False                 # positions could not be computed: no reuse for this request
+    plan: Plan | None = None
+    starts: list[int] = field(default_factory=list)   # placement starts (bisect for `cap`)
+    next_seg: int = 0                      # first placement not advanced over yet
+    load_pending: bool = False             # the leading placement (claimed through the connector API)
+    pending: list[Placement] = field(default_factory=list)  # advanced over, KV not yet sent to the worker
+    placed: set[bytes] = field(default_factory=set)
+    used: list[Placement] = field(default_factory=list)  # placements taken, in order
+    segments_counted: bool = False
+    saved: bool = False
+    counted: bool = False
+    orig_hashes: list | None = None
+    salted_from: int | None = None         # first salted block index
 
 
 class SchedulerSide:
     def __init__(self, cfg: ConnectorConfig, model_digest: bytes, boundary_ids: frozenset[int],
-                 allow_fault_injection: bool = False, positions_fn: PositionsFn | None = None) -> None:
-        self.cfg, self.model_digest, self.boundary_ids = cfg, model_digest, boundary_ids
+                 allow_fault_injection: bool = False, positions_fn: PositionsFn | None = None,
+                 end_ids: frozenset[int] = frozenset(), block_size: int = 16) -> None:
+        self.cfg, self.model_digest, self.boundary_ids, self.end_ids = cfg, model_digest, boundary_ids, end_ids
         self.positions_fn = positions_fn  # M-RoPE models only
         self.allow_fault_injection = allow_fault_injection
+        self.hash_block_size = block_size
+        self.segmented = False  # set by the scheduler extension
+        self.cost = CostModel(**dataclasses.asdict(cfg.cost))
         st = cfg.store  # with a shared Redis tier, also see what other instances stored there
         remote = RemoteLookup(st.redis_url, st.redis_bytes, model_digest) if st.redis_url and st.redis_bytes else None
         self.directory = Directory(remote)
@@ -59,13 +100,14 @@ class SchedulerSide:
         self.modalities: dict[str, list[str]] = {}  # request -> modality of each mm feature (encoder counts)
         self.stats = ReuseStats()
 
+    # ---------------------------------------------------------------- per-request state
     def _state(self, request: Any) -> _Req:
         st = self.reqs.get(request.request_id)
         if st is None:
             tokens = list(request.prompt_token_ids or [])
-            chunks = segment(tokens, self.cfg.chunking, boundary_ids=self.boundary_ids,
+            chunks = segment(tokens, self.cfg.chunking, boundary_ids=self.boundary_ids, end_ids=self.end_ids,
                              spans=mm_spans(getattr(request, "mm_features", None)))
-            keys = chunk_keys(tokens, chunks, self.model_digest, getattr(request, "cache_salt", None))
+            keys = chunk_keys(tokens, chunks, self.model_digest, key_salt(request))
             st = self.reqs[request.request_id] = _Req(request, chunks, keys)
             if self.positions_fn is not None:
                 try:
@@ -83,8 +125,9 @@ class SchedulerSide:
         """The request neither opted out nor is unsalted under `isolation: "salted_only"`."""
         return not opted_out(request.kv_transfer_params) and self.cfg.shares_chunks(getattr(request, "cache_salt", None))
 
+    # ---------------------------------------------------------------- planning
     def matched(self, request: Any, num_computed: int) -> int:
-        """Tokens kvreuse can place beyond vLLM's `num_computed` prefix hit (no side effects but a memo)."""
+        """Tokens kvreuse places right after vLLM's `num_computed` prefix hit; plans the rest of the prompt."""
         feats = getattr(request, "mm_features", None)
         if feats and request.request_id not in self.modalities:
             self.modalities[request.request_id] = [f.modality for f in feats]
@@ -93,41 +136,112 @@ class SchedulerSide:
         st = self._state(request)
         if st.disabled:
             return 0
-        tokens = request.prompt_token_ids or []
-        claim = plan_claim(tokens, st.chunks, st.keys, self.directory, num_computed, self.cfg.policy.mode,
-                           st.positions)
-        st.claim = claim
-        return claim.num_tokens
+        plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
+                             self.cfg.policy.mode, st.positions, self.cost, gaps=self.segmented)
+        # a (re)plan: a new request, or one resumed after preemption (its blocks are gone)
+        st.plan, st.starts = plan, [p.start for p in plan.placements]
+        st.next_seg, st.pending, st.placed, st.load_pending, st.used = 0, [], set(), False, []
+        self._salt(st, plan.first_approximate)
+        return plan.leading
+
+    def _salt(self, st: _Req, first_token: int | None) -> None:
+        """Re-key vLLM's block hashes from the block holding `first_token` on (idempotent, never undone)."""
+        if first_token is None:
+            return
+        req = st.request
+        idx = first_token // self.hash_block_size
+        if st.salted_from is not None and st.salted_from <= idx:
+            return
+        hashes = req.block_hashes
+        if st.orig_hashes is None:
+            st.orig_hashes = list(hashes)
+        for i in range(idx, len(hashes)):
+            h = bytes(st.orig_hashes[i]) if i < len(st.orig_hashes) else bytes(hashes[i])
+            hashes[i] = type(hashes[i])(hashlib.sha256(_SALT + h).digest()[:len(h)])
+        st.salted_from = idx
 
     def after_alloc(self, request: Any, num_external: int) -> None:
         st = self._state(request)
-        if not st.counted and not self._off(st) and self.cfg.load:
-            claim = st.claim
-            if claim is not None:
-                self.stats.lookups_hit += claim.hits if num_external else 0
-                self.stats.lookups_miss += claim.misses + (0 if num_external else claim.hits)
+        plan = st.plan
+        if not st.counted and not self._off(st) and self.cfg.load and plan is not None:
+            self.stats.lookups_hit += plan.hits
+            self.stats.lookups_miss += plan.misses
             st.counted = True
+        if plan is None:
+            return
         if num_external > 0:
-            assert st.claim is not None and st.claim.num_tokens == num_external, "claim changed since it was offered"
+            assert plan.leading == num_external, "claim changed since it was offered"
             st.load_pending = True
-            st.loaded = {it.key for it in st.claim.items}
-            lo = st.claim.items[0].dst_start
-            hi = lo + num_external
-            for f in getattr(request, "mm_features", None) or ():
-                end = f.mm_position.offset + f.mm_position.length
-                if lo < end <= hi:  # every uncomputed token of the item is placed: its encoder never runs
-                    self.stats.mm_items_reused[f.modality] = self.stats.mm_items_reused.get(f.modality, 0) + 1
+            lead = plan.placements[0]
+            st.placed |= {it.key for it in lead.items}
+            st.next_seg = 1
+            st.used.append(lead)
+            self._count_mm_reused(request, lead.start, lead.end)
+        elif plan.leading:  # offered but not taken (e.g. vLLM found a longer prefix hit): skip it
+            st.next_seg = 1
 
+    def _count_mm_reused(self, request: Any, lo: int, hi: int) -> None:
+        for f in getattr(request, "mm_features", None) or ():
+            end = f.mm_position.offset + f.mm_position.length
+            if lo < end <= hi:  # every uncomputed token of the item is placed: its encoder never runs
+                self.stats.mm_items_reused[f.modality] = self.stats.mm_items_reused.get(f.modality, 0) + 1
+
+    # ---------------------------------------------------------------- segmented prefill
+    def advance(self, request: Any) -> int:
+        """Tokens to add to a running request's `num_computed_tokens`: the placement starting there.
+
+        Called by the scheduler extension before each step; the placement's KV is written by the
+        worker in the first step that schedules the request (its blocks exist by then).
+        """
+        st = self.reqs.get(request.request_id)
+        if st is None or st.plan is None:
+            return 0
+        n = request.num_computed_tokens
+        places = st.plan.placements
+        while st.next_seg < len(places) and places[st.next_seg].start < n:
+            st.next_seg += 1  # behind us (a failed load rolled back, or not taken)
+        if st.next_seg >= len(places) or places[st.next_seg].start != n:
+            return 0
+        p = places[st.next_seg]
+        st.next_seg += 1
+        if any(self.directory.get(it.key) is None for it in p.items):
+            return 0  # evicted since planning: compute it
+        if n >= len(request.prompt_token_ids or ()) or p.end >= len(request.prompt_token_ids):
+            return 0
+        st.pending.append(p)
+        st.placed |= {it.key for it in p.items}
+        st.used.append(p)
+        self._count_mm_reused(request, p.start, p.end)
+        return p.num_tokens
+
+    def cap(self, request: Any, num_computed: int, num_new: int) -> int:
+        """`num_new` cut where the next placement after `num_computed` starts (a computed step ends there)."""
+        st = self.reqs.get(request.request_id)
+        if st is None or not st.starts or not self.segmented:
+            return num_new
+        i = bisect.bisect_right(st.starts, num_computed, lo=st.next_seg)
+        if i < len(st.starts):
+            return min(num_new, st.starts[i] - num_computed)
+        return num_new
+
+    # ---------------------------------------------------------------- step metadata
     def build_meta(self, sched_out: Any, block_ids_of) -> KVReuseMetadata:
         meta = KVReuseMetadata()
         self._count_encoder_inputs(sched_out)
+        scheduled = sched_out.num_scheduled_tokens
         for rid, st in self.reqs.items():
+            items = []
             if st.load_pending:
+                items += st.plan.placements[0].items
+                st.load_pending = False
+            if st.pending and rid in scheduled:
+                items += [it for p in st.pending for it in p.items]
+                st.pending = []
+            if items:
                 params = st.request.kv_transfer_params or {}
                 inject = self.allow_fault_injection and isinstance(params.get("kvreuse"), dict) \
                     and bool(params["kvreuse"].get("inject_load_failure"))
-                meta.loads.append(ReqLoad(rid, list(block_ids_of(rid)), list(st.claim.items), inject))
-                st.load_pending = False
+                meta.loads.append(ReqLoad(rid, list(block_ids_of(rid)), list(items), inject))
         if not self.cfg.save:
             return meta
         computed = {r.req_id: r.num_computed_tokens for r in sched_out.scheduled_new_reqs}
@@ -138,16 +252,33 @@ class SchedulerSide:
             if st is None or st.saved or self._off(st):
                 continue
             prompt_len = len(st.request.prompt_token_ids or [])
-            if n + sched_out.num_scheduled_tokens.get(rid, 0) < prompt_len:
+            if n + scheduled.get(rid, 0) < prompt_len:
                 continue
             st.saved = True
-            items = plan_saves(st.request.prompt_token_ids, st.chunks, st.keys, self.directory, st.loaded,
-                               self.cfg.policy.capture_patches, st.positions)
+            self._count_segments(st, prompt_len)
+            items = plan_saves(st.request.prompt_token_ids, st.chunks, st.keys, self.directory, st.placed,
+                               self.cfg.policy.capture_patches, st.positions, self.cost.min_tokens)
             if items:
-                meta.saves.append(ReqSave(rid, list(block_ids_of(rid)), items))
+                meta.saves.append(ReqSave(rid, list(block_ids_of(rid)), [dataclasses.replace(it, recent=()) for it in items]))
                 for it in items:  # recorded now: the worker copies the KV out in this very step
-                    self.directory.record(it.key, it.end - it.start, it.preceding)
+                    self.directory.record(it.key, it.end - it.start, it.context, it.recent)
         return meta
+
+    def _count_segments(self, st: _Req, prompt_len: int) -> None:
+        plan = st.plan
+        if plan is None or st.segments_counted:
+            return
+        st.segments_counted = True
+        placed_tokens = sum(p.num_tokens for p in st.used)
+        computed = 0
+        pos = plan.num_computed
+        for p in st.used:
+            computed += p.start > pos
+            pos = p.end
+        computed += pos < prompt_len
+        self.stats.segments["placed"] = self.stats.segments.get("placed", 0) + len(st.used)
+        self.stats.segments["computed"] = self.stats.segments.get("computed", 0) + computed
+        self.stats.gap_tokens += max(prompt_len - plan.num_computed - placed_tokens, 0)
 
     def _count_encoder_inputs(self, sched_out: Any) -> None:
         """Count the encoder inputs vLLM scheduled this step (what its model runner encodes)."""
@@ -157,9 +288,21 @@ class SchedulerSide:
                 mod = mods[i] if i < len(mods) else "unknown"
                 self.stats.encoder_inputs[mod] = self.stats.encoder_inputs.get(mod, 0) + 1
 
+    # ---------------------------------------------------------------- worker reports, lifecycle
     def lost(self, keys: list[bytes]) -> None:
+        """Keys the worker no longer holds (evicted, refused, or failed to load): never claimed again."""
         for k in keys:
             self.directory.forget(k)
+
+    def demoted(self, keys: list[bytes]) -> None:
+        """Entries now held as base + patch: still placeable (the worker labels what it serves)."""
+
+    def unsaved(self, req_ids: list[str]) -> None:
+        """Requests whose save was dropped because a load failed in that step: save after the recompute."""
+        for rid in req_ids:
+            st = self.reqs.get(rid)
+            if st is not None:
+                st.saved = False
 
     def finished(self, request: Any) -> None:
         self.reqs.pop(request.request_id, None)

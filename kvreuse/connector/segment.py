@@ -1,13 +1,18 @@
 """Cut a prompt into chunks that come out the same wherever their content sits.
 
-Three kinds of cut, in order of precedence:
+Cuts, in order of precedence:
   * a multimodal item is exactly its placeholder span (`mm_features`: identifier, offset, length);
     no cut falls inside it and its identifier joins the chunk's key;
-  * a boundary token (a chat message start) always starts a new chunk;
-  * inside text, a content-defined cut: a gear rolling hash over token ids (reset at each
-    message start); a cut follows token i when the hash's top bits are zero and the chunk has
-    ≥ `min_tokens`, or when it reaches `max_tokens`.  Cuts depend only on the message's own
-    tokens, so the same message is cut the same way at any offset in any prompt.
+  * a *start* boundary token (a chat message start) always starts a new chunk; an *end*
+    boundary token (a paragraph break, where the tokenizer has one) always ends one;
+  * inside text, a content-defined cut: a gear rolling hash over token ids; a cut follows token
+    i when the hash's top bits are zero and the chunk has ≥ `min_tokens`, or when it reaches
+    `max_tokens`.
+
+The rolling hash restarts at every boundary and at both ends of every media item, so the text
+between two such points is cut from its own tokens only: the same caption next to the same image,
+or the same passage between two paragraph breaks, is the same chunk at any offset in any prompt.
+Runs in O(n) numpy work plus O(chunks) Python steps.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 from kvreuse.connector.config import ChunkingConfig
 
 _GEAR = np.random.default_rng(0x6B767275).integers(0, 2**63, size=4096, dtype=np.uint64)
+_WINDOW = 16  # the gear hash's top bits depend on the last 16 tokens only: cuts resynchronise 16 tokens after a change
 
 
 @dataclass(frozen=True)
@@ -54,56 +60,77 @@ def mm_spans(mm_features: Sequence | None) -> list[MMSpan]:
 
 
 def segment(token_ids: Sequence[int], cfg: ChunkingConfig, *, boundary_ids: frozenset[int] = frozenset(),
-            spans: Sequence[MMSpan] = ()) -> list[Chunk]:
-    """Chunks covering `token_ids` exactly, in order."""
-    n = len(token_ids)
+            end_ids: frozenset[int] = frozenset(), spans: Sequence[MMSpan] = ()) -> list[Chunk]:
+    """Chunks covering `token_ids` exactly, in order.
+
+    `boundary_ids`: tokens that start a chunk; `end_ids`: tokens that end one; `spans`: media items.
+    """
     ids = np.asarray(token_ids, dtype=np.int64)
-    cuts = _text_cuts(ids, cfg, boundary_ids)
-    chunks: list[Chunk] = []
-    span_at = {s.offset: s for s in spans}
-    inside = np.zeros(n + 1, dtype=bool)  # inside[i]: no cut allowed before token i
+    n = ids.shape[0]
+    if n == 0:
+        return []
+    # region starts: text between two of them is cut from its own tokens only
+    starts = np.zeros(n + 1, dtype=bool)
+    starts[0] = True
+    if boundary_ids:
+        starts[:n] |= np.isin(ids, np.fromiter(boundary_ids, dtype=np.int64))
+    if end_ids:
+        starts[1:] |= np.isin(ids, np.fromiter(end_ids, dtype=np.int64))
+    media: dict[int, MMSpan] = {}
+    prev_end = 0
     for s in spans:
-        inside[s.offset + 1: s.offset + s.length] = True
-    start = 0
-    i = 0
-    while i < n:
-        s = span_at.get(i)
+        if s.offset < prev_end or s.length <= 0 or s.offset >= n:
+            continue  # overlapping or empty placeholders: keep the first
+        end = min(n, s.offset + s.length)
+        starts[s.offset + 1:end] = False  # never cut inside an item
+        starts[s.offset] = starts[end] = True
+        media[s.offset] = s
+        prev_end = end
+    starts[n] = True
+    hits = _hash_hits(ids, starts, cfg)
+    chunks: list[Chunk] = []
+    bounds = np.flatnonzero(starts)
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        s = media.get(a)
         if s is not None:
-            if i > start:
-                chunks.append(Chunk(start, i))
-            end = min(n, s.offset + s.length)
-            chunks.append(Chunk(i, end, (s.identifier,)))
-            start = i = end
-            continue
-        i += 1
-        if i < n and (cuts[i] and not inside[i]) and i > start:
-            chunks.append(Chunk(start, i))
-            start = i
-    if start < n:
-        chunks.append(Chunk(start, n))
+            chunks.append(Chunk(a, b, (s.identifier,)))
+        else:
+            _cut_text(a, b, hits, cfg, chunks)
     return chunks
 
 
-def _text_cuts(ids: np.ndarray, cfg: ChunkingConfig, boundary_ids: frozenset[int]) -> np.ndarray:
-    """cuts[i]: a chunk starts at token i (boundary tokens, content-defined cuts, max size)."""
+def _hash_hits(ids: np.ndarray, starts: np.ndarray, cfg: ChunkingConfig) -> np.ndarray:
+    """Sorted token indices i after which a content-defined cut may fall (the gear hash's top bits are 0).
+
+    h_i = Σ_k g[i-k] << k over the tokens since the last region start (mod 2^64).
+    """
     n = ids.shape[0]
-    cuts = np.zeros(n + 1, dtype=bool)
     bits = max(1, int(np.log2(max(cfg.avg_tokens - cfg.min_tokens, 2))))
-    shift = np.uint64(64 - bits)
-    g = _GEAR[ids % _GEAR.shape[0]]
-    one = np.uint64(1)
-    h = np.uint64(0)
-    length = 0
+    idx = np.arange(n, dtype=np.int64)
+    dist = idx - np.maximum.accumulate(np.where(starts[:n], idx, 0))  # tokens since i's region start
+    # doubling: with H_m[i] = Σ_{k < min(m, dist_i + 1)} g[i-k] << k, H_2m[i] = H_m[i] + (H_m[i-m] << m) when dist_i >= m
+    h = _GEAR[ids % _GEAR.shape[0]]
+    m = 1
     with np.errstate(over="ignore"):
-        for i in range(n):
-            if i > 0 and int(ids[i]) in boundary_ids:
-                cuts[i] = True
-                length = 0
-                h = np.uint64(0)
-            # gear hash: the top bits depend on the last 64 token ids only
-            h = (h << one) + g[i]
-            length += 1
-            if i + 1 < n and ((length >= cfg.min_tokens and (h >> shift) == 0) or length >= cfg.max_tokens):
-                cuts[i + 1] = True
-                length = 0
-    return cuts
+        while m < _WINDOW:
+            tail = np.zeros(n, dtype=np.uint64)
+            tail[m:] = h[:-m] << np.uint64(m)
+            h = h + np.where(dist >= m, tail, np.uint64(0))
+            m *= 2
+    return np.flatnonzero((h >> np.uint64(64 - bits)) == 0)
+
+
+def _cut_text(a: int, b: int, hits: np.ndarray, cfg: ChunkingConfig, out: list[Chunk]) -> None:
+    """Content-defined chunks of text tokens `[a, b)`."""
+    start = a
+    while start < b:
+        earliest, latest = start + cfg.min_tokens - 1, start + cfg.max_tokens - 1
+        j = int(np.searchsorted(hits, earliest))
+        cut = int(hits[j]) if j < hits.shape[0] else b
+        if cut > latest:
+            cut = latest
+        if cut >= b - 1:
+            out.append(Chunk(start, b))
+            return
+        out.append(Chunk(start, cut + 1))
+        start = cut + 1

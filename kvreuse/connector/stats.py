@@ -39,6 +39,8 @@ class ReuseStats:
     demotions: int = 0
     encoder_inputs: dict[str, int] = field(default_factory=dict)   # modality -> items vLLM scheduled to encode
     mm_items_reused: dict[str, int] = field(default_factory=dict)  # modality -> items placed (encoder skipped)
+    segments: dict[str, int] = field(default_factory=dict)     # "placed" / "computed" -> prompt segments
+    gap_tokens: int = 0                                         # prompt tokens computed after vLLM's prefix hit
     load_seconds: list[float] = field(default_factory=list)     # one observation per request load
     save_seconds: list[float] = field(default_factory=list)
     store_bytes: dict[str, int] = field(default_factory=dict)   # gauges

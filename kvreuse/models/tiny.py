@@ -2,7 +2,8 @@
 
 Weights are random (seeded); the tokenizer is a hand-built WordLevel vocabulary of made-up
 words split on whitespace, plus the ChatML specials, and the chat template is ChatML with
-spaces instead of newlines (the whitespace pre-tokenizer would drop newlines).  Any text made
+spaces instead of newlines (the whitespace pre-tokenizer drops newlines); a blank line ("\\n\\n")
+is one token of its own, as in real BPE vocabularies.  Any text made
 of `tiny_words()` tokenizes one word per token, so tests control token counts exactly.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ROLES = ["system", "user", "assistant", "tool"]
+PARAGRAPH = "\n\n"  # one token, as in real BPE vocabularies (retrieval pipelines join passages with it)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -40,6 +42,7 @@ class TinySpec:
     dtype: str = "float32"
     seed: int = 0
     init_std: float = 0.1
+    tokenizer_version: int = 2  # 2: the blank-line token
 
     def __post_init__(self) -> None:
         if self.arch not in ("llama", "qwen2"):
@@ -59,7 +62,7 @@ def tiny_words(vocab_size: int = 512) -> list[str]:
     cons, vows = "bdfgklmnprstvz", "aeiou"
     syll = [c + v for c in cons for v in vows]                       # 70 syllables
     words = [a + b for a in syll for b in syll]
-    n = vocab_size - len(SPECIALS) - len(ROLES)
+    n = vocab_size - len(SPECIALS) - len(ROLES) - 1  # the last id is the blank-line token
     return words[:n]
 
 
@@ -82,7 +85,7 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, spec: TinySpec = 
     import torch
     import transformers
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + ROLES + tiny_words(spec.vocab_size))}
+    vocab = {t: i for i, t in enumerate(SPECIALS + ROLES + tiny_words(spec.vocab_size) + [PARAGRAPH])}
     common = dict(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
                   num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
                   num_key_value_heads=spec.num_kv_heads, max_position_embeddings=spec.max_position,
@@ -98,7 +101,7 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, spec: TinySpec = 
         cls = transformers.Qwen2ForCausalLM
     torch.manual_seed(spec.seed)
     save_checkpoint(out, cls(cfg), spec.dtype, vocab)
-    write_tokenizer(out, vocab, specials=["<|im_start|>", "<|im_end|>"], chat_template=CHAT_TEMPLATE)
+    write_tokenizer(out, vocab, specials=["<|im_start|>", "<|im_end|>"], chat_template=CHAT_TEMPLATE, added=[PARAGRAPH])
     marker.write_text(json.dumps(asdict(spec)))
     return out
 
@@ -116,11 +119,12 @@ def save_checkpoint(out: Path, model, dtype: str, vocab: dict[str, int]) -> None
 
 
 def write_tokenizer(out: Path, vocab: dict[str, int], *, specials: list[str], chat_template: str,
-                    add_specials: bool = False) -> None:
+                    add_specials: bool = False, added: list[str] = ()) -> None:
     """A WordLevel tokenizer over `vocab` with `specials` and a chat template, saved for vLLM and HF.
 
     `add_specials` also registers the specials as added tokens of the tokenizer itself, so they
     match inside words (the VL template glues `<|vision_start|><|image_pad|>...` together).
+    `added`: ordinary vocabulary entries matched before the whitespace split (the blank line).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -128,6 +132,8 @@ def write_tokenizer(out: Path, vocab: dict[str, int], *, specials: list[str], ch
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    if added:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     if add_specials:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|endoftext|>",

@@ -1,4 +1,4 @@
-"""Fast tests of the connector's vLLM-free logic: segmentation, claims, policies, config, stats."""
+"""Fast tests of the connector's vLLM-free logic: segmentation, planning, policies, costs, config."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import random
 
 import pytest
 
-from kvreuse.connector.claim import Directory, chunk_keys, choose_policy, context_signature, plan_claim, plan_saves
+import time
+import tracemalloc
+
+from kvreuse.connector.claim import RECENT, Directory, chunk_keys, choose_policy, context_signature
 from kvreuse.connector.config import ConnectorConfig, ConnectorConfigError, ChunkingConfig
+from kvreuse.connector.costs import CostModel
+from kvreuse.connector.plan import plan_claim, plan_saves, plan_segments
 from kvreuse.connector.scheduler import opted_out
 from kvreuse.connector.segment import MMSpan, segment
 
@@ -31,7 +36,7 @@ def cut(tokens):
 
 def store_all(directory: Directory, tokens, chunks, keys):
     for it in plan_saves(tokens, chunks, keys, directory, set(), True):
-        directory.record(it.key, it.end - it.start, it.preceding)
+        directory.record(it.key, it.end - it.start, it.context, it.recent)
 
 
 # ---------------------------------------------------------------- segmentation
@@ -79,7 +84,7 @@ def _setup(*msgs):
     return d
 
 
-def test_reorder_is_claimed_leaving_one_token():
+def test_reorder_is_claimed_leaving_one_token_in_a_prefix_claim():
     sys_, a, b, q = message(10, 20), message(11, 100), message(12, 100), message(13, 5)
     d = _setup(sys_, a, b, q)
     toks = prompt(sys_, b, a, message(14, 5))
@@ -93,7 +98,7 @@ def test_reorder_is_claimed_leaving_one_token():
     assert mode_claim.num_tokens < claim.num_tokens and "blind" not in {it.policy for it in mode_claim.items}
 
 
-def test_claim_ends_at_first_miss_and_counts_later_hits_as_misses():
+def test_prefix_claim_ends_at_first_miss_and_counts_later_hits_as_misses():
     sys_, a, b = message(20, 20), message(21, 100), message(22, 100)
     d = _setup(sys_, a, b, message(23, 5))
     toks = prompt(sys_, message(24, 60), a, b, message(25, 5))
@@ -125,16 +130,35 @@ def test_whole_prompt_cached_still_computes_one_token():
 
 
 def test_policies():
-    A, B, C, X = b"a" * 16, b"b" * 16, b"c" * 16, b"x" * 16
+    A, B, C, D, X = b"a" * 16, b"b" * 16, b"c" * 16, b"d" * 16, b"x" * 16
     d = Directory()
-    d.record(X, 4, (A, B, C))
+    d.record(X, 4, context_signature((A, B, C)), (A, B, C))
     e = d.get(X)
-    assert choose_policy(e, (A, B, C), "any")[0] == "exact"
-    assert choose_policy(e, (A, C), "any")[0] == "survival"
-    assert choose_policy(e, (C, A, B), "any")[0] == "reorder"
-    assert choose_policy(e, (B, A), "any")[0] == "blind"
-    assert choose_policy(e, (B, A), "patched_or_exact") is None
-    assert choose_policy(e, (A, B, C), "patched_or_exact") == ("exact", context_signature((A, B, C)))
+    sig = context_signature
+
+    def pick(pre, stored=None, mode="any"):
+        return choose_policy(e, sig(pre), pre if stored is None else stored, mode)
+
+    assert pick((A, B, C))[0] == "exact"
+    assert pick((A, C))[0] == "survival"
+    assert pick((C, A, B))[0] == "reorder"
+    assert pick((B, A))[0] == "reorder"          # stored neighbours all in the recorded context, other order
+    assert pick((D, A))[0] == "blind"            # D was never there
+    assert pick((D, A), mode="patched_or_exact") is None
+    assert pick((A, B, C), mode="patched_or_exact") == ("exact", sig((A, B, C)))
+    # gaps (chunks nobody stored) before it do not make it blind: what matters is the stored ones
+    G = b"g" * 16
+    assert pick((G, A, G, C), stored=(A, C))[0] == "survival"
+
+
+def test_contexts_are_bounded_per_entry_and_in_length():
+    d = Directory()
+    X = b"x" * 16
+    keys = [bytes([i % 256, i // 256]) * 8 for i in range(500)]
+    for i in range(40):
+        d.record(X, 4, context_signature(keys[i:]), tuple(keys[i:]))
+    e = d.get(X)
+    assert len(e.contexts) <= 8 and all(len(r) <= RECENT for r in e.contexts.values())
 
 
 def test_saves_capture_new_contexts_only():
@@ -144,6 +168,7 @@ def test_saves_capture_new_contexts_only():
     keys = chunk_keys(toks, ch, MODEL, None)
     d = Directory()
     first = plan_saves(toks, ch, keys, d, set(), True)
+    assert all(it.recent == tuple(keys[max(0, j - RECENT):j]) for j, it in enumerate(first))
     assert all(it.is_new for it in first) and len(first) == len(ch)
     store_all(d, toks, ch, keys)
     assert plan_saves(toks, ch, keys, d, set(), True) == []
@@ -178,3 +203,146 @@ def test_config_defaults_and_values():
 def test_opt_out():
     assert opted_out({"kvreuse": False}) and opted_out({"kvreuse": {"enabled": False}}) and opted_out({"kvreuse": "off"})
     assert not opted_out(None) and not opted_out({}) and not opted_out({"kvreuse": {"inject_load_failure": True}})
+
+
+# ---------------------------------------------------------------- gap-fill planning
+def _plan(d, toks, cost=None, mode="any", num_computed=0, gaps=True):
+    ch = cut(toks)
+    return plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, None), d, num_computed, mode, cost=cost, gaps=gaps), ch
+
+
+def test_every_stored_chunk_is_placed_past_gaps():
+    sys_, a, b, c = message(60, 20), message(61, 100), message(62, 100), message(63, 100)
+    d = _setup(sys_, a, b, c, message(64, 5))
+    toks = prompt(message(65, 30), a, message(66, 40), c, message(67, 10), b, message(68, 5))
+    plan, ch = _plan(d, toks)
+    stored = [x for x in ch if d.get(chunk_keys(toks, [x], MODEL, None)[0]) is not None]
+    assert plan.placed_tokens == sum(x.num_tokens for x in stored) > 0
+    assert plan.leading == 0 and len(plan.placements) == 3       # three passages, three gaps before them
+    for p in plan.placements:                                       # placements are contiguous runs of chunks
+        assert all(x.dst_end == y.dst_start for x, y in zip(p.items, p.items[1:]))
+        for it in p.items:
+            assert toks[it.dst_start:it.dst_end] == list(it.token_ids[it.src_start:it.src_end])
+    prefix_only, _ = _plan(d, toks, gaps=False)
+    assert prefix_only.placements == [] and prefix_only.hits == 0
+
+
+def test_last_token_is_always_computed_and_prefix_hit_is_respected():
+    a = message(70, 200)
+    d = _setup(a, message(71, 3))
+    toks = prompt(a, message(71, 3))
+    plan, _ = _plan(d, toks, num_computed=50)
+    assert plan.placements and plan.placements[0].start == 50
+    assert all(p.end <= len(toks) - 1 for p in plan.placements)
+
+
+def test_sliding_window_with_change_points_stays_survival_and_reordered_set_is_reorder():
+    frames = [message(80 + i, 90)[1:] for i in range(7)]          # raw text: no message boundaries
+    d = Directory()
+    turn1 = prompt(*frames[0:5], [9, 9, 9])
+    _setup_into(d, turn1)
+    turn2 = prompt(*frames[1:6], [9, 9, 9])
+    plan, _ = _plan(d, turn2)
+    pol = [it.policy for it in plan.items]
+    assert pol and set(pol) <= {"exact", "survival"} and plan.placed_tokens > 0.6 * len(prompt(*frames[1:5]))
+    # two passages swapped: what follows them saw the same stored chunks, in another order
+    turn3 = prompt(frames[1], frames[0], frames[2], frames[3], [9, 9])
+    plan3, _ = _plan(d, turn3)
+    after = [it.policy for it in plan3.items if it.dst_start >= 2 * 90 + 20]
+    assert after and "reorder" in after and "blind" not in after
+
+
+def _setup_into(d, toks):
+    ch = cut(toks)
+    store_all(d, toks, ch, chunk_keys(toks, ch, MODEL, None))
+
+
+def test_cost_model_drops_placements_that_do_not_pay():
+    sys_, a, b = message(90, 20), message(91, 12), message(92, 200)
+    d = _setup(sys_, a, b, message(93, 5))
+    toks = prompt(message(94, 40), a, message(95, 40), b, message(96, 5))
+    free = CostModel(min_tokens=1, step_overhead_s=0.0, learn=False)
+    plan_free, _ = _plan(d, toks, cost=free)
+    costly = CostModel(min_tokens=16, prefill_s_per_token=1e-4, step_overhead_s=5e-3, learn=False)
+    plan_cost, _ = _plan(d, toks, cost=costly)
+    assert len(plan_cost.placements) < len(plan_free.placements)
+    assert all(p.num_tokens * 1e-4 > 1.25 * (p.num_tokens * costly.place_s_per_token + 5e-3)
+               for p in plan_cost.placements)
+    assert plan_cost.misses > plan_free.misses
+    # a placement at the prefix hit costs no extra step
+    assert costly.pays(40, leading=True) and not costly.pays(40, leading=False)
+    assert not costly.pays(8, leading=True)                        # under min_tokens: computed
+
+
+def test_cost_model_learns_from_steps():
+    c = CostModel(prefill_s_per_token=1e-3, step_overhead_s=1e-3)
+    for _ in range(50):
+        c.observe_step(0.010, 2, 2)         # decode steps: 10 ms fixed cost
+        c.observe_step(0.010 + 512 * 5e-5, 512, 1)
+    assert abs(c.step_overhead_s - 0.010) < 1e-3 and abs(c.prefill_s_per_token - 5e-5) < 1e-5
+
+
+def test_planning_is_linear():
+    rng = random.Random(7)
+    toks = [rng.randrange(10, 30000) for _ in range(32768)]
+    cfg = ChunkingConfig()
+    d = Directory()
+    ch = segment(toks, cfg)
+    keys = chunk_keys(toks, ch, MODEL, None)
+    for it in plan_saves(toks, ch, keys, d, set(), True):
+        d.record(it.key, it.end - it.start, it.context, it.recent)
+    toks2 = toks[5000:] + toks[:5000]
+    t0 = time.perf_counter()
+    ch2 = segment(toks2, cfg)
+    keys2 = chunk_keys(toks2, ch2, MODEL, None)
+    plan = plan_segments(toks2, ch2, keys2, d, 0)
+    dt = time.perf_counter() - t0
+    assert len(ch2) >= 400 and plan.placed_tokens > 0.9 * len(toks2)
+    assert dt < 0.25, f"segmenting + keying + planning 32k tokens took {dt * 1e3:.0f} ms"
+
+
+def test_six_thousand_boundary_tokens_plan_fast_and_small():
+    toks = [START] * 6000
+    cfg = ChunkingConfig(min_tokens=1, avg_tokens=64, max_tokens=256)
+
+    def run():
+        d = Directory()
+        ch = segment(toks, cfg, boundary_ids=frozenset({START}))
+        keys = chunk_keys(toks, ch, MODEL, None)
+        for it in plan_saves(toks, ch, keys, d, set(), True, min_tokens=1):
+            d.record(it.key, it.end - it.start, it.context, it.recent)
+        return ch, plan_segments(toks, ch, keys, d, 0)
+
+    times = []
+    for _ in range(3):  # best of three: the machine may be busy
+        t0 = time.perf_counter()
+        ch, plan = run()
+        times.append(time.perf_counter() - t0)
+    dt = min(times)
+    assert len(ch) == 6000 and plan.hits > 0
+    assert dt < 0.2, f"{dt * 1e3:.0f} ms"
+    tracemalloc.start()
+    run()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 50e6, peak
+
+
+def test_cuts_restart_at_media_and_paragraphs():
+    cap = [rng_tok for rng_tok in message(100, 40)[1:]]
+    before1, before2 = message(101, 50)[1:], message(102, 70)[1:]
+    t1 = before1 + list(range(600, 616)) + cap
+    t2 = before2 + list(range(600, 616)) + cap
+    c1 = segment(t1, CFG, spans=[MMSpan("img", len(before1), 16)])
+    c2 = segment(t2, CFG, spans=[MMSpan("img", len(before2), 16)])
+    after1 = [(c.start - len(before1), c.end - len(before1)) for c in c1 if c.start >= len(before1)]
+    after2 = [(c.start - len(before2), c.end - len(before2)) for c in c2 if c.start >= len(before2)]
+    assert after1 == after2, "the caption after the same image is cut the same way whatever came before"
+    PARA = 7
+    p1 = message(103, 30)[1:] + [PARA] + cap
+    p2 = message(104, 45)[1:] + [PARA] + cap
+    e1 = segment(p1, CFG, end_ids=frozenset({PARA}))
+    e2 = segment(p2, CFG, end_ids=frozenset({PARA}))
+    assert [(c.start - 31, c.end - 31) for c in e1 if c.start >= 31] == \
+        [(c.start - 46, c.end - 46) for c in e2 if c.start >= 46]
+    assert any(c.end == 31 for c in e1), "a paragraph break ends a chunk"

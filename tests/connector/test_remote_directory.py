@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvreuse.connector.claim import Directory, chunk_keys, context_signature, plan_claim, plan_saves
+from kvreuse.connector.claim import Directory, chunk_keys, context_signature
+from kvreuse.connector.plan import plan_claim, plan_saves
 from kvreuse.connector.remote import RemoteLookup
 from kvreuse.connector.segment import Chunk
 from kvreuse.store import ChunkEntry, ChunkKey, ChunkStore, ModelFingerprint, StoreConfig

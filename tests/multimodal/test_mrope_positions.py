@@ -18,7 +18,8 @@ import random
 import pytest
 import torch
 
-from kvreuse.connector.claim import Directory, chunk_keys, plan_claim, plan_saves
+from kvreuse.connector.claim import Directory, chunk_keys
+from kvreuse.connector.plan import plan_saves, plan_segments
 from kvreuse.connector.config import ChunkingConfig
 from kvreuse.connector.mrope import chunk_shift, positions_fn_for, text_positions
 from kvreuse.connector.segment import mm_spans, segment
@@ -247,19 +248,19 @@ def test_claim_and_save_carry_mrope_positions():
         saves = plan_saves(toks, ch, keys, d, set(), True, pos)
         for s in saves:
             assert torch.equal(torch.tensor(s.positions), pos[:, s.start:s.end])
-            d.record(s.key, s.end - s.start, s.preceding)
+            d.record(s.key, s.end - s.start, s.context, s.recent)
     pos2 = fn(t2, f2)
     ch2 = segment(t2, cfg, spans=mm_spans(f2))
     keys2 = chunk_keys(t2, ch2, b"m" * 16, None)
-    claim = plan_claim(t2, ch2, keys2, d, 0, "any", pos2)
-    assert claim.num_tokens > 0
-    for it in claim.items:
+    plan = plan_segments(t2, ch2, keys2, d, 0, "any", pos2)
+    assert plan.placed_tokens > 0
+    for it in plan.items:
         assert torch.equal(torch.tensor(it.dst_pos), pos2[:, it.dst_start:it.dst_start + it.num_tokens])
-    # a claim never ends inside a media span
-    end = claim.items[-1].dst_start + claim.items[-1].num_tokens
-    for f in f2:
-        lo, hi = f.mm_position.offset, f.mm_position.offset + f.mm_position.length
-        assert not lo < end < hi
+    # a placement never starts or ends inside a media span
+    for p in plan.placements:
+        for f in f2:
+            lo, hi = f.mm_position.offset, f.mm_position.offset + f.mm_position.length
+            assert not lo < p.end < hi and not lo < p.start < hi
     # the keys of the same picture differ by identifier, not by offset
     img_keys = {c.mm_ids: k for c, k in zip(ch2, keys2) if c.mm_ids}
     assert img_keys[("a",)] != img_keys[("b",)]

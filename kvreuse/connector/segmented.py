@@ -1,0 +1,88 @@
+"""Segmented prefill: a vLLM scheduler that places stored chunks anywhere in a prompt.
+
+Written against vLLM 0.32.0's v1 `Scheduler` (`vllm/v1/core/sched/scheduler.py`).  vLLM's
+connector API can only claim a prefix (`get_num_new_matched_tokens`); upstream's RFC/PR for
+gapped external hits (vLLM #25950, #32785) is in no release.  Three narrow hooks do the rest:
+
+  * `schedule`: before vLLM schedules a step, each running request that has reached the start
+    of its next placement jumps over it (`num_computed_tokens += placement`); vLLM then
+    allocates its blocks as for any computed prefix, and the connector's worker writes the
+    placed KV (relocated, patched) in `start_load_kv`, before the forward pass that attends to it;
+  * `_try_schedule_encoder_inputs` and `_reserve_prefill_lookahead` (called for running and
+    waiting requests alike, right before block allocation): a step's new tokens end where the
+    next placement starts, so each computed segment attends to everything before it and a
+    placed image never reaches the vision encoder.
+
+The step that writes a placement is marked as having synchronous loads (`has_sync_kv_loads`), so
+the worker places the KV before the forward pass rather than after it.
+
+Everything else is vLLM's own: the prefix hit and the connector's claim at the start, chunked
+prefill and the token budget, preemption (a resumed request is re-planned by the connector),
+aborts, failed loads (rolled back by `get_block_ids_with_load_errors`), several requests per step.
+Asynchronous scheduling is refused at startup: pass `--no-async-scheduling` (`kvreuse serve`
+does).  Select it with `--scheduler-cls kvreuse.connector.segmented.SegmentedScheduler`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from kvreuse.errors import KVReuseError
+
+from kvreuse.connector.segmented_cls import SCHEDULER_CLS  # noqa: E402
+
+
+class SegmentedScheduler(Scheduler):
+    """vLLM's scheduler plus segment-by-segment prefill of kvreuse placements."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.scheduler_config.async_scheduling:
+            raise KVReuseError("kvreuse: the segmented-prefill scheduler (--scheduler-cls " + SCHEDULER_CLS + ") runs "
+                               "with synchronous scheduling only; add --no-async-scheduling")
+        from kvreuse.connector.connector import KVReuseConnector
+
+        if not isinstance(self.connector, KVReuseConnector):
+            raise KVReuseError("kvreuse: --scheduler-cls " + SCHEDULER_CLS + " needs the kvreuse connector: add "
+                               "--kv-transfer-config '{\"kv_connector\":\"KVReuseConnector\",\"kv_role\":\"kv_both\"}'")
+        self._segments = self.connector.enable_segments(self.hash_block_size)
+        self._scheduled_at: float | None = None
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        for request in self.running:
+            n = self._segments.advance(request)
+            if n:
+                request.num_computed_tokens += n
+                ps = request.prefill_stats  # what clients see as cached_tokens
+                if ps is not None and request.num_preemptions <= 0:
+                    ps.num_external_cached_tokens += n
+                    ps.num_cached_tokens += n
+                    ps.num_computed_tokens -= n
+        out = super().schedule(*args, **kwargs)
+        meta = out.kv_connector_metadata
+        if meta is not None and getattr(meta, "loads", None):
+            # vLLM starts a step's loads before the forward only when it saw a synchronous claim itself
+            # (a new request's prefix); a placement in a running request needs the same ordering
+            out.has_sync_kv_loads = True
+        self._scheduled_at = time.perf_counter() if out.total_num_scheduled_tokens else None
+        return out
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any):
+        if self._scheduled_at is not None:  # a synchronous step: schedule → execute → here
+            self._segments.cost.observe_step(time.perf_counter() - self._scheduled_at,
+                                             scheduler_output.total_num_scheduled_tokens,
+                                             len(scheduler_output.num_scheduled_tokens))
+            self._scheduled_at = None
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _try_schedule_encoder_inputs(self, request: Any, num_computed_tokens: int, num_new_tokens: int,
+                                     *args: Any, **kwargs: Any):
+        num_new_tokens = self._segments.cap(request, num_computed_tokens, num_new_tokens)
+        return super()._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens, *args, **kwargs)
+
+    def _reserve_prefill_lookahead(self, request: Any, num_computed_tokens: int, num_new_tokens: int) -> int:
+        num_new_tokens = self._segments.cap(request, num_computed_tokens, num_new_tokens)
+        return super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
