@@ -3,13 +3,18 @@
     .venv/bin/python bench/hotpath_bench.py                 # ~1 min on 2 CPU cores
     .venv/bin/python bench/hotpath_bench.py --steps 100 --layers 16
 
+On a machine whose cores are shared with other busy processes, set `OMP_NUM_THREADS=1`: PyTorch's
+OpenMP teams spin at every barrier and a descheduled team member stalls each op, which swamps
+what is measured here.
+
 No vLLM server: a `WorkerSide` over synthetic CPU_ATTN caches (the shapes vLLM's CPU backend
 hands it).  Each step places `--loads` stored chunks at new positions (`start_load` + every
 layer's `load_layer`, what a forward pass waits for) and, in the busy arm, also saves
 `--saves` chunks computed in new contexts, so the store's thread relocates them and fits their
 patches (SVDs) while later steps load.  Reported: load time per step (p50, p99) for both arms,
 their ratio, the time of the save call itself (copy out + `ingest`), and how many patch fits
-ran during the busy arm.  Seeded; one warm-up step per arm.
+ran during the busy arm.  Seeded; a whole idle arm runs first as a warm-up (allocator, tables)
+and one warm-up step opens each arm.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ def main() -> None:
             assert not w.take_failed_blocks()
         return loads, saves
 
+    arm(False)  # warm-up
     idle, _ = arm(False)
     fits0 = w.store.snapshot_stats().captured_patches
     busy, saves = arm(True)
