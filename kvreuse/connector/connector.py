@@ -128,7 +128,8 @@ class KVReuseConnector(KVConnectorBase_V1):
             self._scheduler = SchedulerSide(self.cfg, key_fp.digest, _token_ids(vllm_config, ch.boundary_tokens),
                                             allow_faults, _positions_fn(vllm_config),
                                             end_ids=_token_ids(vllm_config, ch.end_tokens, as_text=True),
-                                            block_size=vllm_config.cache_config.block_size)
+                                            block_size=vllm_config.cache_config.block_size,
+                                            rank_digests=[f.digest for f in key_fp.all_ranks()])
             cls = vllm_config.scheduler_config.scheduler_cls
             if getattr(cls, "__name__", str(cls or "")).rsplit(".", 1)[-1] != "SegmentedScheduler":
                 log.warning("kvreuse: vLLM's own scheduler claims only a prefix, so the first chunk that is not "

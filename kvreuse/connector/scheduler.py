@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -39,6 +39,7 @@ from kvreuse.connector.plan import Placement, Plan, plan_saves, plan_segments
 from kvreuse.connector.remote import RemoteLookup
 from kvreuse.connector.segment import Chunk, mm_spans, segment
 from kvreuse.connector.stats import ReuseStats
+from kvreuse.store import scan_index
 
 log = logging.getLogger("kvreuse.connector")
 _SALT = b"kvreuse-approximate-kv"
@@ -86,7 +87,8 @@ class _Req:
 class SchedulerSide:
     def __init__(self, cfg: ConnectorConfig, model_digest: bytes, boundary_ids: frozenset[int],
                  allow_fault_injection: bool = False, positions_fn: PositionsFn | None = None,
-                 end_ids: frozenset[int] = frozenset(), block_size: int = 16) -> None:
+                 end_ids: frozenset[int] = frozenset(), block_size: int = 16,
+                 rank_digests: Sequence[bytes] = ()) -> None:
         self.cfg, self.model_digest, self.boundary_ids, self.end_ids = cfg, model_digest, boundary_ids, end_ids
         self.positions_fn = positions_fn  # M-RoPE models only
         self.allow_fault_injection = allow_fault_injection
@@ -94,8 +96,13 @@ class SchedulerSide:
         self.segmented = False  # set by the scheduler extension
         self.cost = CostModel(**dataclasses.asdict(cfg.cost))
         st = cfg.store  # with a shared Redis tier, also see what other instances stored there
-        remote = RemoteLookup(st.redis_url, st.redis_bytes, model_digest) if st.redis_url and st.redis_bytes else None
+        ranks = list(rank_digests) or [model_digest]  # every TP/PP rank's fingerprint: a chunk needs all of them
+        remote = RemoteLookup(st.redis_url, st.redis_bytes, ranks) if st.redis_url and st.redis_bytes else None
         self.directory = Directory(remote)
+        if st.disk_path and st.disk_bytes:  # restart-warm: what the workers' disk tiers hold (headers only)
+            for r in scan_index(st.disk_path, ranks):
+                for sig in r.contexts:
+                    self.directory.record(r.key, r.num_tokens, sig, r.preceding.get(sig, ()))
         self.reqs: dict[str, _Req] = {}
         self.modalities: dict[str, list[str]] = {}  # request -> modality of each mm feature (encoder counts)
         self.stats = ReuseStats()
