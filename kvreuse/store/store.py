@@ -10,7 +10,7 @@ Saving.  :meth:`ChunkStore.ingest` is the one call a saver makes: it queues the 
 bounded background queue and returns at once (a full queue drops the chunk and counts it).  The
 background thread decides what the KV is — a new entry, or a stored chunk seen in a new context —
 relocates the latter into the entry's positional frame, keeps it as in-context KV, fits its
-conditioning patch, and publishes the result.
+conditioning patch, and publishes the result (:mod:`kvreuse.store.ingest`).
 
 Pressure.  Before an insert, the target tier makes room: first it *demotes* entries that hold
 full in-context KV (lowest priority first: that KV is dropped, its context keeps its patch, or
@@ -49,6 +49,7 @@ import torch
 from kvreuse.store.background import Background
 from kvreuse.store.config import StoreConfig
 from kvreuse.store.entry import ISOLATED, ChunkEntry, ChunkView, as_signature
+from kvreuse.store.ingest import Ingester, IngestJob
 from kvreuse.store.keys import ChunkKey, ModelFingerprint, token_bytes
 from kvreuse.store.persist import EntryCorrupt
 from kvreuse.store.placement import _AUTO, FitJob, SpillJob, TierStack
@@ -61,18 +62,6 @@ from kvreuse.store.writethrough import RedisWriteThrough
 
 Tokens = Sequence[int] | torch.Tensor
 log = logging.getLogger("kvreuse.store")
-
-
-@dataclass
-class IngestJob:
-    """A chunk handed to :meth:`ChunkStore.ingest`; ``entry`` holds the KV as copied out (its own frame)."""
-
-    entry: ChunkEntry
-    rope: Any
-
-    @property
-    def nbytes(self) -> int:
-        return self.entry.k.numel() * self.entry.k.element_size() * 2
 
 
 @dataclass
@@ -110,7 +99,6 @@ class ChunkStore:
         if len(self.model) != 16:
             raise ValueError(f"model: expected a 16-byte fingerprint digest, got {len(self.model)} bytes")
         self.config, self.policy_name = config, policy
-        self.capture_patches = capture_patches
         self.stats = StoreStats()
         self._lock = threading.RLock()
         self.memory: list[MemoryTier] = []
@@ -129,7 +117,7 @@ class ChunkStore:
                                                  write_through_pending_bytes)
                                if redis_write_through and self.redis is not None else None)
         self._inflight: dict[ChunkKey, Rehydration] = {}
-        self._ingesting: dict[ChunkKey, IngestJob] = {}
+        self._ingester = Ingester(self, self._lock, self.tiers, self.stats, capture_patches)
         self._loads = ThreadPoolExecutor(io_threads, thread_name_prefix="kvreuse-load")
         self._bg = Background(self._run_background, ingest_items=ingest_items, ingest_bytes=ingest_bytes,
                               work_items=1 << 16, work_bytes=background_bytes)
@@ -148,18 +136,13 @@ class ChunkStore:
         job = IngestJob(ChunkEntry(key=key, token_ids=token_ids, positions=positions, k=k, v=v, context=context,
                                    recompute_cost=recompute_cost), rope)
         with self._lock:
-            prev = self._ingesting.get(key)
-            self._ingesting[key] = job
+            prev = self._ingester.register(job)
         if self._bg.offer("ingest", job, job.nbytes):
             with self._lock:
                 self.stats.ingests += 1
             return True
         with self._lock:
-            if self._ingesting.get(key) is job:
-                if prev is None:
-                    del self._ingesting[key]
-                else:
-                    self._ingesting[key] = prev
+            self._ingester.unregister(job, prev)
             self.stats.dropped_ingests += 1
             if not self._held(key):
                 self.tiers.lost.append(key)
@@ -171,110 +154,30 @@ class ChunkStore:
 
     def _held(self, key: ChunkKey) -> bool:
         """With the lock held: whether this store keeps ``key`` locally (memory, on its way to disk, disk)."""
-        return (any(key in t for t in self.memory) or key in self.tiers.spilling or key in self._ingesting
+        return (any(key in t for t in self.memory) or key in self.tiers.spilling or key in self._ingester.pending
                 or (self.disk is not None and key in self.disk))
 
     def _run_background(self, item: Any) -> None:
         if isinstance(item, IngestJob):
-            t0 = time.perf_counter()
             try:
-                self._ingest(item)
+                self._ingester.run(item)
             except Exception:  # a failed save is a future miss, never a failed request
                 log.exception("kvreuse: ingesting chunk %s failed", item.entry.key.hex()[:12])
                 with self._lock:
                     self.stats.failed_ingests += 1
-            finally:
-                with self._lock:
-                    if self._ingesting.get(item.entry.key) is item:
-                        del self._ingesting[item.entry.key]
-                    if not self._held(item.entry.key) and self.redis is None:
-                        self.tiers.lost.append(item.entry.key)
-                    self.stats.ingest_seconds.observe(time.perf_counter() - t0)
+            with self._lock:
+                if not self._held(item.entry.key) and self.redis is None:
+                    self.tiers.lost.append(item.entry.key)
         else:
             self._run_work(item)
         self._drain()
 
-    def _ingest(self, job: IngestJob) -> None:
-        e = job.entry
-        tok = token_bytes(e.token_ids)
-        with self._lock:
-            base = next((t.entries[e.key] for t in self.memory if e.key in t), None)
-            lower = base is None and (e.key in self.tiers.spilling or e.key in self._inflight
-                                      or (self.disk is not None and e.key in self.disk))
-        if base is None and (lower or (self.redis is not None and self.contains(e.key) is not None)):
-            h = self.fetch(e.key, e.token_ids)  # disk or Redis I/O: this thread, outside the lock
-            try:
-                base = h.result(60.0) if h is not None else None
-            except (ChunkLoadError, TimeoutError):
-                base = None
-        if base is None:
-            if self.put(e):
-                with self._lock:
-                    self.stats.ingested_entries += 1
-            return
-        if token_bytes(base.token_ids) != tok:
-            with self._lock:
-                self._mismatch()
-            return
-        if base.has_context(e.context):
-            return
-        # A stored chunk computed in another context: its KV in the entry's frame, and its patch.
-        k = e.k
-        if not torch.equal(e.positions, base.positions):
-            if job.rope is None:
-                raise ValueError("ingest: a chunk at other positions than its stored entry needs `rope`")
-            from kvreuse.ops import relocate
-
-            k = relocate(e.k, e.positions, base.positions, job.rope)
-        k, v = k.to(base.k.device), e.v.to(base.k.device)
-        patch = self._fit(k, v, base.k, base.v) if self.capture_patches else None
-        with self._lock:
-            self._publish_context(e.key, e.context, base, (k, v), patch)
-
-    def _fit(self, k: torch.Tensor, v: torch.Tensor, base_k: torch.Tensor, base_v: torch.Tensor) -> Any:
-        """A patch for in-context ``k, v`` over the base, or None (no fit configured, or it failed)."""
-        fit = self.tiers.fit_fn()
-        if fit is None:
-            return None
-        try:  # deltas in fp32: the residue is small next to K and V, so a bf16 subtraction would lose it
-            return fit(k.float() - base_k.float(), v.float() - base_v.float(), base_k=base_k, base_v=base_v,
-                       dtype=base_k.dtype)
-        except (RuntimeError, ValueError):  # e.g. non-finite KV: the context reads as base KV
-            with self._lock:
-                self.stats.failed_fits += 1
-            return None
-
-    def _publish_context(self, key: ChunkKey, ctx: bytes, base: ChunkEntry,
-                         kv: tuple[torch.Tensor, torch.Tensor] | None, patch: Any) -> None:
-        """With the lock held: add a context's patch, then its KV, to ``key``'s memory entry if room allows.
-
-        ``base`` is the entry both were computed against; skipped when that entry left memory or
-        was replaced by one with another base meanwhile.
-        """
-        for i, t in enumerate(self.memory):
-            cur = t.entries.get(key)
-            if cur is None:
-                continue
-            if cur.context != base.context or not torch.equal(cur.positions, base.positions):
-                return
-            if patch is not None and ctx not in cur.patches and self.tiers.make_room(i, int(patch.nbytes), key):
-                cur.add_patch(ctx, patch)
-                t.resized(key)
-                self.stats.captured_patches += 1
-            if kv is not None and ctx not in cur.in_context:
-                n = sum(x.numel() * x.element_size() for x in kv)
-                if self.tiers.make_room(i, n, protect=key):
-                    cur.add_context_kv(ctx, *kv)
-                    t.resized(key)
-                    self.stats.ingested_contexts += 1
-            return
-
     def _run_work(self, w: FitJob | SpillJob) -> None:
         if isinstance(w, FitJob):
-            patch = self._fit(w.k, w.v, w.base.k, w.base.v)
+            patch = self._ingester.fit(w.k, w.v, w.base.k, w.base.v)
             if patch is not None:
                 with self._lock:
-                    self._publish_context(w.key, w.context, w.base, None, patch)
+                    self._ingester.publish_context(w.key, w.context, w.base, None, patch)
         else:
             self._disk_writer.write(w.entry, copy=w.copy)
 
@@ -455,7 +358,7 @@ class ChunkStore:
                 return h.source if ok(h.token_ids) else None
             if self.disk is not None and key in self.disk:
                 return "disk" if ok(self.disk.index[key].token_ids) else None
-            e = self._ingested(key)
+            e = self._ingester.pending_entry(key)
             if e is not None:
                 return "ingest" if ok(e.token_ids) else None
         if self.redis is not None:
@@ -477,11 +380,6 @@ class ChunkStore:
         finally:
             self._drain(inline=False)  # what making room deferred runs in the background, never here
             self.stats.lookup_seconds.observe(time.perf_counter() - t0)
-
-    def _ingested(self, key: ChunkKey) -> ChunkEntry | None:
-        """With the lock held: a chunk still queued for ingest, as copied out (a new key only)."""
-        job = self._ingesting.get(key)
-        return job.entry if job is not None else None
 
     def _fetch(self, key: ChunkKey, tok: bytes, t0: float) -> Rehydration | None:
         with self._lock:
@@ -511,7 +409,7 @@ class ChunkStore:
                 if reader is not None:
                     return self._start_load(key, tok, reader, "disk", t0)
                 self.stats.tier("disk").misses += 1
-            e = self._ingested(key)
+            e = self._ingester.pending_entry(key)
             if e is not None:  # a new chunk still queued for ingest: served from the bytes handed over, no wait
                 return Rehydration.completed(e, "ingest") if token_bytes(e.token_ids) == tok else self._mismatch()
         reader = self.redis.open(key) if self.redis is not None else None  # network: outside the lock

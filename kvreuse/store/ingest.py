@@ -1,0 +1,155 @@
+"""What a saved chunk becomes: the store's ingest path, run on its background thread.
+
+:meth:`ChunkStore.ingest` registers the chunk here (``pending``: lookups of a new key are served
+from these bytes until it is stored) and queues it; :meth:`Ingester.run` then decides:
+
+* a key the store does not hold becomes a new entry (``ChunkStore.put``);
+* a stored key computed in another context: its KV is relocated into the entry's positional
+  frame (``kvreuse.ops.relocate``), its patch fitted on in-context − base, and both are added
+  to the entry if the memory tier can make room — the patch first, as it is the smaller;
+* a context the entry already holds is a no-op.
+
+Fits (SVDs) and any disk or Redis reads run outside the store's lock; the lock is taken to look
+up and to publish.  Demotion's patch fits use :meth:`Ingester.fit` and :meth:`publish_context` too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvreuse.store.entry import ChunkEntry
+from kvreuse.store.keys import ChunkKey, token_bytes
+from kvreuse.store.placement import TierStack
+from kvreuse.store.rehydrate import ChunkLoadError
+from kvreuse.store.stats import StoreStats
+
+if TYPE_CHECKING:
+    from kvreuse.store.store import ChunkStore
+
+
+@dataclass
+class IngestJob:
+    """A chunk handed to :meth:`ChunkStore.ingest`; ``entry`` holds the KV as copied out (its own frame)."""
+
+    entry: ChunkEntry
+    rope: Any
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.k.numel() * self.entry.k.element_size() * 2
+
+
+class Ingester:
+    """The ingest decisions of one store; ``lock`` is the store's (it guards ``pending`` and ``stats``)."""
+
+    def __init__(self, store: "ChunkStore", lock: threading.RLock, tiers: TierStack, stats: StoreStats,
+                 capture_patches: bool) -> None:
+        self.store, self.lock, self.tiers, self.stats = store, lock, tiers, stats
+        self.capture_patches = capture_patches
+        self.pending: dict[ChunkKey, IngestJob] = {}
+
+    def pending_entry(self, key: ChunkKey) -> ChunkEntry | None:
+        """With the lock held: the KV of a chunk still queued for ingest, as copied out."""
+        job = self.pending.get(key)
+        return job.entry if job is not None else None
+
+    def register(self, job: IngestJob) -> IngestJob | None:
+        """With the lock held: make ``job`` the pending one of its key; returns the one it replaced."""
+        prev = self.pending.get(job.entry.key)
+        self.pending[job.entry.key] = job
+        return prev
+
+    def unregister(self, job: IngestJob, prev: IngestJob | None = None) -> None:
+        """With the lock held: ``job`` is done (or was dropped; ``prev`` is pending again)."""
+        key = job.entry.key
+        if self.pending.get(key) is job:
+            if prev is None:
+                del self.pending[key]
+            else:
+                self.pending[key] = prev
+
+    def run(self, job: IngestJob) -> None:
+        """Store ``job``'s chunk: a new entry, or a stored chunk's new context (see the module doc)."""
+        t0 = time.perf_counter()
+        try:
+            self._ingest(job)
+        finally:
+            with self.lock:
+                self.unregister(job)
+                self.stats.ingest_seconds.observe(time.perf_counter() - t0)
+
+    def _ingest(self, job: IngestJob) -> None:
+        e = job.entry
+        with self.lock:
+            base = next((t.entries[e.key] for t in self.tiers.memory if e.key in t), None)
+        if base is None and self.store.contains(e.key) not in (None, "ingest"):
+            h = self.store.fetch(e.key, e.token_ids)  # disk or Redis I/O: this thread, outside the lock
+            try:
+                base = h.result(60.0) if h is not None else None
+            except (ChunkLoadError, TimeoutError):
+                base = None
+        if base is None:
+            if self.store.put(e):
+                with self.lock:
+                    self.stats.ingested_entries += 1
+            return
+        if token_bytes(base.token_ids) != token_bytes(e.token_ids):
+            with self.lock:
+                self.stats.token_mismatches += 1
+            return
+        if base.has_context(e.context):
+            return
+        k = e.k
+        if not torch.equal(e.positions, base.positions):
+            if job.rope is None:
+                raise ValueError("ingest: a chunk at other positions than its stored entry needs `rope`")
+            from kvreuse.ops import relocate
+
+            k = relocate(e.k, e.positions, base.positions, job.rope)  # into the entry's frame
+        k, v = k.to(base.k.device), e.v.to(base.k.device)
+        patch = self.fit(k, v, base.k, base.v) if self.capture_patches else None
+        with self.lock:
+            self.publish_context(e.key, e.context, base, (k, v), patch)
+
+    def fit(self, k: torch.Tensor, v: torch.Tensor, base_k: torch.Tensor, base_v: torch.Tensor) -> Any:
+        """A patch for in-context ``k, v`` over the base (all ``[L, N, H, D]``), or None (no fit, or it failed)."""
+        fit = self.tiers.fit_fn()
+        if fit is None:
+            return None
+        try:  # deltas in fp32: the residue is small next to K and V, so a bf16 subtraction would lose it
+            return fit(k.float() - base_k.float(), v.float() - base_v.float(), base_k=base_k, base_v=base_v,
+                       dtype=base_k.dtype)
+        except (RuntimeError, ValueError):  # e.g. non-finite KV: the context reads as base KV
+            with self.lock:
+                self.stats.failed_fits += 1
+            return None
+
+    def publish_context(self, key: ChunkKey, ctx: bytes, base: ChunkEntry,
+                        kv: tuple[torch.Tensor, torch.Tensor] | None, patch: Any) -> None:
+        """With the lock held: add a context's patch, then its KV, to ``key``'s memory entry if room allows.
+
+        ``base`` is the entry both were computed against; skipped when that entry left memory or
+        was replaced by one with another base meanwhile.
+        """
+        for i, t in enumerate(self.tiers.memory):
+            cur = t.entries.get(key)
+            if cur is None:
+                continue
+            if cur.context != base.context or not torch.equal(cur.positions, base.positions):
+                return
+            if patch is not None and ctx not in cur.patches and self.tiers.make_room(i, int(patch.nbytes), key):
+                cur.add_patch(ctx, patch)
+                t.resized(key)
+                self.stats.captured_patches += 1
+            if kv is not None and ctx not in cur.in_context:
+                n = sum(x.numel() * x.element_size() for x in kv)
+                if self.tiers.make_room(i, n, protect=key):
+                    cur.add_context_kv(ctx, *kv)
+                    t.resized(key)
+                    self.stats.ingested_contexts += 1
+            return
