@@ -48,7 +48,7 @@ class ChunkingConfig:
     """
 
     min_tokens: int = 16
-    avg_tokens: int = 64
+    avg_tokens: int = 32  # with min 16: cuts where 4 hash bits are 0, chunks of ~32 tokens (a change point costs ~one)
     max_tokens: int = 256
     boundary_tokens: tuple[str, ...] = ("<|im_start|>",)
     end_tokens: tuple[str, ...] = ("\n\n",)

