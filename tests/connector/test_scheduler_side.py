@@ -1,0 +1,121 @@
+"""The scheduler side without vLLM: segment advance and cap, block-hash salting, per-request state."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from kvreuse.connector.config import ConnectorConfig
+from kvreuse.connector.scheduler import SchedulerSide
+
+START = 2
+BS = 16
+
+
+@dataclass
+class Req:
+    request_id: str
+    prompt_token_ids: list[int]
+    num_computed_tokens: int = 0
+    kv_transfer_params: dict | None = None
+    cache_salt: str | None = None
+    mm_features: list = field(default_factory=list)
+    lora_request: object = None
+    block_hashes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.block_hashes = [bytes([i % 256]) * 32 for i in range(len(self.prompt_token_ids) // BS)]
+
+
+def side(**cost) -> SchedulerSide:
+    cfg = ConnectorConfig.from_extra_config({"chunking": {"min_tokens": 16, "avg_tokens": 32, "max_tokens": 64},
+                                            "cost": {"learn": False, "step_overhead_s": 0.0, **cost}})
+    s = SchedulerSide(cfg, b"m" * 16, frozenset({START}), block_size=BS)
+    s.segmented = True
+    return s
+
+
+def msg(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [START] + [rng.randrange(10, 500) for _ in range(n)]
+
+
+def sched_out(reqs, scheduled):
+    return SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, num_computed_tokens=r.num_computed_tokens)
+                                               for r in reqs],
+                           scheduled_cached_reqs=SimpleNamespace(req_ids=[], num_computed_tokens=[]),
+                           num_scheduled_tokens=scheduled, scheduled_encoder_inputs={})
+
+
+def run_to_end(s: SchedulerSide, r: Req, blocks=lambda rid: list(range(64))):
+    """Drive one request as the segmented scheduler would, one segment per step; returns the loads."""
+    loads = []
+    s.after_alloc(r, s.matched(r, 0))
+    r.num_computed_tokens = s.reqs[r.request_id].plan.leading
+    n = len(r.prompt_token_ids)
+    while r.num_computed_tokens < n:
+        r.num_computed_tokens += s.advance(r)
+        new = s.cap(r, r.num_computed_tokens, n - r.num_computed_tokens)
+        out = sched_out([r], {r.request_id: new})
+        meta = s.build_meta(out, blocks)
+        loads += [(it.dst_start, it.dst_end) for ld in meta.loads for it in ld.items]
+        r.num_computed_tokens += new
+    return loads
+
+
+def test_segments_advance_and_cap_like_the_scheduler():
+    s = side()
+    A, B, C = msg(1, 120), msg(2, 120), msg(3, 120)
+    run_to_end(s, Req("r1", A + B + C + msg(4, 5)))
+    prompt = msg(5, 40) + B + msg(6, 30) + A + msg(7, 20) + C + msg(8, 5)
+    r = Req("r2", prompt)
+    loads = run_to_end(s, r)
+    placed = sum(b - a for a, b in loads)
+    assert placed >= 3 * 100, loads
+    for a, b in loads:  # every placed range holds tokens of a stored passage, at its place in this prompt
+        assert any(any(prompt[a:b] == m[i:i + b - a] for i in range(len(m))) for m in (A, B, C))
+    st = s.reqs["r2"]
+    assert len(st.used) == 3 and not st.pending
+
+
+def test_state_is_freed_on_finish_and_abort():
+    s = side()
+    base = msg(10, 200)
+    run_to_end(s, Req("warm", base + msg(11, 3)))
+    s.finished(Req("warm", []))
+    for i in range(300):  # many requests planned, then aborted before they finish
+        r = Req(f"a{i}", msg(100 + i, 20) + base + msg(12, 3))
+        s.after_alloc(r, s.matched(r, 0))
+        s.advance(r)
+        s.finished(r)
+    assert s.reqs == {} and s.modalities == {}
+
+
+def test_approximate_placements_salt_block_hashes_from_their_block():
+    s = side()
+    A, B = msg(20, 100), msg(21, 100)
+    run_to_end(s, Req("r1", A + B + msg(22, 5)))
+    r = Req("r2", msg(23, 50) + B + msg(24, 5))   # B now follows other text: not exact
+    orig = list(r.block_hashes)
+    s.matched(r, 0)
+    plan = s.reqs["r2"].plan
+    first = plan.first_approximate
+    assert first is not None
+    k = first // BS
+    assert r.block_hashes[:k] == orig[:k] and all(x != y for x, y in zip(r.block_hashes[k:], orig[k:]))
+    again = list(r.block_hashes)
+    s.matched(r, 0)                                    # idempotent: planning again changes nothing
+    assert r.block_hashes == again
+    exact = Req("r3", A + B + msg(25, 5))              # the same passages in the same order: exact
+    eh = list(exact.block_hashes)
+    s.matched(exact, 0)
+    assert exact.block_hashes == eh
+
+
+def test_opted_out_and_unsalted_under_salted_only_plan_nothing():
+    s = side()
+    A = msg(30, 200)
+    run_to_end(s, Req("r1", A + msg(31, 3)))
+    out = Req("r2", msg(32, 20) + A + msg(33, 3), kv_transfer_params={"kvreuse": False})
+    assert s.matched(out, 0) == 0 and "r2" not in s.reqs
