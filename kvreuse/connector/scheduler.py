@@ -159,7 +159,9 @@ class SchedulerSide:
         idx = first_token // self.hash_block_size
         if st.salted_from is not None and st.salted_from <= idx:
             return
-        hashes = req.block_hashes
+        hashes = getattr(req, "block_hashes", None)
+        if not hashes:
+            return
         if st.orig_hashes is None:
             st.orig_hashes = list(hashes)
         for i in range(idx, len(hashes)):
@@ -264,7 +266,7 @@ class SchedulerSide:
             st.saved = True
             self._count_segments(st, prompt_len)
             items = plan_saves(st.request.prompt_token_ids, st.chunks, st.keys, self.directory, st.placed,
-                               self.cfg.policy.capture_patches, st.positions, self.cost.min_tokens)
+                               self.cfg.policy.capture_patches, st.positions)
             if items:
                 meta.saves.append(ReqSave(rid, list(block_ids_of(rid)), [dataclasses.replace(it, recent=()) for it in items]))
                 for it in items:  # recorded now: the worker copies the KV out in this very step
