@@ -10,8 +10,8 @@ network, and a Redis outage costs nothing but misses.
 Bounds: at most `max_entries` records are kept (the rest are misses); records are trusted for
 `ttl_seconds` after the last successful refresh, after which every lookup misses until Redis
 answers again (an index that cannot be refreshed would claim chunks that may be gone).  The
-thread sleeps at least nine times as long as a refresh took, so it never takes more than a tenth
-of the scheduler process's interpreter.
+thread sleeps at least nine times the CPU time a refresh took, so it never takes more than a
+tenth of the scheduler process's interpreter.
 
 With tensor (or pipeline) parallelism each rank stores its own KV under its own fingerprint;
 a chunk is listed only when every rank's fingerprint holds it.
@@ -109,14 +109,15 @@ class RemoteLookup:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            t0 = time.monotonic()
+            cpu0 = time.thread_time()
             try:
                 self.refresh()
             except Exception:  # never let the index thread die; a failed refresh is only staleness
                 log.exception("kvreuse: refreshing the shared tier's index failed")
-            # A large, busy index takes long to copy: wait 9x as long as that took, so this thread holds
-            # the interpreter (the scheduler's) at most a tenth of the time.
-            self._stop.wait(max(self.refresh_seconds, 9 * (time.monotonic() - t0)))
+            # A large, busy index takes long to copy: wait 9x the CPU time that took (not the wall time,
+            # which waiting on Redis or on a busy host inflates), so this thread holds the interpreter
+            # (the scheduler's) at most a tenth of the time.
+            self._stop.wait(max(self.refresh_seconds, 9 * (time.thread_time() - cpu0)))
 
     def close(self) -> None:
         self._stop.set()
