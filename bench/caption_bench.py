@@ -112,6 +112,7 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="kvreuse-caption-bench-")
     extra = ["--limit-mm-per-prompt", json.dumps({"image": a.window, "video": 0}), *encoder_count_args()]
     runs = {arm: [] for arm in ARMS}
+    commands: dict[str, str] = {}
     t0 = time.time()
     for rep in range(a.repeats):
         trace = caption_trace(a.turns, seed=100 * (a.seed + 1) + rep, **shape)
@@ -122,6 +123,7 @@ def main() -> int:
             with serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp, extra=extra,
                        env=encoder_count_env(enc_log)) as srv:
                 runs[arm].append(run_arm(srv, model_dir, enc_log, trace, warm))
+                commands[arm] = srv.command()
     elapsed = time.time() - t0
 
     def med(arm: str, t: int, key: str):
@@ -161,7 +163,7 @@ def main() -> int:
               f"at most {enc:.0f} (target 1: only the new picture); median TTFT ratio "
               f"{fmt(summary['median_ttft_ratio_from_turn2'])}")
     write_json(a.out, {"bench": "caption", "args": vars(a), "model": spec.tag(), "turns": table, "summary": summary,
-                       "runs": runs, "elapsed_s": elapsed})
+                       "runs": runs, "elapsed_s": elapsed, "server_commands": commands})
     return 0
 
 

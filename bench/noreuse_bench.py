@@ -67,6 +67,7 @@ def main() -> int:
     kvcfg = json.loads(a.kvreuse_config) if a.kvreuse_config else None
     tmp = tempfile.mkdtemp(prefix="kvreuse-noreuse-bench-")
     runs = {arm: [] for arm in ARMS}
+    commands: dict[str, str] = {}
     t0 = time.time()
     for rep in range(a.repeats):
         seed = 1000 * (a.seed + 1) + rep
@@ -86,6 +87,7 @@ def main() -> int:
         for arm in arm_order(rep):
             with serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp) as srv:
                 runs[arm].append(client_run(srv, model_dir, args, warm))
+                commands[arm] = srv.command()
     elapsed = time.time() - t0
 
     m, ratios = client_medians(runs)
@@ -99,7 +101,7 @@ def main() -> int:
     print(f"targets: mean TTFT <= 1.05x (got {fmt(ratios['mean_ttft_ratio'])}), throughput >= 0.95x "
           f"(got {fmt(ratios['throughput_ratio'])}); p99 ratio {fmt(ratios['p99_ttft_ratio'])}")
     write_json(a.out, {"bench": "noreuse", "args": vars(a), "model": spec.tag(), "medians": m, "summary": summary,
-                       "runs": runs, "elapsed_s": elapsed})
+                       "runs": runs, "elapsed_s": elapsed, "server_commands": commands, "client_args": args})
     return 0
 
 

@@ -75,6 +75,7 @@ def main() -> int:
     kvcfg = json.loads(a.kvreuse_config) if a.kvreuse_config else None
     tmp = tempfile.mkdtemp(prefix="kvreuse-rag-bench-")
     runs = {arm: [] for arm in ARMS}
+    commands: dict[str, str] = {}
     t0 = time.time()
     for rep in range(a.repeats):
         seed = 1000 * (a.seed + 1) + rep
@@ -89,6 +90,7 @@ def main() -> int:
         for arm in arm_order(rep):
             with serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp) as srv:
                 runs[arm].append(client_run(srv, model_dir, args, warm))
+                commands[arm] = srv.command()
     elapsed = time.time() - t0
 
     m, ratios = client_medians(runs)
@@ -105,7 +107,7 @@ def main() -> int:
           f"(got {fmt(ratios['mean_ttft_ratio'])}), p99 <= 1.00x (got {fmt(ratios['p99_ttft_ratio'])}), "
           f"load p50 <= 15 ms (got {fmt(k['load_ms_p50'], '.1f')})")
     write_json(a.out, {"bench": "rag", "args": vars(a), "model": spec.tag(), "medians": m, "summary": summary,
-                       "runs": runs, "elapsed_s": elapsed})
+                       "runs": runs, "elapsed_s": elapsed, "server_commands": commands, "client_args": args})
     return 0
 
 

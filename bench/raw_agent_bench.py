@@ -112,6 +112,7 @@ def main() -> int:
                  question_words=a.question_words, words=words, separators=a.separators)
     kvcfg = json.loads(a.kvreuse_config) if a.kvreuse_config else None
     runs = {arm: [] for arm in ARMS}  # per arm: one list of turn rows per repeat
+    commands: dict[str, str] = {}
     traces = []
     t0 = time.time()
     for rep in range(a.repeats):
@@ -121,6 +122,7 @@ def main() -> int:
         for arm in arm_order(rep):
             with serve(arm, model_dir, kvreuse_config=kvcfg) as srv:
                 runs[arm].append(run_arm(srv, model_dir, trace, warm))
+                commands[arm] = srv.command()
     elapsed = time.time() - t0
 
     def med(arm: str, t: int, key: str):
@@ -170,7 +172,7 @@ def main() -> int:
               f"(target <= 0.40); placed {placed:.1%} of prompt tokens (target >= 70%); claims by policy "
               f"(all repeats): {claims}")
     write_json(a.out, {"bench": "raw_agent", "args": vars(a), "model": spec.tag(), "turns": table, "summary": summary,
-                       "runs": runs, "elapsed_s": elapsed})
+                       "runs": runs, "elapsed_s": elapsed, "server_commands": commands})
     return 0
 
 

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -70,6 +71,10 @@ class Server:
     proc: subprocess.Popen
     log: str
     argv: list[str] = field(default_factory=list)
+
+    def command(self) -> str:
+        """The server's command line, as a shell would take it."""
+        return shlex.join(["python", *self.argv[1:]])
 
 
 def server_argv(arm: str, model_dir: str | os.PathLike, port: int, *, dtype: str = "bfloat16",
