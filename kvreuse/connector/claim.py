@@ -189,7 +189,10 @@ class SaveItem:
 
 
 def chunk_keys(token_ids: Sequence[int], chunks: Sequence[Chunk], model_digest: bytes,
-               cache_salt: str | None) -> list[bytes]:
-    """Content key digest of each chunk (model fingerprint, salt, tokens, media identifiers)."""
-    return [ChunkKey.of(model_digest, list(token_ids[c.start:c.end]), cache_salt=cache_salt, mm_ids=c.mm_ids).digest
-            for c in chunks]
+               cache_salt: str | None, lora: bytes | None = None) -> list[bytes]:
+    """Content key digest of each chunk (model fingerprint, salt, LoRA adapter, tokens, media identifiers).
+
+    `lora`: the request's adapter identity (`kvreuse.store.keys.AdapterKeys.of`), None for the base model.
+    """
+    return [ChunkKey.of(model_digest, list(token_ids[c.start:c.end]), cache_salt=cache_salt, mm_ids=c.mm_ids,
+                        lora=lora).digest for c in chunks]

@@ -40,6 +40,7 @@ from kvreuse.connector.remote import RemoteLookup
 from kvreuse.connector.segment import Chunk, mm_spans, segment
 from kvreuse.connector.stats import ReuseStats
 from kvreuse.store import scan_index
+from kvreuse.store.keys import AdapterKeys
 
 log = logging.getLogger("kvreuse.connector")
 _SALT = b"kvreuse-approximate-kv"
@@ -51,16 +52,6 @@ def opted_out(kv_transfer_params: dict[str, Any] | None) -> bool:
     if isinstance(v, dict):
         return v.get("enabled", True) is False
     return v is False or v == "off"
-
-
-def key_salt(request: Any) -> str | None:
-    """What besides content and model separates chunk keys: the cache salt and the LoRA adapter."""
-    salt = getattr(request, "cache_salt", None)
-    lora = getattr(request, "lora_request", None)
-    if lora is not None and getattr(lora, "lora_int_id", 0) > 0:
-        path = getattr(lora, "lora_path", None) or getattr(lora, "path", None) or ""
-        return f"{salt or ''}\x00lora:{lora.lora_name}:{path}"
-    return salt
 
 
 @dataclass
@@ -103,6 +94,7 @@ class SchedulerSide:
             for r in scan_index(st.disk_path, ranks):
                 for sig in r.contexts:
                     self.directory.record(r.key, r.num_tokens, sig, r.preceding.get(sig, ()))
+        self.adapters = AdapterKeys()  # LoRA adapters' identities, read once per adapter
         self.reqs: dict[str, _Req] = {}
         self.modalities: dict[str, list[str]] = {}  # request -> modality of each mm feature (encoder counts)
         self.stats = ReuseStats()
@@ -114,7 +106,9 @@ class SchedulerSide:
             tokens = list(request.prompt_token_ids or [])
             chunks = segment(tokens, self.cfg.chunking, boundary_ids=self.boundary_ids, end_ids=self.end_ids,
                              spans=mm_spans(getattr(request, "mm_features", None)))
-            keys = chunk_keys(tokens, chunks, self.model_digest, key_salt(request))
+            # besides content and model, the cache salt and the LoRA adapter (name, path, files) separate keys
+            keys = chunk_keys(tokens, chunks, self.model_digest, getattr(request, "cache_salt", None),
+                              self.adapters.of(getattr(request, "lora_request", None)))
             st = self.reqs[request.request_id] = _Req(request, chunks, keys)
             if self.positions_fn is not None:
                 try:

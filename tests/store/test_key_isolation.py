@@ -151,3 +151,29 @@ def test_tp_ranks_sharing_redis_keep_their_own_entries(redis_server):
         assert v0 is not None and torch.equal(v0.k, e.k)
         assert v1 is not None and torch.equal(v1.k, heads1.k)
         assert s0.snapshot_stats().failed_loads == 0 and s1.snapshot_stats().failed_loads == 0
+
+
+def test_scheduler_keys_requests_by_adapter(tmp_path):
+    """The scheduler's chunk keys of vLLM requests differ by LoRA adapter (and not by its engine-local int id)."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.request import Request
+
+    from kvreuse.connector.config import ConnectorConfig
+    from kvreuse.connector.scheduler import SchedulerSide
+
+    a = tmp_path / "adapter"
+    a.mkdir()
+    (a / "adapter_model.safetensors").write_bytes(_safetensors(b"\x03" * 64))
+    sched = SchedulerSide(ConnectorConfig(), FP.digest, frozenset())
+    tokens = list(range(100, 400))
+
+    def keys(rid, lora=None, salt=None):
+        r = Request(rid, tokens, SamplingParams(max_tokens=1), None, lora_request=lora, cache_salt=salt)
+        sched.matched(r, 0)
+        return sched.reqs[rid].keys
+
+    base, sql, chat = keys("b"), keys("s", LoRARequest("sql", 1, str(a))), keys("c", LoRARequest("chat", 2, str(a)))
+    assert len(base) > 1 and len({*base, *sql, *chat}) == 3 * len(base)
+    assert keys("s2", LoRARequest("sql", 9, str(a))) == sql
+    assert not set(keys("salted", salt="t")) & {*base, *sql}
