@@ -250,6 +250,8 @@ class KVReuseConnector(KVConnectorBase_V1):
             self._scheduler.lost(rep.lost_keys)
             self._scheduler.demoted(getattr(rep, "demoted_keys", None) or [])
             self._scheduler.unsaved(getattr(rep, "unsaved_req_ids", None) or [])
+            if rep.load_tokens:
+                self._scheduler.cost.observe_load(rep.load_seconds, rep.load_tokens)
 
     def enable_segments(self, hash_block_size: int):
         """Called by `kvreuse.connector.segmented.SegmentedScheduler`: plan past gaps; returns the planner."""

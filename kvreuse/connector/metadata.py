@@ -60,8 +60,11 @@ class KVReuseWorkerReport(KVConnectorWorkerMetadata):
     lost_keys: list[bytes] = field(default_factory=list)
     demoted_keys: list[bytes] = field(default_factory=list)
     unsaved_req_ids: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0   # time spent placing `load_tokens` tokens (ranks place in parallel: the slowest)
+    load_tokens: int = 0
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVReuseWorkerReport":
         assert isinstance(other, KVReuseWorkerReport)
         return KVReuseWorkerReport(self.lost_keys + other.lost_keys, self.demoted_keys + other.demoted_keys,
-                                   list(dict.fromkeys(self.unsaved_req_ids + other.unsaved_req_ids)))
+                                   list(dict.fromkeys(self.unsaved_req_ids + other.unsaved_req_ids)),
+                                   max(self.load_seconds, other.load_seconds), max(self.load_tokens, other.load_tokens))

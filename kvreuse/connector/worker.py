@@ -115,6 +115,7 @@ class WorkerSide:
         self._unsaved: list[str] = []
         self._lost: list[bytes] = []
         self._load_t = 0.0
+        self._load_obs = (0.0, 0)  # (seconds, tokens) placed since the last report: the scheduler's cost model
 
     # ---------------------------------------------------------------- setup
     def register(self, kv_caches: dict[str, torch.Tensor], backend_name: str | None, num_kv_heads: int,
@@ -247,8 +248,10 @@ class WorkerSide:
         self._layers_done.add(layer_name)
         self._load_t += time.perf_counter() - t0
         if len(self._layers_done) == len(self.layers):
+            ntok = sum(int(job.slots.numel()) for job in self._jobs)
             with self._lock:
                 self._stats.load_seconds.append(self._load_t)
+                self._load_obs = (self._load_obs[0] + self._load_t, self._load_obs[1] + ntok)
             self._jobs = []
 
     def finish_loads(self) -> None:
@@ -269,11 +272,13 @@ class WorkerSide:
         with self._lock:
             lost, self._lost = self._lost, []
             unsaved, self._unsaved = self._unsaved, []
+            load_s, load_tokens = self._load_obs
+            self._load_obs = (0.0, 0)
         lost += [k.digest for k in ev.evicted]
-        if not (lost or ev.demoted or unsaved):
+        if not (lost or ev.demoted or unsaved or load_tokens):
             return None
         return KVReuseWorkerReport(list(dict.fromkeys(lost)), list(dict.fromkeys(k.digest for k in ev.demoted)),
-                                   unsaved)
+                                   unsaved, load_s, load_tokens)
 
     # ---------------------------------------------------------------- save
     def save(self, meta: KVReuseMetadata) -> None:
