@@ -3,7 +3,8 @@
 The 1-layer float32 tiny model (reuse must be exact) with a device tier that holds only a few
 chunks, a disk tier and a real Redis tier behind it, so ordinary traffic demotes, evicts and
 rehydrates; `isolation: "salted_only"`, so only requests with a `cache_salt` store or place chunks;
-fault injection on (a request may ask for a failed load).
+fault injection on (a request may ask for a failed load); the cost model's rates fixed (on a model
+this small, learned rates would find that no placement pays, and these tests are about the store).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ DEVICE_BYTES, DISK_BYTES, REDIS_BYTES = "256KiB", "1MiB", "64MiB"
 def ops_config(disk: Path, redis_url: str) -> dict:
     return {"device_bytes": DEVICE_BYTES, "disk_path": str(disk), "disk_bytes": DISK_BYTES,
             "redis_url": redis_url, "redis_bytes": REDIS_BYTES, "isolation": "salted_only",
-            "allow_fault_injection": True}
+            "cost": {"learn": False}, "allow_fault_injection": True}
 
 
 def start_ops_server(root: Path, redis_url: str) -> Server:

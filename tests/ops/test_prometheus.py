@@ -90,3 +90,8 @@ def test_every_dashboard_panel_returns_data(ops_server, prometheus):
         if not any(math.isfinite(v) for v in values):
             empty.append(f"{name}: {expr} -> {values}")
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+    # and what the budget panel shows held at every scrape: no tier above its budget
+    peak = f"max_over_time(kvreuse_store_bytes[{WINDOW}])"
+    assert len(prometheus.query(f"{peak} <= kvreuse_store_budget_bytes")) >= 3, "tiers matched to their budgets"
+    over = prometheus.query(f"{peak} > kvreuse_store_budget_bytes")
+    assert not over, f"a tier exceeded its budget: {over}"
