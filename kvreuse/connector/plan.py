@@ -101,6 +101,7 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
     run: list[LoadItem] = []
     stored: deque[bytes] = deque(maxlen=MATCH)  # stored chunks before the current one (gaps left out)
     open_run = True  # gaps=False: only the run that starts at the prefix hit
+    memo: dict = {}
 
     def close() -> None:
         nonlocal run
@@ -118,7 +119,14 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
         e = directory.get(keys[j])
         ok = e is not None and e.num_tokens == c.num_tokens
         if c.end > num_computed and c.end <= limit and open_run:
-            pick = choose_policy(e, sig, stored, mode) if ok else None
+            pick = None
+            if ok:
+                if sig in e.contexts:
+                    pick = ("exact", sig)
+                else:  # the looser matches depend on the key and its stored neighbours only: repeats are memoised
+                    memo_key = (keys[j], tuple(stored))
+                    pick = memo[memo_key] if memo_key in memo else memo.setdefault(
+                        memo_key, choose_policy(e, sig, stored, mode))
             if pick is None:
                 close()
                 plan.misses += 1

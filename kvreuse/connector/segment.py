@@ -96,6 +96,8 @@ def segment(token_ids: Sequence[int], cfg: ChunkingConfig, *, boundary_ids: froz
         s = media.get(a)
         if s is not None:
             chunks.append(Chunk(a, b, (s.identifier,)))
+        elif b - a <= cfg.min_tokens:
+            chunks.append(Chunk(a, b))  # too short to cut
         else:
             _cut_text(a, b, hits, weak, cfg, chunks)
     return chunks
