@@ -60,10 +60,11 @@ def _kill_mid_write(path: str, start: int) -> list[int]:
 def test_sigkill_mid_write_keeps_intact_entries_only(tmp_path):
     path = str(tmp_path)
     completed: list[int] = []
+    partial = 0
     for round_ in range(3):
         completed += _kill_mid_write(path, start=1000 * round_)
         sub = os.path.join(path, FP.digest.hex())
-        assert any(f.endswith(".tmp") for f in os.listdir(sub)), "the kill left no partial file to clean up"
+        partial += any(f.endswith(".tmp") for f in os.listdir(sub))  # the rename may beat the kill
         with ChunkStore(StoreConfig(disk_path=path, disk_bytes=1 << 40), FP) as store:
             assert not any(f.endswith(".tmp") for f in os.listdir(sub))
             indexed = {k for k in store.disk.index}
@@ -75,3 +76,4 @@ def test_sigkill_mid_write_keeps_intact_entries_only(tmp_path):
             # and nothing else but possibly the entry whose rename beat the kill
             assert len(indexed) - len(completed) in (0, 1)
             assert store.snapshot_stats().failed_loads == 0
+    assert partial, "no kill of three left a partial file to clean up"
