@@ -86,7 +86,7 @@ class DirEntry:
 class Directory:
     """Keys the worker has stored, with their contexts (recorded when a save is planned, forgotten
     when the worker reports a key lost or evicted), and optionally a read-only local view of what
-    other instances stored in the shared tier (`remote.lookup`, a local read)."""
+    other instances stored in the shared tier (`remote.record`, a local read)."""
 
     def __init__(self, remote=None) -> None:
         self.entries: dict[bytes, DirEntry] = {}
@@ -101,10 +101,10 @@ class Directory:
     def get(self, digest: bytes) -> DirEntry | None:
         e = self.entries.get(digest)
         if e is None and self.remote is not None:
-            found = self.remote.lookup(digest)
-            if found is not None:
-                n, sigs = found
-                e = DirEntry(n, OrderedDict((s, ()) for s in sigs), remote=True)
+            r = self.remote.record(digest)
+            if r is not None:  # preceding keys travel with the shared tier's record where they were saved
+                e = DirEntry(r.num_tokens, OrderedDict((s, tuple(r.preceding.get(s, ())[-RECENT:]))
+                                                       for s in r.contexts[-MAX_CONTEXTS:]), remote=True)
         return e
 
     def record(self, digest: bytes, num_tokens: int, context: bytes, recent: tuple[bytes, ...] = ()) -> None:
@@ -137,15 +137,15 @@ def choose_policy(entry: DirEntry, sig: bytes, stored: Sequence[bytes], mode: st
     """
     if sig in entry.contexts:
         return "exact", sig
-    if stored or not entry.remote:
-        have = frozenset(stored)
-        fits = sorted((len(rec) - len(have), s) for s, rec in entry.contexts.items()
-                      if (rec or not (have or entry.remote)) and have <= entry.key_set(s))
-        for _, s in fits:
-            if _is_subsequence(stored, entry.contexts[s]):
-                return "survival", s
-        if fits:
-            return "reorder", fits[0][1]
+    # a context with no recorded keys is the isolated one, except on a remote entry saved without them
+    have = frozenset(stored)
+    fits = sorted((len(rec) - len(have), s) for s, rec in entry.contexts.items()
+                  if (rec or not (have or entry.remote)) and have <= entry.key_set(s))
+    for _, s in fits:
+        if _is_subsequence(stored, entry.contexts[s]):
+            return "survival", s
+    if fits:
+        return "reorder", fits[0][1]
     if mode == "patched_or_exact" or not entry.contexts:
         return None
     return "blind", next(reversed(entry.contexts))
@@ -185,7 +185,7 @@ class SaveItem:
     context: bytes  # signature of every chunk key before it
     is_new: bool    # False: the key is stored already; this is its KV in another context (patch capture)
     positions: tuple[tuple[int, ...], ...] | None = None  # M-RoPE: `[3, end - start]` (None: token indices)
-    recent: tuple[bytes, ...] = ()  # the last `RECENT` keys before it (scheduler only; stripped for workers)
+    recent: tuple[bytes, ...] = ()  # the last `RECENT` keys before it (the directory's, and persisted with the entry)
 
 
 def chunk_keys(token_ids: Sequence[int], chunks: Sequence[Chunk], model_digest: bytes,

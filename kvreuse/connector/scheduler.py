@@ -262,7 +262,7 @@ class SchedulerSide:
             items = plan_saves(st.request.prompt_token_ids, st.chunks, st.keys, self.directory, st.placed,
                                self.cfg.policy.capture_patches, st.positions)
             if items:
-                meta.saves.append(ReqSave(rid, list(block_ids_of(rid)), [dataclasses.replace(it, recent=()) for it in items]))
+                meta.saves.append(ReqSave(rid, list(block_ids_of(rid)), items))  # `recent` persists with the entry
                 for it in items:  # recorded now: the worker copies the KV out in this very step
                     self.directory.record(it.key, it.end - it.start, it.context, it.recent)
         return meta

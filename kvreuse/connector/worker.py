@@ -306,7 +306,7 @@ class WorkerSide:
                 pos = self._frame(torch.tensor(it.positions, dtype=torch.int64) if it.positions is not None
                                   else torch.arange(it.start, it.end))
                 ok = self.store.ingest(ChunkKey(it.key), torch.tensor(it.token_ids), pos, ki, vi, it.context,
-                                       rope=self.rope)
+                                       rope=self.rope, preceding=it.recent)
                 with self._lock:
                     if ok:
                         self._stats.saved_chunks += 1

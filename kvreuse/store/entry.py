@@ -211,7 +211,8 @@ class ChunkEntry:
     def shallow_copy(self) -> "ChunkEntry":
         """A copy sharing the tensors, with its own context and patch maps (safe to serialise on
         another thread while this entry gains or drops contexts)."""
-        return dataclasses.replace(self, in_context=dict(self.in_context), patches=dict(self.patches))
+        return dataclasses.replace(self, in_context=dict(self.in_context), patches=dict(self.patches),
+                                   preceding=dict(self.preceding))
 
     def to(self, device: torch.device | str, *, pin: bool = False) -> "ChunkEntry":
         """A copy of this entry with every tensor on ``device`` (pinned when ``pin`` and CPU)."""

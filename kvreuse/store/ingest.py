@@ -114,7 +114,7 @@ class Ingester:
         k, v = k.to(base.k.device), e.v.to(base.k.device)
         patch = self.fit(k, v, base.k, base.v) if self.capture_patches else None
         with self.lock:
-            self.publish_context(e.key, e.context, base, (k, v), patch)
+            self.publish_context(e.key, e.context, base, (k, v), patch, e.preceding.get(e.context))
 
     def fit(self, k: torch.Tensor, v: torch.Tensor, base_k: torch.Tensor, base_v: torch.Tensor) -> Any:
         """A patch for in-context ``k, v`` over the base (all ``[L, N, H, D]``), or None (no fit, or it failed)."""
@@ -130,11 +130,13 @@ class Ingester:
             return None
 
     def publish_context(self, key: ChunkKey, ctx: bytes, base: ChunkEntry,
-                        kv: tuple[torch.Tensor, torch.Tensor] | None, patch: Any) -> None:
+                        kv: tuple[torch.Tensor, torch.Tensor] | None, patch: Any,
+                        preceding: tuple[bytes, ...] | None = None) -> None:
         """With the lock held: add a context's patch, then its KV, to ``key``'s memory entry if room allows.
 
         ``base`` is the entry both were computed against; skipped when that entry left memory or
-        was replaced by one with another base meanwhile.
+        was replaced by one with another base meanwhile.  ``preceding``: the context's preceding
+        chunk keys, recorded with it once the entry holds its KV or patch.
         """
         for i, t in enumerate(self.tiers.memory):
             cur = t.entries.get(key)
@@ -152,4 +154,6 @@ class Ingester:
                     cur.add_context_kv(ctx, *kv)
                     t.resized(key)
                     self.stats.ingested_contexts += 1
+            if preceding and cur.has_context(ctx):
+                cur.preceding.setdefault(ctx, preceding)
             return

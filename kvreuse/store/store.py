@@ -124,17 +124,22 @@ class ChunkStore:
 
     # ---------------------------------------------------------------- ingest
     def ingest(self, key: ChunkKey, token_ids: Tokens, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               context: bytes | str = ISOLATED, *, rope: Any = None, recompute_cost: float = 0.0) -> bool:
+               context: bytes | str = ISOLATED, *, rope: Any = None, recompute_cost: float = 0.0,
+               preceding: Sequence[bytes] = ()) -> bool:
         """Hand over a chunk's KV computed in ``context``; returns at once (False: dropped, queue full).
 
         k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``, owned by the store from now on
         (pass a copy); positions: ``[num_tokens]`` or ``[3, num_tokens]``, the frame k was rotated
-        at.  In the background: a new key becomes an entry; a stored key gets this context's KV,
-        relocated into its frame with ``rope`` (a :class:`~kvreuse.rope.spec.RopeSpec`), and its
-        patch.  Until then, a lookup of a new key is served from these very tensors.
+        at; preceding: the last chunk key digests before the chunk, in order (kept as the context's
+        ``ChunkEntry.preceding`` and persisted, so a restarted or remote directory can match survival
+        and reorder).  In the background: a new key becomes an entry; a stored key gets this
+        context's KV, relocated into its frame with ``rope`` (a :class:`~kvreuse.rope.spec.RopeSpec`),
+        and its patch.  Until then, a lookup of a new key is served from these very tensors.
         """
-        job = IngestJob(ChunkEntry(key=key, token_ids=token_ids, positions=positions, k=k, v=v, context=context,
-                                   recompute_cost=recompute_cost), rope)
+        ctx = as_signature(context)
+        job = IngestJob(ChunkEntry(key=key, token_ids=token_ids, positions=positions, k=k, v=v, context=ctx,
+                                   recompute_cost=recompute_cost,
+                                   preceding={ctx: tuple(bytes(d) for d in preceding)} if preceding else {}), rope)
         with self._lock:
             prev = self._ingester.register(job)
         if self._bg.offer("ingest", job, job.nbytes):
@@ -258,6 +263,9 @@ class ChunkStore:
             e.add_context_kv(c, k, v)
         for c, p in add_patch.items():
             e.add_patch(c, p)
+        for c in (*add_ctx, *add_patch):
+            if c in new.preceding and c not in e.preceding:
+                e.preceding[c] = new.preceding[c]
         t.resized(new.key)
 
     def add_context_kv(self, key: ChunkKey, context: bytes | str, k: torch.Tensor, v: torch.Tensor) -> bool:
