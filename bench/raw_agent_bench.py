@@ -132,7 +132,7 @@ def main() -> int:
         return median(r[t][key] / r[t]["prompt_tokens"] for r in runs[arm])
 
     print(f"\nraw-text sliding-window agent, /v1/completions; model: tiny llama 8 layers, hidden 512, bf16; "
-          f"window {a.window} x ~{a.frame_words} words, {a.sep_words} {a.separators} separator words per frame, "
+          f"window {a.window} x {a.frame_words} words, {a.sep_words} {a.separators} separator words per frame, "
           f"{a.turns} turns; medians of {a.repeats} repeats (one server at a time); CPU ({os.cpu_count()} cores); "
           f"{elapsed:.0f} s")
     print(f"{'turn':>4} {'prompt':>6} {'reusable':>8} | {'TTFT ms kvreuse':>15} {'prefix':>8} {'ratio':>6} | "
