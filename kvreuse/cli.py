@@ -117,8 +117,9 @@ def format_stats(s: dict[str, dict[str, float]]) -> str:
     if n:
         lines.append(f"load time            {1e3 * g('kvreuse_load_seconds_sum') / n:.2f} ms mean over {int(n)} loads")
     lines.append(f"load failures        {int(g('kvreuse_load_failures_total'))}")
-    for lab, v in sorted(s.get("kvreuse_store_bytes", {}).items()):
-        tier = lab.split("=")[1].strip('"')
+    for lab, v in sorted(s.get("kvreuse_store_bytes", {}).items()):  # per tier (and per rank under TP)
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', lab))
+        tier = labels.get("tier", "?") + (f" rank {labels['rank']}" if "rank" in labels else "")
         budget = s.get("kvreuse_store_budget_bytes", {}).get(lab, 0.0)
         ent = s.get("kvreuse_store_entries", {}).get(lab, 0.0)
         lines.append(f"store {tier:<14} {v / 2**20:.1f} / {budget / 2**20:.0f} MiB, {int(ent)} entries")

@@ -108,10 +108,26 @@ def _positions_fn(vllm_config: "VllmConfig"):
                            "kvreuse cannot place KV for it") from e
 
 
+def check_parallelism(parallel_config: Any) -> None:
+    """Refuse (at start-up, KVReuseError) what kvreuse does not serve: pipeline parallelism.
+
+    Tensor parallelism is served: each rank stores and places its own KV heads under its own
+    fingerprint.  With pipeline parallelism each stage would hold only some layers' KV, and
+    that is untested, so it is refused rather than risked.
+    """
+    pp = int(getattr(parallel_config, "pipeline_parallel_size", 1) or 1)
+    if pp > 1:
+        from kvreuse.errors import KVReuseError
+
+        raise KVReuseError(f"kvreuse does not support pipeline parallelism (pipeline_parallel_size={pp}); "
+                           "serve with --pipeline-parallel-size 1 (tensor parallelism is supported)")
+
+
 class KVReuseConnector(KVConnectorBase_V1):
     """Position-free chunk reuse: stored chunks are placed at any position, in any order."""
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        check_parallelism(vllm_config.parallel_config)
         super().__init__(vllm_config, role, kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         allow_faults = bool(extra.pop("allow_fault_injection", False))

@@ -56,8 +56,13 @@ class KVReusePromMetrics(KVConnectorPromMetrics):
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._families: dict[str, Any] = {}
+        # tensor parallel: each rank has its own store, so store gauges carry a `rank` label too
+        pc = getattr(vllm_config, "parallel_config", None)
+        self._ranked = int(getattr(pc, "tensor_parallel_size", 1) or 1) > 1
         for name, kind, doc, extra in METRICS:
             labels = list(labelnames) + ([extra] if extra else [])
+            if kind == "gauge" and self._ranked:
+                labels.append("rank")
             if kind == "counter":
                 m = self._counter_cls(name=name, documentation=doc, labelnames=labels)
             elif kind == "gauge":
@@ -95,8 +100,9 @@ class KVReusePromMetrics(KVConnectorPromMetrics):
                 for x in v:
                     m.labels(*values).observe(x)
             elif kind == "gauge":
-                for tier, x in v.items():
-                    m.labels(*values, tier).set(x)
+                for key, x in v.items():
+                    tier, _, rank = key.partition("#")  # "<tier>#<rank>" under tensor parallelism
+                    m.labels(*values, tier, *([rank or "0"] if self._ranked else [])).set(x)
             elif isinstance(v, dict):
                 for lab, x in v.items():
                     if x:

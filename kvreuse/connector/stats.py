@@ -47,15 +47,16 @@ class ReuseStats:
     store_budget_bytes: dict[str, int] = field(default_factory=dict)
     store_entries: dict[str, int] = field(default_factory=dict)
 
-    _GAUGES = ("store_bytes", "store_budget_bytes", "store_entries")
+    GAUGES = ("store_bytes", "store_budget_bytes", "store_entries")
 
     def merge(self, other: "ReuseStats") -> "ReuseStats":
-        """Sum of counters; gauges are summed per tier across workers (each holds its own store)."""
+        """Sum of counters; gauges keep the latest value per key (with tensor parallelism each rank's
+        store has its own keys, ``"<tier>#<rank>"``, so no rank's value hides another's)."""
         out = ReuseStats()
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             if isinstance(a, dict):
-                v = _add_maps(a, b) if f.name not in self._GAUGES else {**a, **b}
+                v = _add_maps(a, b) if f.name not in self.GAUGES else {**a, **b}
             else:
                 v = a + b
             setattr(out, f.name, v)

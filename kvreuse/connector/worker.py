@@ -22,6 +22,7 @@ recompute.  Keys the store evicted or demoted are reported to the scheduler's di
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -97,6 +98,7 @@ class WorkerSide:
                  store: ChunkStore | None = None) -> None:
         """`store`: the chunk store to use (default: one built from `cfg.store` and `cfg.policy`)."""
         self.cfg, self.rope = cfg, rope
+        self.tp_rank, self.tp_size = fingerprint.tp_rank, fingerprint.tp_size
         pol = cfg.policy  # patches are fitted with the operator's settings, at ingest and under pressure
         self.store = store if store is not None else ChunkStore(cfg.store, fingerprint, fit_patch=functools.partial(
             fit_patch, energy=pol.patch_energy, max_rank=pol.patch_max_rank, budget=pol.patch_budget),
@@ -318,12 +320,18 @@ class WorkerSide:
     # ---------------------------------------------------------------- stats
     def take_stats(self, now: float | None = None) -> ReuseStats:
         """Counters since the last call; the store's gauges and counters only when its last read is a
-        period old (reading them takes the store's lock: not on every step)."""
+        period old (reading them takes the store's lock: not on every step).
+
+        Tensor parallel: vLLM sums the ranks' stats, and every rank places and saves the same chunks
+        (its own heads), so only rank 0 reports what is counted per chunk or token (claims, tokens,
+        saves, failures, evictions, timings); every rank reports the bytes it moved (summed: the
+        bytes the deployment moved) and its own store's gauges, keyed ``"<tier>#<rank>"``.
+        """
         with self._lock:
             s, self._stats = self._stats, ReuseStats()
         now = time.monotonic() if now is None else now
         if now - self._last_store_t < _STORE_SNAPSHOT_PERIOD_S:
-            return s
+            return self._per_rank(s)
         self._last_store_t = now
         snap = self.store.snapshot_stats()
         last = self._last_store
@@ -344,7 +352,16 @@ class WorkerSide:
         s.demotions = snap.demotions - (last.demotions if last is not None else 0)
         s.captured_patches = snap.captured_patches - (last.captured_patches if last is not None else 0)
         self._last_store = snap
-        return s
+        return self._per_rank(s)
+
+    def _per_rank(self, s: ReuseStats) -> ReuseStats:
+        """What this rank reports of ``s`` (see :meth:`take_stats`)."""
+        if self.tp_size == 1:
+            return s
+        gauges = {f: {f"{tier}#{self.tp_rank}": x for tier, x in getattr(s, f).items()} for f in ReuseStats.GAUGES}
+        if self.tp_rank == 0:
+            return dataclasses.replace(s, **gauges)
+        return ReuseStats(bytes_loaded=s.bytes_loaded, bytes_saved=s.bytes_saved, **gauges)
 
     def close(self) -> None:
         self.store.close()
