@@ -159,8 +159,8 @@ def plan_saves(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence
                min_tokens: int = 1) -> list[SaveItem]:
     """Chunks whose KV this request computed and the store lacks (new keys, or new contexts).
 
-    Each item carries the last `RECENT` keys before it (`recent`, for the scheduler's directory;
-    stripped before items travel to workers).  Text chunks under `min_tokens` are not saved
+    Each item carries the last `RECENT` keys before it (`recent`: the scheduler's directory records
+    them, and the worker's store persists them with the context).  Text chunks under `min_tokens` are not saved
     (never worth placing); media items always are.
     """
     out: list[SaveItem] = []
