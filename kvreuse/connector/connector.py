@@ -266,6 +266,8 @@ class KVReuseConnector(KVConnectorBase_V1):
             self._scheduler.lost(rep.lost_keys)
             self._scheduler.demoted(getattr(rep, "demoted_keys", None) or [])
             self._scheduler.unsaved(getattr(rep, "unsaved_req_ids", None) or [])
+            # the ranks' reports are merged for the step: a request whose load failed on any rank counts once
+            self._scheduler.stats.load_failures += len(getattr(rep, "failed_req_ids", None) or [])
             if rep.load_tokens:
                 self._scheduler.cost.observe_load(rep.load_seconds, rep.load_tokens)
 

@@ -55,6 +55,8 @@ class KVReuseWorkerReport(KVConnectorWorkerMetadata):
     demoted_keys: chunks whose in-context KV was dropped under pressure (base + patches remain).
     unsaved_req_ids: requests whose save this step was skipped because one of their loads failed
         (what the step computed attended to blocks never written): save them after the recompute.
+    failed_req_ids: requests whose load failed this step, on any rank (the union over ranks is
+        what is counted in `kvreuse_load_failures_total`: once per request, however many ranks failed).
     """
 
     lost_keys: list[bytes] = field(default_factory=list)
@@ -62,9 +64,11 @@ class KVReuseWorkerReport(KVConnectorWorkerMetadata):
     unsaved_req_ids: list[str] = field(default_factory=list)
     load_seconds: float = 0.0   # time spent placing `load_tokens` tokens (ranks place in parallel: the slowest)
     load_tokens: int = 0
+    failed_req_ids: list[str] = field(default_factory=list)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVReuseWorkerReport":
         assert isinstance(other, KVReuseWorkerReport)
         return KVReuseWorkerReport(self.lost_keys + other.lost_keys, self.demoted_keys + other.demoted_keys,
                                    list(dict.fromkeys(self.unsaved_req_ids + other.unsaved_req_ids)),
-                                   max(self.load_seconds, other.load_seconds), max(self.load_tokens, other.load_tokens))
+                                   max(self.load_seconds, other.load_seconds), max(self.load_tokens, other.load_tokens),
+                                   list(dict.fromkeys(self.failed_req_ids + other.failed_req_ids)))

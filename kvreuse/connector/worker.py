@@ -116,6 +116,7 @@ class WorkerSide:
         self._failed_reqs: set[str] = set()  # requests with a failed load in this step: nothing of theirs is saved
         self._unsaved: list[str] = []
         self._lost: list[bytes] = []
+        self._failed_loads: list[str] = []  # requests whose load failed (counted by the scheduler, once over ranks)
         self._load_t = 0.0
         self._load_obs = (0.0, 0)  # (seconds, tokens) placed since the last report: the scheduler's cost model
 
@@ -224,7 +225,7 @@ class WorkerSide:
         with self._lock:
             self._failed_blocks.update(blocks)
             self._failed_reqs.add(req.req_id)
-            self._stats.load_failures += 1
+            self._failed_loads.append(req.req_id)
             self._lost.append(key)
         log.warning("kvreuse: request %s: chunk %s failed to load; %d blocks recomputed", req.req_id, key.hex()[:12],
                     len(blocks))
@@ -268,19 +269,20 @@ class WorkerSide:
         return out
 
     def take_report(self) -> KVReuseWorkerReport | None:
-        """Keys lost (failed loads, evicted, refused, dropped) and demoted, and requests left unsaved, since
-        the last call; None when there is nothing to report."""
+        """Keys lost (failed loads, evicted, refused, dropped) and demoted, requests left unsaved and
+        requests whose load failed, since the last call; None when there is nothing to report."""
         ev = self.store.take_events()
         with self._lock:
             lost, self._lost = self._lost, []
             unsaved, self._unsaved = self._unsaved, []
+            failed, self._failed_loads = self._failed_loads, []
             load_s, load_tokens = self._load_obs
             self._load_obs = (0.0, 0)
         lost += [k.digest for k in ev.evicted]
-        if not (lost or ev.demoted or unsaved or load_tokens):
+        if not (lost or ev.demoted or unsaved or failed or load_tokens):
             return None
         return KVReuseWorkerReport(list(dict.fromkeys(lost)), list(dict.fromkeys(k.digest for k in ev.demoted)),
-                                   unsaved, load_s, load_tokens)
+                                   unsaved, load_s, load_tokens, list(dict.fromkeys(failed)))
 
     # ---------------------------------------------------------------- save
     def save(self, meta: KVReuseMetadata) -> None:
@@ -324,8 +326,9 @@ class WorkerSide:
 
         Tensor parallel: vLLM sums the ranks' stats, and every rank places and saves the same chunks
         (its own heads), so only rank 0 reports what is counted per chunk or token (claims, tokens,
-        saves, failures, evictions, timings); every rank reports the bytes it moved (summed: the
-        bytes the deployment moved) and its own store's gauges, keyed ``"<tier>#<rank>"``.
+        saves, evictions, timings); every rank reports the bytes it moved (summed: the bytes the
+        deployment moved) and its own store's gauges, keyed ``"<tier>#<rank>"``.  Failed loads go
+        to the scheduler in the worker report (:meth:`take_report`), counted once over all ranks.
         """
         with self._lock:
             s, self._stats = self._stats, ReuseStats()

@@ -99,3 +99,25 @@ def test_pipeline_parallel_is_refused_at_startup():
         with pytest.raises(KVReuseError, match=r"pipeline parallelism \(pipeline_parallel_size=2\).*"
                                                r"--pipeline-parallel-size 1"):
             KVReuseConnector(cfg, role)
+
+
+def test_a_load_failing_on_any_rank_is_reported_once():
+    """Rank 1 lacks a chunk rank 0 holds: the merged report names the request once (the scheduler counts it)."""
+    toks, key, ctx = tuple(range(100, 100 + N)), b"q" * 16, context_signature(())
+    reports = []
+    for rank in (0, 1):
+        w = WorkerSide(ConnectorConfig(), ROPE, ModelFingerprint("Tiny", "w", "float32", tp_rank=rank, tp_size=2))
+        w.register({"model.layers.0.self_attn.attn": torch.randn(NB, H, BS, 2 * D)}, "CPU_ATTN", H, D)
+        if rank == 0:
+            w.save(KVReuseMetadata(saves=[ReqSave("r1", [0], [SaveItem(key, toks, 0, N, ctx, True)])]))
+            w.store.flush()
+            w.take_report()
+        item = LoadItem(key, toks, 0, N, 100, ctx, "exact")
+        missing = LoadItem(b"m" * 16, toks, 0, N, 100, ctx, "exact")
+        w.start_load(KVReuseMetadata(loads=[ReqLoad("r2", [1, 2], [item]), ReqLoad("r3", [3], [missing])]))
+        w.finish_loads()
+        reports.append(w.take_report())
+        assert w.take_stats().load_failures == 0  # not a worker counter: never summed over ranks
+        w.close()
+    assert reports[0].failed_req_ids == ["r3"] and reports[1].failed_req_ids == ["r2", "r3"]
+    assert reports[0].aggregate(reports[1]).failed_req_ids == ["r3", "r2"]
