@@ -9,8 +9,6 @@ a chunk's predecessor was dropped.
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +26,7 @@ from kvreuse.connector.worker import WorkerSide  # noqa: E402
 from kvreuse.rope.spec import RopeSpec  # noqa: E402
 from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint, scan_index  # noqa: E402
 from tests.support.redis_server import redis_server_or_skip  # noqa: E402
+from tests.support.sched_requests import SchedRequest, message  # noqa: E402
 
 START, BS, L, H, D, NB = 2, 128, 1, 2, 32, 8
 FP = ModelFingerprint("Tiny", "w", "float32")
@@ -35,22 +34,12 @@ ROPE = RopeSpec.from_hf_config({"hidden_size": 64, "num_attention_heads": 2, "he
                                 "max_position_embeddings": 4096, "model_type": "llama"})
 
 
-@dataclass
-class Req:
-    request_id: str
-    prompt_token_ids: list[int]
-    num_computed_tokens: int = 0
-    kv_transfer_params: dict | None = None
-    cache_salt: str | None = None
-    mm_features: list = field(default_factory=list)
-    lora_request: object = None
-    block_hashes: list = field(default_factory=list)
+Req = SchedRequest
 
 
 def msg(seed: int, n: int) -> list[int]:
     """One message: a boundary token, then n tokens (the boundary makes it its own chunk)."""
-    rng = random.Random(seed)
-    return [START] + [rng.randrange(10, 500) for _ in range(n)]
+    return message(seed, n, START)
 
 
 def config(**store) -> ConnectorConfig:

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.scheduler import SchedulerSide
+from tests.support.sched_requests import SchedRequest, message
 
 START = 2
 BS = 16
 
 
-@dataclass
-class Req:
-    request_id: str
-    prompt_token_ids: list[int]
-    num_computed_tokens: int = 0
-    kv_transfer_params: dict | None = None
-    cache_salt: str | None = None
-    mm_features: list = field(default_factory=list)
-    lora_request: object = None
-    block_hashes: list = field(default_factory=list)
-
-    def __post_init__(self):
-        self.block_hashes = [bytes([i % 256]) * 32 for i in range(len(self.prompt_token_ids) // BS)]
+def Req(request_id: str, prompt: list[int], **kw) -> SchedRequest:
+    return SchedRequest(request_id, prompt, hash_block=BS, **kw)
 
 
 def side(**cost) -> SchedulerSide:
@@ -37,8 +25,7 @@ def side(**cost) -> SchedulerSide:
 
 
 def msg(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [START] + [rng.randrange(10, 500) for _ in range(n)]
+    return message(seed, n, START)
 
 
 def sched_out(reqs, scheduled):
