@@ -6,6 +6,8 @@
     python bench/quality_bench.py --out /tmp/q --examples 60 --reorder-examples 30 --serve --server-only
                                                                    # the same through `kvreuse serve`
     python bench/quality_bench.py --out DIR --server URL           # ... through a running server
+    python bench/quality_bench.py --out bench/results/quality_gaps --examples 60 --reorder-examples 30 \
+        --serve --server-only --raw-text                           # contexts as raw text: gaps
 
 Contexts are three chunks of assignment records (`bench.quality.task`); questions are single
 lookups (1 hop), 2-hop chains (followed at question time) and 3-hop chains across all three chunks
@@ -24,7 +26,14 @@ agreement, claims per policy from /metrics) and server.json the details.  A serv
 must cut chunks every 3*records tokens (`server_config()`), run without vLLM prefix caching, and,
 for `patch`, have a store budget about `store_bytes_for(...)` (it is filled before `patch`, so that
 captured in-context KV is demoted to base + patch); the claim counts show whether it did what each
-condition needs.
+condition needs.  `patch` runs on a second server with `policy.mode = "patched_or_exact"` (started
+by --serve, or --patch-server URL): with the segmented scheduler a server that places blind KV would
+place c2 and c3 blind where they must capture.
+
+Raw text (`--raw-text`): the server conditions with each prompt sent as one text (the records,
+space-joined, no chunk boundaries) and cut by content into chunks of --raw-chunking tokens; the chunks
+straddling each change point are new and computed in place (gaps), the chunks inside each context
+placed.  Claims by policy and the share of question-prompt tokens placed are reported per condition.
 """
 
 from __future__ import annotations
@@ -316,6 +325,14 @@ def main() -> None:
                          "numbers compared with the server's are computed on the same contexts regardless")
     ap.add_argument("--server-conditions", default=",".join(SERVER_CONDITIONS),
                     help=f"comma-separated subset of {','.join(SERVER_CONDITIONS)}")
+    ap.add_argument("--patch-server", default=None,
+                    help="with --server: a running server with policy.mode patched_or_exact for `patch` "
+                         "(default: --server itself); --serve starts one")
+    ap.add_argument("--raw-text", action="store_true",
+                    help="server conditions with each prompt sent as one raw text (/v1/completions, no chunk "
+                         "boundaries) and chunks cut by content (--raw-chunking), so that gaps occur")
+    ap.add_argument("--raw-chunking", default="4,8,48",
+                    help="with --raw-text: content-defined chunk sizes min,avg,max in tokens (default 4,8,48)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     args.examples = args.examples or (60 if args.quick else 400)
@@ -353,27 +370,48 @@ def run_server(args) -> dict:
     bad = [c for c in conds if c not in SERVER_CONDITIONS]
     if bad:
         sys.exit(f"--server-conditions: unknown {bad} (known: {SERVER_CONDITIONS})")
-    kv_config = S.server_config(3 * args.records, S.store_bytes_for(args.model, 3 * args.records, args.examples,
-                                                                     args.reorder_examples))
-    serve = S.Serve(args.model, kv_config, log=out / "server.log") if args.serve else None
+    budget = S.store_bytes_for(args.model, 3 * args.records, args.examples, args.reorder_examples)
+    chunking = tuple(int(x) for x in args.raw_chunking.split(","))
+    config = (lambda **pol: S.raw_config(chunking, budget, **pol)) if args.raw_text else \
+        (lambda **pol: S.server_config(3 * args.records, budget, **pol))
+    kv_config, patch_config = config(), config(mode="patched_or_exact")
     t0 = time.time()
-    with (serve if serve is not None else nullcontext()):
-        url = serve.url if serve is not None else args.server
-        client = S.Client(url)
-        srv = S.measure(client, main, reo, conditions=conds, progress=progress)
+    srv: dict[str, dict] = {}
+    # blind needs a server that places base KV in a new context; patch one that refuses it (to capture)
+    for confs, cfg, name, given in (([c for c in conds if c != "patch"], kv_config, "server", args.server),
+                                    ([c for c in conds if c == "patch"], patch_config, "patch-server",
+                                     args.patch_server or args.server)):
+        if not confs:
+            continue
+        serve = S.Serve(args.model, cfg, log=out / f"{name}.log") if args.serve else None
+        with (serve if serve is not None else nullcontext()):
+            client = S.Client(serve.url if serve is not None else given, text=args.raw_text)
+            res = S.measure(client, main, reo, conditions=confs, progress=progress)
+        srv.update(res)
+    srv = {c: srv[c] for c in conds}
+    url = "kvreuse serve (started)" if args.serve else args.server
     model, _ = load(Path(args.model))
     ref = S.reference_preds(ReferenceEncoder(model), main, reo, progress=progress)
+    if args.raw_text:
+        from bench.quality import gaps
+
+        ref.update(gaps.reference_preds(ReferenceEncoder(model), main, reo, chunking, chunking[0], progress=progress))
     cmp = S.compare(srv, ref)
     print(S.format_table(cmp))
     server = {c: {"single_hop": r["single_hop"], "multi_hop": r["multi_hop"], "reference": r["reference"],
                   "reference_single_hop": r["reference_single_hop"], "reference_multi_hop": r["reference_multi_hop"],
                   "agreement": r["agreement"], "claims": {k[7:]: v for k, v in r["claims"].items()
                                                           if k.startswith("claims_")},
-                  "claims_as_expected": r["claims_as_expected"]} for c, r in cmp.items()}
-    meta = {"url": url if serve is None else f"kvreuse serve (started, {serve.url})", "model": str(args.model),
+                  "claims_as_expected": r["claims_as_expected"], "placed_share": r.get("placed_share"),
+                  "reused_tokens": r["claims"].get("reused_tokens", 0), "query_tokens": r.get("query_tokens"),
+                  "priming_claims_per_context": r.get("priming_claims_per_context", {}),
+                  **{k: r[k] for k in ("reference_survival_recompute", "reference_gapfill") if k in r}}
+              for c, r in cmp.items()}
+    meta = {"url": url, "model": str(args.model),
             "examples": args.examples, "reorder_examples": args.reorder_examples, "seed": args.seed,
-            "seconds": round(time.time() - t0, 1),
-            "kvreuse_config": kv_config if serve is not None else None}
+            "seconds": round(time.time() - t0, 1), "raw_text": args.raw_text,
+            "kvreuse_config": kv_config if args.serve else None,
+            "patch_kvreuse_config": patch_config if args.serve and "patch" in conds else None}
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() and not args.server_only else {}
     summary["server"] = {**server, "_meta": meta}

@@ -14,9 +14,10 @@ are the context's chunks, q a question):
                  loading and saving for the request): vLLM's own prefill.
 * ``blind``    — each chunk primed alone (its own request: base KV stored in isolation), then
                  [c1, c2, c3] + q  [c1 exact, c2 and c3 blind].
-* ``patch``    — c2 and c3 primed alone, then [c1, c2, c3] + q computed in full (c1 is not stored,
-                 so nothing is claimed and c2, c3 capture this context's KV and a conditioning
-                 patch), then a request of new chunks (its own salt) makes the full store make room,
+* ``patch``    — c1, c2 and c3 primed alone, then [c1, c2, c3] + q on a `patched_or_exact` server
+                 (c1 placed; c2 and c3 follow c1, which their isolated context lacks, so they are
+                 refused, computed, and capture this context's KV and a conditioning patch), then a
+                 request of new chunks (its own salt) makes the full store make room,
                  which demotes that in-context KV to the patch; then [c1, c2, c3] + q  [c1 exact, c2
                  and c3 recall = base + patch].  Needs a small `device_bytes` (see `server_config`);
                  the store is filled first (`fill_store`), so this condition runs last.
@@ -27,6 +28,20 @@ are the context's chunks, q a question):
                  c1 blind (its base is its in-context KV at position 0), c3 reorder (the primed
                  order's in-context KV, relocated)].  Reference counterparts: ``reorder`` (base +
                  patch fitted in the primed order) and ``reorder_ctx`` (the primed order's KV).
+
+With the segmented-prefill scheduler (`kvreuse serve` selects it) a chunk that is not stored no
+longer ends a claim, so ``patch`` cannot capture on the server that runs ``blind``: there c2 and
+c3 would be placed blind in the capturing request.  ``patch`` therefore runs on a server of its
+own with `policy.mode = "patched_or_exact"` (`patch_server`), and c1 is primed alone too, so that
+c2 and c3 follow a stored chunk their isolated context lacks (refused, computed, captured); the
+capturing request places c1 (exact, counted in `priming_claims`).
+
+Raw text (`raw=True`): the same conditions with the contexts joined as one text prompt (no message
+or chunk boundaries: `prompt` is the decoded string) and chunks cut by content (`raw_config`), so
+the chunks straddling c1|c2 and c2|c3 change with every change point and are computed in place
+(gaps) while the chunks inside each context are placed.  No per-chunk claim count can be expected
+there; `claims_as_expected` then checks that only the policies of `RAW_POLICIES` were claimed, and
+each condition reports the share of its question prompts' tokens that was placed.
 """
 
 from __future__ import annotations
@@ -53,6 +68,12 @@ REFERENCE_OF = {"full": "full", "blind": "blind", "patch": "patch_default", "sur
 # what each condition's query requests should claim, per context (policy -> chunks per request)
 EXPECTED_CLAIMS = {"full": {}, "blind": {"exact": 1, "blind": 2}, "patch": {"exact": 1, "recall": 2},
                    "survival": {"survival": 2}, "reorder": {"survival": 1, "blind": 1, "reorder": 1}}
+# claims of each context's priming requests (the capturing request places c1)
+PRIMING_CLAIMS = {"patch": {"exact": 1}}
+# raw text: the policies each condition's placements may have (inside c1: exact or blind; inside c2
+# and c3: what the aligned condition gives them); anything else is reported as not expected
+RAW_POLICIES = {"full": set(), "blind": {"exact", "blind"}, "patch": {"exact", "recall"},
+                "survival": {"survival"}, "reorder": {"survival", "blind", "reorder"}}
 
 
 def classify(q: task.Question) -> str:
@@ -93,15 +114,31 @@ def server_config(chunk_tokens: int, device_bytes: int | str = "64MiB", **policy
     return cfg
 
 
+def raw_config(chunking: tuple[int, int, int], device_bytes: int | str = "64MiB", **policy) -> dict:
+    """kvreuse config for raw-text prompts: content-defined cuts of (min, avg, max) tokens, no boundary
+    tokens, and every stored run of at least `min` tokens placed (cost learning off, no step overhead:
+    what is measured here is what placement does to answers, not whether it pays)."""
+    lo, avg, hi = chunking
+    cfg = {"chunking": {"min_tokens": lo, "avg_tokens": avg, "max_tokens": hi, "boundary_tokens": [],
+                        "end_tokens": []},
+           "cost": {"learn": False, "step_overhead_s": 0.0, "min_tokens": lo},
+           "device_bytes": device_bytes}
+    if policy:
+        cfg["policy"] = dict(policy)
+    return cfg
+
+
 # ------------------------------------------------------------------------------------- client
 class Client:
     """OpenAI completions on token ids, and kvreuse's `/metrics`."""
 
-    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0, text: bool = False) -> None:
         self.url = url.rstrip("/")
         if self.url.endswith("/v1"):
             self.url = self.url[:-3]
         self.timeout = timeout
+        self.text = text          # send prompts as decoded text (raw text), not token ids
+        self.prompt_tokens = 0    # prompt tokens of every request answered so far (the server's count)
         self.model = model or self._get("/v1/models")["data"][0]["id"]
 
     def _get(self, path: str) -> dict:
@@ -112,7 +149,8 @@ class Client:
         """Greedy next token id after each prompt (one request per prompt, sent as one batch)."""
         if not prompts:
             return []
-        body = {"model": self.model, "prompt": [list(map(int, p)) for p in prompts], "max_tokens": 1,
+        sent = [task.decode(p) for p in prompts] if self.text else [list(map(int, p)) for p in prompts]
+        body = {"model": self.model, "prompt": sent, "max_tokens": 1,
                 "temperature": 0.0, "logprobs": 1, "return_tokens_as_token_ids": True}
         if salt is not None:
             body["cache_salt"] = salt
@@ -125,6 +163,10 @@ class Client:
                 d = json.load(r)
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"{self.url}/v1/completions: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}")
+        want = sum(len(p) for p in prompts)
+        if self.text and d["usage"]["prompt_tokens"] != want:  # the text must tokenize back to the same ids
+            raise RuntimeError(f"raw text prompts tokenized to {d['usage']['prompt_tokens']} tokens, not {want}")
+        self.prompt_tokens += d["usage"]["prompt_tokens"]
         out = [0] * len(prompts)
         for c in d["choices"]:
             tok = c["logprobs"]["tokens"][0]
@@ -202,16 +244,19 @@ class Serve:
         self.proc = subprocess.Popen(self.argv, stdout=self._out, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kvreuse serve exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=2)
-                return self
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"kvreuse serve not ready after {timeout}s:\n{self.tail()}")
+        try:
+            while time.time() - t0 < timeout:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"kvreuse serve exited with {self.proc.returncode}:\n{self.tail()}")
+                try:
+                    urllib.request.urlopen(self.url + "/health", timeout=2)
+                    return self
+                except OSError:
+                    time.sleep(1)
+            raise RuntimeError(f"kvreuse serve not ready after {timeout}s:\n{self.tail()}")
+        except BaseException:  # not ready, or interrupted while starting: never leave the server behind
+            self.stop()
+            raise
 
     def tail(self, n: int = 40) -> str:
         self._out.flush()
@@ -244,6 +289,9 @@ class ServerTally:
     preds: list[list[int]] = field(default_factory=list)   # per context: predicted id per sent question
     claims: dict[str, int] = field(default_factory=dict)
     requests: int = 0
+    contexts: int = 0
+    query_tokens: int = 0     # prompt tokens of the question requests
+    raw: bool = False
     seconds: float = 0.0
 
     def add(self, qs: Sequence[task.Question], preds: Sequence[int]) -> None:
@@ -262,8 +310,20 @@ class ServerTally:
         out["n"] = {c: len(v) for c, v in sorted(self.correct.items())}
         out["requests"] = self.requests
         out["claims"] = dict(self.claims)
-        exp = EXPECTED_CLAIMS.get(self.name, {})
-        out["expected_claims"] = {f"claims_{p}": c * self.requests for p, c in exp.items()}
+        out["query_tokens"] = self.query_tokens
+        # reused tokens over the question requests' tokens (patch: also counts the capturing request's
+        # placement of c1, one request per context)
+        prime = PRIMING_CLAIMS.get(self.name, {})
+        out["placed_share"] = (self.claims.get("reused_tokens", 0) / self.query_tokens) if self.query_tokens else None
+        out["priming_claims_per_context"] = dict(prime)
+        if self.raw:
+            out["allowed_policies"] = sorted(RAW_POLICIES.get(self.name, ()))
+        else:
+            exp = dict(EXPECTED_CLAIMS.get(self.name, {}))
+            out["expected_claims"] = {f"claims_{p}": c * self.requests + prime.get(p, 0) * self.contexts
+                                      for p, c in exp.items()}
+            for p, c in prime.items():
+                out["expected_claims"].setdefault(f"claims_{p}", c * self.contexts)
         out["seconds"] = round(self.seconds, 1)
         return out
 
@@ -309,12 +369,13 @@ def measure(client: Client, main: Sequence[task.Example], reo: Sequence[task.Exa
             push_chunks: int = 6,
             progress: Callable = lambda it, **kw: it) -> dict[str, dict]:
     """Accuracy per server condition (same question classes as the reference), with the claims
-    `/metrics` counted during each condition's query requests."""
+    `/metrics` counted during each condition.  `patch` needs a `patched_or_exact` server (see above):
+    give it alone, on its own client."""
     run_id = run_id or f"q{os.getpid()}-{int(time.time())}"
     frng = random.Random(0xF111)
     out = {}
     for cond in conditions:
-        tal = ServerTally(cond)
+        tal = ServerTally(cond, raw=client.text)
         exs = reo if cond == "reorder" else main
         t0 = time.time()
         # claims are counted over the whole condition: priming requests claim nothing by construction
@@ -330,14 +391,17 @@ def measure(client: Client, main: Sequence[task.Example], reo: Sequence[task.Exa
             if cond == "survival":
                 qs = [q for q in qs if q.chunk > 0]
             probe = qs[0].tokens
+            tal.contexts += 1
             if cond == "full":
+                n0 = client.prompt_tokens
                 tal.add(qs, client.answer([c[0] + c[1] + c[2] + q.tokens for q in qs], salt=salt, kvreuse=False))
+                tal.query_tokens += client.prompt_tokens - n0
                 continue
             if cond == "blind":
                 client.answer([c[0], c[1], c[2]], salt=salt)
             elif cond == "patch":
-                client.answer([c[1], c[2]], salt=salt)
-                client.answer([c[0] + c[1] + c[2] + probe], salt=salt)      # nothing claimed: c2, c3 capture
+                client.answer([c[0], c[1], c[2]], salt=salt)
+                client.answer([c[0] + c[1] + c[2] + probe], salt=salt)      # c1 placed; c2, c3 refused: capture
                 # a few new chunks: the puts that make room demote c2 and c3 to base + patch
                 # (each put demotes only until it fits: push a few, so that both are demoted)
                 client.answer([_filler(frng, 3 * len(c[0])) for _ in range(-(-push_chunks // 3))],
@@ -350,7 +414,9 @@ def measure(client: Client, main: Sequence[task.Example], reo: Sequence[task.Exa
                 prompts = [c[1] + c[2] + q.tokens for q in qs]
             else:
                 prompts = [c[0] + c[1] + c[2] + q.tokens for q in qs]
+            n0 = client.prompt_tokens
             tal.add(qs, client.answer(prompts, salt=salt))
+            tal.query_tokens += client.prompt_tokens - n0
         tal.claims = claims_delta(m0, client.settled_metrics())
         tal.seconds = time.time() - t0
         out[cond] = tal.summary()
@@ -383,6 +449,9 @@ def reference_preds(enc, main: Sequence[task.Example], reo: Sequence[task.Exampl
         n1 = len(ex.chunk_tokens(1))
         surv = ChunkKV.cat([C.place(enc, e.full[1], 0), C.place(enc, e.full[2], n1)])
         score("survival", surv, [q for q in qs if q.chunk > 0])
+        # c2, c3 prefilled without c1: what survival would be if every placed token were computed instead
+        score("survival_recompute", enc.encode(ex.chunk_tokens(1) + ex.chunk_tokens(2), start=0),
+              [q for q in qs if q.chunk > 0])
     for ex in progress(reo, desc="reference reorder"):
         e_old = C.encode_example(enc, ex, [0, 1, 2])
         new = [1, 0, 2]
@@ -413,9 +482,21 @@ def compare(server: dict[str, dict], ref: dict[str, dict]) -> dict[str, dict]:
             row["reference_reorder_patched"] = {"single_hop": ref["reorder"]["single_hop"],
                                                 "multi_hop": ref["reorder"]["multi_hop"],
                                                 "agreement": agreement(s.get("_preds", []), ref["reorder"]["_preds"])}
-        exp = row.get("expected_claims", {})
-        row["claims_as_expected"] = all(row["claims"].get(k, 0) == v for k, v in exp.items()) and \
-            sum(v for k, v in row["claims"].items() if k.startswith("claims_")) == sum(exp.values())
+        gap = ref.get(f"gapfill_{cond}")
+        if gap is not None:   # raw text: the reference model computing exactly what gap-fill should
+            row["reference_gapfill"] = {"single_hop": gap["single_hop"], "multi_hop": gap["multi_hop"],
+                                        "placed_share": gap["placed_share"],
+                                        "agreement": agreement(s.get("_preds", []), gap["_preds"])}
+        if cond == "survival" and "survival_recompute" in ref:
+            row["reference_survival_recompute"] = {"single_hop": ref["survival_recompute"]["single_hop"],
+                                                   "multi_hop": ref["survival_recompute"]["multi_hop"]}
+        got = {k[7:] for k, v in row["claims"].items() if k.startswith("claims_") and v}
+        if "allowed_policies" in row:   # raw text: only the allowed policies, and something placed but in `full`
+            row["claims_as_expected"] = got <= set(row["allowed_policies"]) and (bool(got) or cond == "full")
+        else:
+            exp = row.get("expected_claims", {})
+            row["claims_as_expected"] = all(row["claims"].get(k, 0) == v for k, v in exp.items()) and \
+                sum(v for k, v in row["claims"].items() if k.startswith("claims_")) == sum(exp.values())
         out[cond] = row
     return out
 
@@ -426,10 +507,17 @@ def format_table(cmp: dict[str, dict]) -> str:
              f"{'ref':>6s} {'agree':>6s}  claims"]
     for cond, r in cmp.items():
         cl = ", ".join(f"{k[7:]}={v}" for k, v in sorted(r["claims"].items()) if k.startswith("claims_")) or "none"
-        ok = "" if r["claims_as_expected"] else "  (NOT as expected: " + \
-            ", ".join(f"{k[7:]}={v}" for k, v in r["expected_claims"].items()) + ")"
+        want = r["expected_claims"].items() if "expected_claims" in r else \
+            [("claims_" + p, "any") for p in r["allowed_policies"]]
+        ok = "" if r["claims_as_expected"] else "  (NOT as expected: " + ", ".join(f"{k[7:]}={v}" for k, v in want) + ")"
+        if r.get("placed_share") is not None and r["claims"]:
+            cl += f"; placed {100 * r['placed_share']:.0f}% of question prompts"
         lines.append(f"{cond:16s} {r['reference']:14s} {f(r['single_hop']):>9s} {f(r['reference_single_hop']):>6s} "
                      f"{f(r['multi_hop']):>9s} {f(r['reference_multi_hop']):>6s} {f(r['agreement']):>6s}  {cl}{ok}")
+        g = r.get("reference_gapfill")
+        if g is not None:
+            lines.append(f"{'':16s} {'gap-fill ref':14s} {'':>9s} {f(g['single_hop']):>6s} {'':>9s} "
+                         f"{f(g['multi_hop']):>6s} {f(g['agreement']):>6s}  placed {100 * g['placed_share']:.0f}%")
     return "\n".join(lines)
 
 
