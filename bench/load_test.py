@@ -14,7 +14,11 @@ it (greedy) and compared: text, and logprobs within `--tol`.
 
 Checks (the JSON's "checks"; exit status 1 if one fails): no HTTP 5xx, transport error or
 ERROR/Traceback line in the server log; no sampled tier above its budget; RSS growth after
-warm-up within `--rss-growth-mib`; on the 1-layer float32 model every completed answer identical to
+warm-up flat: over the last half of the run after warm-up, the least-squares slope of the server
+tree's RSS within `--rss-slope` MiB/min (with kvreuse the worker's RSS climbs for the first minutes
+towards the level vLLM alone's worker reaches within its first minute; `--rss-baseline` runs the
+same trace on vLLM alone and checks that the kvreuse server's RSS stays within `--rss-margin` of
+it); on the 1-layer float32 model every completed answer identical to
 vLLM alone (on a deeper or bf16 model, `--model-layers 8 --dtype bfloat16`, the divergence is
 reported, not checked).
 
@@ -94,8 +98,10 @@ class Sampler(threading.Thread):
                 self.errors += 1
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
-                by = {f"{p.pid} {p.name()}": p.memory_info().rss / 2**20 for p in procs if p.is_running()}
-                self.rss.append((t, sum(by.values())))
+                mem = {f"{p.pid} {p.name()}": p.memory_info() for p in procs if p.is_running()}
+                by = {k: m.rss / 2**20 for k, m in mem.items()}
+                by.update({f"{k} file+shmem": m.shared / 2**20 for k, m in mem.items()})
+                self.rss.append((t, sum(m.rss for m in mem.values()) / 2**20))
                 self.rss_by_proc.append((t, by))
             except psutil.Error:
                 pass
@@ -120,12 +126,14 @@ class Sampler(threading.Thread):
         t, m = np.array(post).T
         slope = float(np.polyfit(t / 60, m, 1)[0])
         head, tail = float(np.median(m[:5])), float(np.median(m[-5:]))
+        half = len(m) // 2
+        halves = [float(np.polyfit(t[:half] / 60, m[:half], 1)[0]), float(np.polyfit(t[half:] / 60, m[half:], 1)[0])]
         first = next(by for tt, by in self.rss_by_proc if tt >= warmup_s)
         last = self.rss_by_proc[-1][1]
         per_proc = {name: {"mib_at_warmup": first.get(name), "mib_at_end": last[name]} for name in last}
         return {"samples": len(self.rss), "post_warmup_samples": len(post), "warmup_s": warmup_s,
                 "rss_mib_at_warmup": head, "rss_mib_at_end": tail, "rss_mib_max": float(m.max()),
-                "slope_mib_per_min": slope, "growth_mib": tail - head,
+                "slope_mib_per_min": slope, "slope_halves_mib_per_min": halves, "growth_mib": tail - head,
                 "fitted_growth_mib": float(slope * (t[-1] - t[0]) / 60), "by_process": per_proc}
 
 
@@ -213,22 +221,30 @@ def print_report(r: dict) -> None:
     print("\nrequests by kind:", json.dumps(s["by_kind"]))
     print("budgets:", json.dumps(r["budgets"]["tiers"]))
     print("rss:", json.dumps(r["rss"]))
+    if "rss_vllm_alone" in r:
+        print("rss, same trace on vLLM alone:", json.dumps(r["rss_vllm_alone"]))
     print("replay:", json.dumps({k: v for k, v in r["replay"].items() if k != "examples"}))
     for name, c in r["checks"].items():
         print(f"check {name:<22} {'PASS' if c['pass'] else 'FAIL'}  {c['detail']}")
 
 
-def checks(r: dict, exact: bool, rss_growth_mib: float) -> dict:
+def checks(r: dict, exact: bool, rss_slope: float, rss_margin: float = 128.0) -> dict:
     s, b, rss, rp = r["load"], r["budgets"], r["rss"], r["replay"]
     over = {t: x["over_samples"] for t, x in b["tiers"].items() if x["over_samples"]}
-    growth = max(rss.get("growth_mib", float("inf")), rss.get("fitted_growth_mib", float("inf")))
+    late = rss.get("slope_halves_mib_per_min", [None, float("inf")])[1]
     out = {"no_server_errors": {"pass": s["http_5xx"] == 0 and s["errors"] == 0 and not r["log_errors"],
                                 "detail": f"5xx {s['http_5xx']}, transport {s['errors']}, "
                                           f"log {len(r['log_errors'])}"},
            "budgets_respected": {"pass": not over and b["samples"] > 0,
                                  "detail": f"{b['samples']} samples, over: {over or 'none'}"},
-           "rss_bounded": {"pass": growth <= rss_growth_mib,
-                           "detail": f"growth {growth:.1f} MiB after warm-up (limit {rss_growth_mib})"}}
+           "rss_flat": {"pass": late <= rss_slope,
+                        "detail": f"late slope {late:.1f} MiB/min (limit {rss_slope}); growth after warm-up "
+                                  f"{rss.get('growth_mib', float('nan')):.1f} MiB"}}
+    if "rss_vllm_alone" in r:
+        mine, alone = rss.get("rss_mib_max", float("inf")), r["rss_vllm_alone"].get("rss_mib_max", 0.0)
+        out["rss_within_vllm_alone"] = {"pass": mine <= alone + rss_margin,
+                                        "detail": f"max {mine:.0f} MiB vs vLLM alone {alone:.0f} MiB "
+                                                  f"(margin {rss_margin:.0f})"}
     if exact:
         out["identical_to_vllm"] = {"pass": rp["replayed"] > 0 and rp["identical"] == rp["replayed"],
                                     "detail": f"{rp['identical']}/{rp['replayed']}, max logprob gap "
@@ -251,9 +267,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="vLLM KV pool in blocks (both servers): a pool of a few GiB is touched page by page "
                         "for minutes, which reads as RSS growth")
     p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--rss-growth-mib", type=float, default=64.0)
+    p.add_argument("--rss-slope", type=float, default=64.0,
+                   help="MiB/min: the most the server tree's RSS may still grow over the last half after warm-up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-replay", action="store_true")
+    p.add_argument("--rss-baseline", action="store_true",
+                   help="also run the same trace against vLLM alone (for --baseline-duration) and check that the "
+                        "kvreuse server's RSS stays within --rss-margin of vLLM alone's")
+    p.add_argument("--baseline-duration", type=float, default=None, help="seconds (default: --duration)")
+    p.add_argument("--rss-margin", type=float, default=128.0, help="MiB")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment of both servers (e.g. MALLOC_ARENA_MAX=2 to tell allocator growth from a leak)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -268,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     trace = Trace(seed=a.seed)
     warmup = a.duration * 0.25 if a.warmup is None else a.warmup
     r: dict = {"args": vars(a), "kvreuse_config": cfg, "model": str(model)}
-    with serve("kvreuse", model, log_dir=str(root), dtype=a.dtype, kvreuse_config=cfg, extra=extra) as srv:
+    env = dict(kv.split("=", 1) for kv in a.server_env)
+    with serve("kvreuse", model, log_dir=str(root), env=env, dtype=a.dtype, kvreuse_config=cfg, extra=extra) as srv:
         r["server_command"] = srv.command()
         name = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
         before = settle(srv.url)
@@ -287,11 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     r["rss"] = sampler.rss_report(warmup)
     r["replay"] = {"replayed": 0, "identical": 0, "max_logprob_gap": 0.0, "skipped": True}
     if not a.no_replay:
-        with serve("prefix", model, log_dir=str(root), dtype=a.dtype, extra=extra) as off:
+        with serve("prefix", model, log_dir=str(root), env=env, dtype=a.dtype, extra=extra) as off:
+            if a.rss_baseline:  # the same trace on vLLM alone: how much of the RSS curve is vLLM's own
+                base = Sampler(off.url, off.proc.pid)
+                base.start()
+                dur = a.duration if a.baseline_duration is None else a.baseline_duration
+                drive(off.url, name, trace, a.clients, dur)
+                base.stop()
+                r["rss_vllm_alone"] = base.rss_report(min(warmup, dur / 2))
             r["replay"] = compare(off.url, outs, a.tol)
             r["replay_server_command"] = off.command()
     exact = a.model_layers == 1 and a.dtype == "float32" and not a.no_replay
-    r["checks"] = checks(r, exact, a.rss_growth_mib)
+    r["checks"] = checks(r, exact, a.rss_slope, a.rss_margin)
     print_report(r)
     write_json(a.json, r)
     return 0 if all(c["pass"] for c in r["checks"].values()) else 1
