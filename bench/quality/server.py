@@ -108,6 +108,8 @@ def server_config(chunk_tokens: int, device_bytes: int | str = "64MiB", **policy
     base + patch by the next puts (the `patch` condition's recall)."""
     cfg = {"chunking": {"min_tokens": chunk_tokens, "avg_tokens": chunk_tokens, "max_tokens": chunk_tokens,
                         "boundary_tokens": []},
+           # every stored chunk placed: on this tiny model the learned costs find prefill cheaper than a load
+           "cost": {"learn": False, "step_overhead_s": 0.0},
            "device_bytes": device_bytes}
     if policy:
         cfg["policy"] = dict(policy)
