@@ -169,10 +169,13 @@ def compare(url: str, outs: list[Outcome], tol: float, workers: int = 4) -> dict
 
     def one(o: Outcome) -> dict:
         text, lps = replay(http, o)
-        gap = max((abs(a - b) for a, b in zip(o.logprobs, lps)), default=0.0)
+        gaps = [abs(a - b) for a, b in zip(o.logprobs, lps)]
+        gap = max(gaps, default=0.0)
         same_text = text == o.text and len(lps) == len(o.logprobs)
         return {"kind": o.kind, "same_text": same_text, "gap": gap, "ok": same_text and gap <= tol,
-                "got": o.text, "want": text}
+                "got": o.text, "want": text, "gaps": gaps, "got_logprobs": o.logprobs, "want_logprobs": lps,
+                "cached_tokens": o.cached_tokens, "prompt_tokens": o.prompt_tokens, "t_start": o.t_start,
+                "endpoint": o.endpoint, "body": o.body}
     with ThreadPoolExecutor(workers) as ex:
         rows = list(ex.map(one, done.values()))
     http.close()
