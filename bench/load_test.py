@@ -20,7 +20,8 @@ towards the level vLLM alone's worker reaches within its first minute; `--rss-ba
 same trace on vLLM alone and checks that the kvreuse server's RSS stays within `--rss-margin` of
 it); on the 1-layer float32 model every completed answer identical to
 vLLM alone (on a deeper or bf16 model, `--model-layers 8 --dtype bfloat16`, the divergence is
-reported, not checked).
+reported, not checked).  A differing greedy token passes only at a near tie: the reference gives
+both tokens logprobs within `--tol` (counted as `near_ties`; 1 in ~5,000 answers on this trace).
 
 Not covered: captioned images — a vision-language model needs its own server; the captioned
 screenshot path is exercised by `bench/caption_bench.py` and the connector's multimodal tests.
@@ -168,11 +169,11 @@ def compare(url: str, outs: list[Outcome], tol: float, workers: int = 4) -> dict
     http = httpx.Client(base_url=url, timeout=600)
 
     def one(o: Outcome) -> dict:
-        text, lps = replay(http, o)
-        gaps = [abs(a - b) for a, b in zip(o.logprobs, lps)]
-        gap = max(gaps, default=0.0)
+        text, lps, toks, top = replay(http, o)
         same_text = text == o.text and len(lps) == len(o.logprobs)
-        return {"kind": o.kind, "same_text": same_text, "gap": gap, "ok": same_text and gap <= tol,
+        ok, tie, gaps = judge(o.tokens, o.logprobs, toks, lps, top, tol)
+        gap = max(gaps, default=0.0)
+        return {"kind": o.kind, "same_text": same_text, "gap": gap, "ok": ok and (same_text or tie), "tie": tie,
                 "got": o.text, "want": text, "gaps": gaps, "got_logprobs": o.logprobs, "want_logprobs": lps,
                 "cached_tokens": o.cached_tokens, "prompt_tokens": o.prompt_tokens, "t_start": o.t_start,
                 "endpoint": o.endpoint, "body": o.body}
@@ -180,10 +181,26 @@ def compare(url: str, outs: list[Outcome], tol: float, workers: int = 4) -> dict
         rows = list(ex.map(one, done.values()))
     http.close()
     bad = [r for r in rows if not r["ok"]]
-    return {"replayed": len(rows), "identical": len(rows) - len(bad), "text_mismatches":
+    return {"replayed": len(rows), "identical": len(rows) - len(bad), "near_ties": sum(r["tie"] for r in rows),
+            "text_mismatches":
             sum(not r["same_text"] for r in rows), "max_logprob_gap": max((r["gap"] for r in rows), default=0.0),
             "by_kind": {k: sum(r["ok"] for r in rows if r["kind"] == k) for k in sorted({r["kind"] for r in rows})},
             "examples": bad[:5]}
+
+
+def judge(got_tok: list[str], got_lp: list[float], want_tok: list[str], want_lp: list[float], want_top: list[dict],
+          tol: float) -> tuple[bool, bool, list[float]]:
+    """(ok, near_tie, logprob gaps compared).  Tokens and logprobs must agree within `tol` up to the first
+    differing token; a differing token is accepted only at a near tie: the reference gives the token
+    kvreuse chose a logprob within `tol` of its own choice and of kvreuse's (greedy picks either)."""
+    gaps = []
+    for i, (gt, wt) in enumerate(zip(got_tok, want_tok)):
+        gaps.append(abs(got_lp[i] - want_lp[i]))
+        if gt != wt:
+            alt = want_top[i].get(gt) if i < len(want_top) else None
+            tie = alt is not None and abs(alt - want_lp[i]) <= tol and abs(alt - got_lp[i]) <= tol
+            return tie and max(gaps[:-1], default=0.0) <= tol, tie, gaps
+    return len(got_tok) == len(want_tok) and max(gaps, default=0.0) <= tol, False, gaps
 
 
 def summarize(outs: list[Outcome], duration: float) -> dict:
@@ -250,8 +267,8 @@ def checks(r: dict, exact: bool, rss_slope: float, rss_margin: float = 128.0) ->
                                                   f"(margin {rss_margin:.0f})"}
     if exact:
         out["identical_to_vllm"] = {"pass": rp["replayed"] > 0 and rp["identical"] == rp["replayed"],
-                                    "detail": f"{rp['identical']}/{rp['replayed']}, max logprob gap "
-                                              f"{rp['max_logprob_gap']:.2e}"}
+                                    "detail": f"{rp['identical']}/{rp['replayed']} (near ties {rp['near_ties']}), "
+                                              f"max logprob gap {rp['max_logprob_gap']:.2e}"}
     return out
 
 

@@ -66,6 +66,7 @@ class Outcome:
     error: str | None = None
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
     ttft_s: float | None = None
     latency_s: float | None = None
     prompt_tokens: int | None = None
@@ -168,28 +169,38 @@ class Client:
                     out.prompt_tokens = ev["usage"]["prompt_tokens"]
                     out.cached_tokens = ((ev["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
                 for ch in ev.get("choices") or []:
-                    piece, lps = text_and_logprobs(ch, chat, delta=True)
+                    piece, lps, toks, _ = text_and_logprobs(ch, chat, delta=True)
                     if piece and out.ttft_s is None:
                         out.ttft_s = time.perf_counter() - t0
                     out.text += piece
                     out.logprobs += lps
+                    out.tokens += toks
         out.latency_s = time.perf_counter() - t0
 
     def close(self) -> None:
         self.http.close()
 
 
-def text_and_logprobs(choice: dict, chat: bool, *, delta: bool) -> tuple[str, list[float]]:
-    """Text and token logprobs of one choice of a completions / chat response (streamed: ``delta``)."""
+def text_and_logprobs(choice: dict, chat: bool, *, delta: bool) -> tuple[str, list[float], list[str], list[dict]]:
+    """Text, token logprobs, tokens and top logprobs ({token: logprob} per position) of one choice of a
+    completions / chat response (streamed: ``delta``)."""
     lp = choice.get("logprobs") or {}
     if chat:
         text = (choice.get("delta" if delta else "message") or {}).get("content") or ""
-        return text, [t["logprob"] for t in (lp.get("content") or [])]
-    return choice.get("text") or "", [x for x in (lp.get("token_logprobs") or []) if x is not None]
+        content = lp.get("content") or []
+        return (text, [t["logprob"] for t in content], [t["token"] for t in content],
+                [{x["token"]: x["logprob"] for x in t.get("top_logprobs") or []} for t in content])
+    keep = [i for i, x in enumerate(lp.get("token_logprobs") or []) if x is not None]
+    pick = lambda xs: [xs[i] for i in keep] if xs else []  # noqa: E731
+    return (choice.get("text") or "", pick(lp.get("token_logprobs")), pick(lp.get("tokens")),
+            [t or {} for t in pick(lp.get("top_logprobs"))])
 
 
-def replay(http: httpx.Client, out: Outcome) -> tuple[str, list[float]]:
-    """The same request, unstreamed, against another server (`http`'s base URL): (text, logprobs)."""
-    r = http.post(out.endpoint, json=out.body)
+def replay(http: httpx.Client, out: Outcome) -> tuple[str, list[float], list[str], list[dict]]:
+    """The same request, unstreamed, against another server (`http`'s base URL), with the top two
+    logprobs per position (to tell a near tie from a wrong answer)."""
+    chat = out.endpoint.endswith("chat/completions")
+    body = {**out.body, **({"top_logprobs": 2} if chat else {"logprobs": 2})}
+    r = http.post(out.endpoint, json=body)
     r.raise_for_status()
-    return text_and_logprobs(r.json()["choices"][0], out.endpoint.endswith("chat/completions"), delta=False)
+    return text_and_logprobs(r.json()["choices"][0], chat, delta=False)
