@@ -19,7 +19,8 @@ from connector_helpers import Server, free_port, vllm_argv
 pytestmark = pytest.mark.slow
 
 KV_ON = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both",
-         "kv_connector_extra_config": {"allow_fault_injection": True}}
+         "kv_connector_extra_config": {"allow_fault_injection": True,
+                                                "cost": {"learn": False, "step_overhead_s": 0.0}}}
 
 
 @pytest.fixture(scope="module")
