@@ -92,3 +92,9 @@ def start(argv: list[str], port: int, log: Path) -> Server:
     return s
 
 
+def assert_same(a, b, tol: float = 1e-4) -> float:
+    """Same greedy text and logprobs within `tol` (`a`, `b`: (text, logprobs, ...)); returns the largest difference."""
+    assert a[0] == b[0], f"greedy tokens differ: {a[0]!r} vs {b[0]!r}"
+    worst = max(abs(x - y) for x, y in zip(a[1], b[1]))
+    assert worst <= tol, f"logprobs differ by {worst:.3g}"
+    return worst

@@ -20,7 +20,7 @@ from openai import OpenAI
 
 from kvreuse.connector.segmented_cls import SCHEDULER_CLS
 from kvreuse.models import tiny_words
-from connector_helpers import Server, free_port, vllm_argv
+from connector_helpers import Server, assert_same, free_port, vllm_argv
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +33,11 @@ SMALL = ["--max-num-batched-tokens", "160", "--num-gpu-blocks-override", "14", "
          "--max-model-len", "1536"]
 
 
-def _pair(model, logs, name, on_extra, off_extra):
+def _running_pair(model, logs, name, on_extra, off_extra):
+    """kvreuse (segmented scheduler) and vLLM alone on `model`, ready; stopped when the module ends."""
     p_on, p_off = free_port(), free_port()
     on = Server(vllm_argv(model, p_on, kv=KV, extra=SEGMENTED + on_extra), p_on, logs / f"{name}-on.log")
     off = Server(vllm_argv(model, p_off, kv=None, extra=off_extra), p_off, logs / f"{name}-off.log")
-    return on, off
-
-
-@pytest.fixture(scope="module")
-def servers(tiny_1layer, tmp_path_factory):
-    on, off = _pair(tiny_1layer, tmp_path_factory.mktemp("logs"), "l1", SMALL, [])
     try:
         on.wait_ready()
         off.wait_ready()
@@ -50,6 +45,11 @@ def servers(tiny_1layer, tmp_path_factory):
     finally:
         on.stop()
         off.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_1layer, tmp_path_factory):
+    yield from _running_pair(tiny_1layer, tmp_path_factory.mktemp("logs"), "l1", SMALL, [])
 
 
 def words(seed: int, n: int) -> str:
@@ -72,12 +72,6 @@ def chat(s: Server, messages, **extra):
                                   temperature=0, logprobs=True, extra_body=extra or None)
     lp = [t.logprob for t in r.choices[0].logprobs.content]
     return r.choices[0].message.content, lp, r.usage.prompt_tokens_details.cached_tokens or 0, r.usage.prompt_tokens
-
-
-def assert_same(a, b, tol=1e-4):
-    assert a[0] == b[0], f"greedy tokens differ: {a[0]!r} vs {b[0]!r}"
-    worst = max(abs(x - y) for x, y in zip(a[1], b[1]))
-    assert worst <= tol, f"logprobs differ by {worst:.3g}"
 
 
 def vllm_metric(s: Server, name: str) -> float:
@@ -173,14 +167,7 @@ def test_aborted_requests_leave_no_state(servers):
 
 @pytest.fixture(scope="module")
 def servers_2layer(tiny_2layer, tmp_path_factory):
-    on, off = _pair(tiny_2layer, tmp_path_factory.mktemp("logs2"), "l2", [], [])
-    try:
-        on.wait_ready()
-        off.wait_ready()
-        yield on, off
-    finally:
-        on.stop()
-        off.stop()
+    yield from _running_pair(tiny_2layer, tmp_path_factory.mktemp("logs2"), "l2", [], [])
 
 
 def test_approximate_kv_never_reaches_an_opted_out_request(servers_2layer):

@@ -14,7 +14,7 @@ from openai import OpenAI
 
 from kvreuse.models import tiny_words
 from kvreuse.models.trace import agent_trace
-from connector_helpers import Server, free_port, vllm_argv
+from connector_helpers import Server, assert_same, free_port, vllm_argv
 
 pytestmark = pytest.mark.slow
 
@@ -59,12 +59,6 @@ def text(seed: int, n: int) -> str:
 def msgs(system: str, docs: list[str], q: str):
     return [{"role": "system", "content": system}] + [{"role": "tool", "content": d} for d in docs] + \
         [{"role": "user", "content": q}]
-
-
-def assert_same(a, b, tol=1e-4):
-    assert a[0] == b[0], f"greedy tokens differ: {a[0]!r} vs {b[0]!r}"
-    worst = max(abs(x - y) for x, y in zip(a[1], b[1]))
-    assert worst <= tol, f"logprobs differ by {worst:.3g}"
 
 
 def test_shuffled_and_shifted_chunks_exact(servers):
