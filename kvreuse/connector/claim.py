@@ -2,17 +2,25 @@
 
 Policies (DESIGN.md), decided per chunk from what actually precedes it in the prompt.  A
 *context* is recorded for each KV the store holds of a chunk: the signature of every chunk key
-before it (exact match) and the last `RECENT` of those keys in order (bounded, for the looser
-matches).  Before a chunk, the prompt holds *stored* chunks (in the directory) and *gaps*
-(chunks nobody stored: new text, the chunk straddling a change point), computed in place.
+before it (exact match), the last `RECENT` of those keys in order (bounded, for the looser
+matches) and the content anchors of the prompt it was computed in (`segment.Anchors`, shared by
+every context of that prompt, under a memory budget).  Before a chunk, the prompt holds *stored*
+chunks (in the directory) and *gaps* (chunks nobody stored: new text, the chunk straddling a
+change point), computed in place.
   exact     the signature of all preceding keys is a recorded one      → relocate only
   survival  the stored chunks before it (the last `MATCH`) appear, in order, in a recorded
-            context (gaps and dropped chunks aside)                    → relocate only
+            context, and the text of the gaps among them was there too → relocate only
   reorder   the stored chunks before it are all in a recorded context,
-            in another order                                           → relocate + that context's KV/patch
+            in another order, and so was the gaps' text                → relocate + that context's KV/patch
   blind     anything else                                              → base KV only, or not claimed
             when the operator requires patched-or-exact reuse
 (`recall`, an entry demoted to base + patch, is decided by the worker from what the store serves.)
+
+"The gaps' text was there": every run of gap text that no anchor of the recorded context holds
+spans fewer than `NEW_SPAN` tokens (what a change point alone produces: the windows that cross it)
+and no media item is missing.  A context whose anchors are unknown (recorded by another instance,
+found on disk after a restart, or dropped under the budget) verifies no gap: with gaps before the
+chunk it does not count as survival or reorder.
 Memory is linear in the number of chunks: a context costs one signature and ≤ `RECENT` keys, and
 an entry keeps at most `MAX_CONTEXTS` contexts (least recently recorded or used first out).
 """
@@ -21,17 +29,21 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import xxhash
 
-from kvreuse.connector.segment import Chunk
+from kvreuse.connector.segment import _WINDOW, Anchors, Chunk
 from kvreuse.store.keys import ChunkKey
 
 POLICIES = ("exact", "survival", "reorder", "recall", "blind")
 RECENT = 64        # preceding keys remembered per context
 MATCH = 16         # stored neighbours compared for survival / reorder (the nearest matter most)
 MAX_CONTEXTS = 8   # contexts remembered per chunk
+NEW_SPAN = _WINDOW + 4      # a run of unseen text this long is new content, not a change point's windows
+LOOKBACK = 2048             # gap text checked before a chunk, at most (tokens)
+ANCHOR_BYTES = 64 << 20     # the directory's budget for prompts' anchors
 
 
 def context_signature(preceding: Sequence[bytes]) -> bytes:
@@ -62,8 +74,12 @@ class DirEntry:
     contexts: "OrderedDict[bytes, tuple[bytes, ...]]" = field(default_factory=OrderedDict)
     remote: bool = False
     _sets: dict[bytes, frozenset] = field(default_factory=dict, repr=False)
+    # signature -> (anchors of the prompt the context was recorded in, the chunk's start there)
+    anchors: dict[bytes, tuple[Anchors, int]] = field(default_factory=dict, repr=False)
 
-    def add(self, sig: bytes, recent: tuple[bytes, ...]) -> None:
+    def add(self, sig: bytes, recent: tuple[bytes, ...], anchors: tuple[Anchors, int] | None = None) -> None:
+        if anchors is not None:
+            self.anchors[sig] = anchors
         if sig in self.contexts:
             self.contexts.move_to_end(sig)
             if recent and not self.contexts[sig]:
@@ -74,6 +90,7 @@ class DirEntry:
         while len(self.contexts) > MAX_CONTEXTS:
             old, _ = self.contexts.popitem(last=False)
             self._sets.pop(old, None)
+            self.anchors.pop(old, None)
 
     def key_set(self, sig: bytes) -> frozenset:
         """The keys of a recorded context, as a set (cached)."""
@@ -88,9 +105,12 @@ class Directory:
     when the worker reports a key lost or evicted), and optionally a read-only local view of what
     other instances stored in the shared tier (`remote.record`, a local read)."""
 
-    def __init__(self, remote=None) -> None:
+    def __init__(self, remote=None, anchor_bytes: int = ANCHOR_BYTES) -> None:
         self.entries: dict[bytes, DirEntry] = {}
         self.remote = remote
+        self.anchor_bytes = anchor_bytes
+        self._prompts: "OrderedDict[int, Anchors]" = OrderedDict()  # anchors in use, least recently recorded first
+        self._prompt_bytes = 0
 
     def __contains__(self, digest: bytes) -> bool:
         return self.get(digest) is not None
@@ -107,12 +127,28 @@ class Directory:
                                                        for s in r.contexts[-MAX_CONTEXTS:]), remote=True)
         return e
 
-    def record(self, digest: bytes, num_tokens: int, context: bytes, recent: tuple[bytes, ...] = ()) -> None:
-        """The worker is storing `digest`'s KV computed after context `context` (last keys `recent`)."""
+    def record(self, digest: bytes, num_tokens: int, context: bytes, recent: tuple[bytes, ...] = (),
+               anchors: tuple[Anchors, int] | None = None) -> None:
+        """The worker is storing `digest`'s KV computed after context `context` (last keys `recent`;
+        `anchors`: the prompt's content anchors and the chunk's start in it)."""
         e = self.entries.get(digest)
         if e is None or e.num_tokens != num_tokens:
             e = self.entries[digest] = DirEntry(num_tokens)
-        e.add(context, tuple(recent[-RECENT:]))
+        e.add(context, tuple(recent[-RECENT:]), anchors)
+        if anchors is not None:
+            self._keep(anchors[0])
+
+    def _keep(self, a: Anchors) -> None:
+        """Hold `a` under the anchor budget; the least recently recorded prompts' anchors are released."""
+        if id(a) in self._prompts:
+            self._prompts.move_to_end(id(a))
+            return
+        self._prompts[id(a)] = a
+        self._prompt_bytes += a.nbytes
+        while self._prompt_bytes > self.anchor_bytes and len(self._prompts) > 1:
+            _, old = self._prompts.popitem(last=False)
+            self._prompt_bytes -= old.nbytes
+            old.release()
 
     def forget(self, digest: bytes) -> None:
         self.entries.pop(digest, None)
@@ -128,19 +164,55 @@ def _is_subsequence(short: Sequence[bytes], long: tuple[bytes, ...]) -> bool:
     return True
 
 
-def choose_policy(entry: DirEntry, sig: bytes, stored: Sequence[bytes], mode: str) -> tuple[str, bytes] | None:
+class GapText:
+    """Tokens `[lo, hi)` of a prompt hold gaps: was their text in a recorded context?  (One per chunk
+    checked; the recorded prompts' lookups are shared through `seen`.)"""
+
+    __slots__ = ("anchors", "lo", "hi", "seen")
+
+    def __init__(self, anchors: Anchors, lo: int, hi: int, seen: dict) -> None:
+        self.anchors, self.lo, self.hi, self.seen = anchors, lo, hi, seen
+
+    def was_there(self, recorded: tuple[Anchors, int] | None) -> bool:
+        if recorded is None or not recorded[0].known:
+            return False  # nothing to verify against
+        rec, before = recorded
+        a = self.anchors
+        i, j = np.searchsorted(a.pos, (self.lo, self.hi))
+        if i == j:
+            return True
+        first = self.seen.get(id(rec))
+        if first is None:
+            first = self.seen[id(rec)] = rec.first_seen(a.hashes)
+        missing = np.flatnonzero(first[i:j] >= before)
+        if missing.shape[0] == 0:
+            return True
+        if a.media[i:j][missing].any():
+            return False  # a media item the context did not hold
+        # runs of consecutive missing anchors: a change point misses fewer than NEW_SPAN positions
+        pos = a.pos[i:j][missing]
+        brk = np.flatnonzero(np.diff(missing) > 1)
+        starts = np.concatenate(([0], brk + 1))
+        ends = np.concatenate((brk, [missing.shape[0] - 1]))
+        return bool((pos[ends] - pos[starts] < NEW_SPAN).all())
+
+
+def choose_policy(entry: DirEntry, sig: bytes, stored: Sequence[bytes], mode: str,
+                  gaps: Optional[GapText] = None) -> tuple[str, bytes] | None:
     """(policy, recorded context signature to read) for a chunk; None = not claimed.
 
     `sig`: signature of every key before the chunk; `stored`: the stored chunks among them (the
-    last `MATCH`, in order; gaps left out).  Among the recorded contexts that contain every
-    stored neighbour, the one with the fewest extra keys wins, survival (same order) first.
+    last `MATCH`, in order; gaps left out); `gaps`: the gap text among them (None: no gaps).
+    Among the recorded contexts that contain every stored neighbour (and held the gaps' text), the
+    one with the fewest extra keys wins, survival (same order) first.
     """
     if sig in entry.contexts:
         return "exact", sig
     # a context with no recorded keys is the isolated one, except on a remote entry saved without them
     have = frozenset(stored)
     fits = sorted((len(rec) - len(have), s) for s, rec in entry.contexts.items()
-                  if (rec or not (have or entry.remote)) and have <= entry.key_set(s))
+                  if (rec or not (have or entry.remote)) and have <= entry.key_set(s)
+                  and (gaps is None or gaps.was_there(entry.anchors.get(s))))
     for _, s in fits:
         if _is_subsequence(stored, entry.contexts[s]):
             return "survival", s

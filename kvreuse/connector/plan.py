@@ -20,10 +20,11 @@ from typing import Sequence
 
 import torch
 
-from kvreuse.connector.claim import MATCH, RECENT, Directory, LoadItem, SaveItem, choose_policy, prefix_signatures
+from kvreuse.connector.claim import (LOOKBACK, MATCH, RECENT, Directory, GapText, LoadItem, SaveItem, choose_policy,
+                                     prefix_signatures)
 from kvreuse.connector.costs import CostModel
 from kvreuse.connector.mrope import as_tuple
-from kvreuse.connector.segment import Chunk
+from kvreuse.connector.segment import Anchors, Chunk
 
 
 @dataclass(frozen=True)
@@ -89,19 +90,24 @@ class Plan:
 
 def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,
                   num_computed: int, mode: str = "any", positions: torch.Tensor | None = None,
-                  cost: CostModel | None = None, gaps: bool = True) -> Plan:
+                  cost: CostModel | None = None, gaps: bool = True, anchors: Anchors | None = None) -> Plan:
     """Placements of the stored chunks of a prompt (pure: nothing is recorded).
 
     `positions`: the request's `[3, N]` M-RoPE positions (`kvreuse.connector.mrope`); each item
     then carries its destination positions.  Placements end on chunk boundaries and a media item
-    is one chunk, so a placement never ends inside an image or video span.
+    is one chunk, so a placement never ends inside an image or video span.  `anchors`: the
+    prompt's content anchors (`segment.segment_prompt`); with them, a chunk after gaps is survival
+    or reorder only where a recorded context held the gaps' text (None: gaps are not checked).
     """
     limit = len(token_ids) - 1  # vLLM must compute at least the last prompt token
     plan = Plan(num_computed)
     run: list[LoadItem] = []
     stored: deque[bytes] = deque(maxlen=MATCH)  # stored chunks before the current one (gaps left out)
+    spans: deque[tuple[int, int]] = deque(maxlen=MATCH)  # their token ranges
+    stored_tokens = 0  # tokens of the chunks in `spans`
     open_run = True  # gaps=False: only the run that starts at the prefix hit
     memo: dict = {}
+    seen: dict = {}  # recorded prompts' anchor lookups, shared by every gap check of this plan
 
     def close() -> None:
         nonlocal run
@@ -123,10 +129,13 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
             if ok:
                 if sig in e.contexts:
                     pick = ("exact", sig)
-                else:  # the looser matches depend on the key and its stored neighbours only: repeats are memoised
-                    memo_key = (keys[j], tuple(stored))
+                else:  # the looser matches depend on the key, its stored neighbours and the gaps among them
+                    lo = max(spans[0][0] if len(spans) == MATCH else 0, c.start - LOOKBACK)
+                    gap = anchors is not None and c.start - lo > _sum_in(spans, lo, stored_tokens)
+                    memo_key = (keys[j], tuple(stored), (lo, c.start) if gap else None)
                     pick = memo[memo_key] if memo_key in memo else memo.setdefault(
-                        memo_key, choose_policy(e, sig, stored, mode))
+                        memo_key, choose_policy(e, sig, stored, mode, GapText(anchors, lo, c.start, seen) if gap
+                                                else None))
             if pick is None:
                 close()
                 plan.misses += 1
@@ -141,11 +150,27 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
         elif num_computed < c.end <= limit:
             plan.misses += 1  # after the claim ended (gaps=False)
         if ok:
+            if len(spans) == MATCH:
+                stored_tokens -= spans[0][1] - spans[0][0]
             stored.append(keys[j])
+            spans.append((c.start, c.end))
+            stored_tokens += c.num_tokens
     close()
     if not gaps:
         plan.placements = plan.placements[:1] if plan.leading else []
     return plan
+
+
+def _sum_in(spans: deque, lo: int, total: int) -> int:
+    """Tokens of `spans` (`total` in all, in order) at or after `lo`."""
+    for a, b in spans:
+        if b <= lo:
+            total -= b - a
+        elif a < lo:
+            total -= lo - a
+        else:
+            break
+    return total
 
 
 def plan_claim(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,

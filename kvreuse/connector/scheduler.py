@@ -37,7 +37,7 @@ from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
 from kvreuse.connector.mrope import PositionsFn
 from kvreuse.connector.plan import Placement, Plan, plan_saves, plan_segments
 from kvreuse.connector.remote import RemoteLookup
-from kvreuse.connector.segment import Chunk, mm_spans, segment
+from kvreuse.connector.segment import Anchors, Chunk, mm_spans, segment_prompt
 from kvreuse.connector.stats import ReuseStats
 from kvreuse.store import scan_index
 from kvreuse.store.keys import AdapterKeys
@@ -59,6 +59,7 @@ class _Req:
     request: Any
     chunks: list[Chunk]
     keys: list[bytes]
+    anchors: Anchors
     positions: torch.Tensor | None = None  # M-RoPE: [3, N] from the model's get_mrope_input_positions
     disabled: bool = False                 # positions could not be computed: no reuse for this request
     plan: Plan | None = None
@@ -104,12 +105,12 @@ class SchedulerSide:
         st = self.reqs.get(request.request_id)
         if st is None:
             tokens = list(request.prompt_token_ids or [])
-            chunks = segment(tokens, self.cfg.chunking, boundary_ids=self.boundary_ids, end_ids=self.end_ids,
-                             spans=mm_spans(getattr(request, "mm_features", None)))
+            chunks, anchors = segment_prompt(tokens, self.cfg.chunking, boundary_ids=self.boundary_ids,
+                                             end_ids=self.end_ids, spans=mm_spans(getattr(request, "mm_features", None)))
             # besides content and model, the cache salt and the LoRA adapter (name, path, files) separate keys
             keys = chunk_keys(tokens, chunks, self.model_digest, getattr(request, "cache_salt", None),
                               self.adapters.of(getattr(request, "lora_request", None)))
-            st = self.reqs[request.request_id] = _Req(request, chunks, keys)
+            st = self.reqs[request.request_id] = _Req(request, chunks, keys, anchors)
             if self.positions_fn is not None:
                 try:
                     st.positions = self.positions_fn(tokens, list(getattr(request, "mm_features", None) or []))
@@ -138,7 +139,7 @@ class SchedulerSide:
         if st.disabled:
             return 0
         plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
-                             self.cfg.policy.mode, st.positions, self.cost, gaps=self.segmented)
+                             self.cfg.policy.mode, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors)
         # a (re)plan: a new request, or one resumed after preemption (its blocks are gone)
         st.plan, st.starts = plan, [p.start for p in plan.placements]
         st.next_seg, st.pending, st.placed, st.load_pending, st.used = 0, [], set(), False, []
@@ -264,7 +265,7 @@ class SchedulerSide:
             if items:
                 meta.saves.append(ReqSave(rid, list(block_ids_of(rid)), items))  # `recent` persists with the entry
                 for it in items:  # recorded now: the worker copies the KV out in this very step
-                    self.directory.record(it.key, it.end - it.start, it.context, it.recent)
+                    self.directory.record(it.key, it.end - it.start, it.context, it.recent, (st.anchors, it.start))
         return meta
 
     def _count_segments(self, st: _Req, prompt_len: int) -> None:

@@ -22,11 +22,81 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import xxhash
 
 from kvreuse.connector.config import ChunkingConfig
 
 _GEAR = np.random.default_rng(0x6B767275).integers(0, 2**63, size=4096, dtype=np.uint64)
 _WINDOW = 16  # the gear hash's top bits depend on the last 16 tokens only: cuts resynchronise 16 tokens after a change
+_ANCHOR_BITS = 2  # an anchor at about one position in four (`Anchors`)
+
+
+class Anchors:
+    """Content fingerprints of a prompt, to tell whether text computed in a gap was there before.
+
+    An anchor is the rolling hash of the (up to) `_WINDOW` tokens ending at a position, kept at about
+    one position in `1 << _ANCHOR_BITS` (chosen by the hash itself, so by content, never by offset),
+    plus one per media item (its identifier).  The hash restarts with the chunker's regions, so an
+    anchor depends on content only: the same text yields the same anchors at any offset.  A change
+    point (a dropped passage, a prompt that starts mid-text) changes only the hashes whose windows
+    cross it, fewer than `_WINDOW` consecutive positions; new text changes every hash over it.
+    """
+
+    __slots__ = ("pos", "hashes", "media", "_index")
+
+    def __init__(self, pos: np.ndarray, hashes: np.ndarray, media: np.ndarray) -> None:
+        self.pos, self.hashes, self.media = pos, hashes, media  # sorted by position
+        self._index: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def empty(cls) -> "Anchors":
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, bool))
+
+    @classmethod
+    def of(cls, h: np.ndarray, media: dict[int, "MMSpan"]) -> "Anchors":
+        keep = ((h >> np.uint64(20)) & np.uint64((1 << _ANCHOR_BITS) - 1)) == 0
+        for off, s in media.items():
+            keep[off:off + s.length] = False  # placeholder tokens: the item's identifier stands for them
+        pos = np.flatnonzero(keep)
+        hashes = h[pos]
+        flags = np.zeros(pos.shape[0], bool)
+        if media:
+            mpos = np.fromiter(media, np.int64, len(media))
+            mh = np.array([xxhash.xxh64_intdigest(s.identifier.encode()) for s in media.values()], np.uint64)
+            pos, hashes = np.concatenate([pos, mpos]), np.concatenate([hashes, mh])
+            flags = np.concatenate([flags, np.ones(len(media), bool)])
+            order = np.argsort(pos, kind="stable")
+            pos, hashes, flags = pos[order], hashes[order], flags[order]
+        return cls(pos.astype(np.int64), hashes, flags)
+
+    @property
+    def nbytes(self) -> int:
+        return self.pos.nbytes + self.hashes.nbytes + self.media.nbytes + 2 * self.hashes.nbytes
+
+    def release(self) -> None:
+        """Forget the fingerprints (memory budget): `first_seen` then knows nothing."""
+        self.pos, self.hashes, self.media, self._index = (np.zeros(0, np.int64), np.zeros(0, np.uint64),
+                                                          np.zeros(0, bool), None)
+
+    @property
+    def known(self) -> bool:
+        return self.pos.shape[0] > 0
+
+    def first_seen(self, hashes: np.ndarray) -> np.ndarray:
+        """For each hash, the first position of this prompt holding it (int64 max where none)."""
+        if self._index is None:
+            order = np.lexsort((self.pos, self.hashes))
+            h, p = self.hashes[order], self.pos[order]
+            first = np.ones(h.shape[0], bool)
+            first[1:] = h[1:] != h[:-1]
+            self._index = (h[first], p[first])
+        h, p = self._index
+        out = np.full(hashes.shape[0], np.iinfo(np.int64).max, np.int64)
+        if h.shape[0]:
+            i = np.minimum(np.searchsorted(h, hashes), h.shape[0] - 1)
+            hit = h[i] == hashes
+            out[hit] = p[i[hit]]
+        return out
 
 
 @dataclass(frozen=True)
@@ -66,10 +136,16 @@ def segment(token_ids: Sequence[int], cfg: ChunkingConfig, *, boundary_ids: froz
 
     `boundary_ids`: tokens that start a chunk; `end_ids`: tokens that end one; `spans`: media items.
     """
+    return segment_prompt(token_ids, cfg, boundary_ids=boundary_ids, end_ids=end_ids, spans=spans)[0]
+
+
+def segment_prompt(token_ids: Sequence[int], cfg: ChunkingConfig, *, boundary_ids: frozenset[int] = frozenset(),
+                   end_ids: frozenset[int] = frozenset(), spans: Sequence[MMSpan] = ()) -> tuple[list[Chunk], Anchors]:
+    """`segment`, and the prompt's content anchors (`Anchors`) from the same rolling hash."""
     ids = np.asarray(token_ids, dtype=np.int64)
     n = ids.shape[0]
     if n == 0:
-        return []
+        return [], Anchors.empty()
     # region starts: text between two of them is cut from its own tokens only
     starts = np.zeros(n + 1, dtype=bool)
     starts[0] = True
@@ -88,8 +164,9 @@ def segment(token_ids: Sequence[int], cfg: ChunkingConfig, *, boundary_ids: froz
         media[s.offset] = s
         prev_end = end
     starts[n] = True
-    hits = _hash_hits(ids, starts, cfg)
-    weak = _hash_hits(ids, starts, cfg, bits=2)
+    h = _window_hash(ids, starts)
+    hits = _top_zero(h, max(1, int(np.log2(max(cfg.avg_tokens - cfg.min_tokens, 2)))))
+    weak = _top_zero(h, 2)
     chunks: list[Chunk] = []
     bounds = np.flatnonzero(starts)
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
@@ -100,17 +177,15 @@ def segment(token_ids: Sequence[int], cfg: ChunkingConfig, *, boundary_ids: froz
             chunks.append(Chunk(a, b))  # too short to cut
         else:
             _cut_text(a, b, hits, weak, cfg, chunks)
-    return chunks
+    return chunks, Anchors.of(h, media)
 
 
-def _hash_hits(ids: np.ndarray, starts: np.ndarray, cfg: ChunkingConfig, bits: int | None = None) -> np.ndarray:
-    """Sorted token indices i after which a content-defined cut may fall (the gear hash's top bits are 0).
+def _window_hash(ids: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Gear hash at each token over the last `_WINDOW` tokens since its region start.
 
     h_i = Σ_k g[i-k] << k over the tokens since the last region start (mod 2^64).
     """
     n = ids.shape[0]
-    if bits is None:
-        bits = max(1, int(np.log2(max(cfg.avg_tokens - cfg.min_tokens, 2))))
     idx = np.arange(n, dtype=np.int64)
     dist = idx - np.maximum.accumulate(np.where(starts[:n], idx, 0))  # tokens since i's region start
     # doubling: with H_m[i] = Σ_{k < min(m, dist_i + 1)} g[i-k] << k, H_2m[i] = H_m[i] + (H_m[i-m] << m) when dist_i >= m
@@ -122,6 +197,11 @@ def _hash_hits(ids: np.ndarray, starts: np.ndarray, cfg: ChunkingConfig, bits: i
             tail[m:] = h[:-m] << np.uint64(m)
             h = h + np.where(dist >= m, tail, np.uint64(0))
             m *= 2
+    return h
+
+
+def _top_zero(h: np.ndarray, bits: int) -> np.ndarray:
+    """Sorted token indices i after which a content-defined cut may fall (the hash's top `bits` are 0)."""
     return np.flatnonzero((h >> np.uint64(64 - bits)) == 0)
 
 

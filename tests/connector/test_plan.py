@@ -9,12 +9,12 @@ import pytest
 import time
 import tracemalloc
 
-from kvreuse.connector.claim import RECENT, Directory, chunk_keys, choose_policy, context_signature
+from kvreuse.connector.claim import NEW_SPAN, RECENT, Directory, chunk_keys, choose_policy, context_signature
 from kvreuse.connector.config import ConnectorConfig, ConnectorConfigError, ChunkingConfig
 from kvreuse.connector.costs import CostModel
 from kvreuse.connector.plan import plan_claim, plan_saves, plan_segments
 from kvreuse.connector.scheduler import opted_out
-from kvreuse.connector.segment import MMSpan, segment
+from kvreuse.connector.segment import MMSpan, segment, segment_prompt
 
 MODEL = b"m" * 16
 CFG = ChunkingConfig(min_tokens=8, avg_tokens=24, max_tokens=48)
@@ -34,9 +34,12 @@ def cut(tokens):
     return segment(tokens, CFG, boundary_ids=frozenset({START}))
 
 
-def store_all(directory: Directory, tokens, chunks, keys):
+def store_all(directory: Directory, tokens, chunks, keys, anchors=None, spans=()):
+    """Record every chunk as the scheduler does when the worker saves a prompt (with its anchors)."""
+    if anchors is None:
+        _, anchors = segment_prompt(tokens, CFG, boundary_ids=frozenset({START}), spans=spans)
     for it in plan_saves(tokens, chunks, keys, directory, set(), True):
-        directory.record(it.key, it.end - it.start, it.context, it.recent)
+        directory.record(it.key, it.end - it.start, it.context, it.recent, (anchors, it.start))
 
 
 # ---------------------------------------------------------------- segmentation
@@ -206,9 +209,10 @@ def test_opt_out():
 
 
 # ---------------------------------------------------------------- gap-fill planning
-def _plan(d, toks, cost=None, mode="any", num_computed=0, gaps=True):
-    ch = cut(toks)
-    return plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, None), d, num_computed, mode, cost=cost, gaps=gaps), ch
+def _plan(d, toks, cost=None, mode="any", num_computed=0, gaps=True, spans=()):
+    ch, anchors = segment_prompt(toks, CFG, boundary_ids=frozenset({START}), spans=spans)
+    return plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, None), d, num_computed, mode, cost=cost, gaps=gaps,
+                         anchors=anchors), ch
 
 
 def test_every_stored_chunk_is_placed_past_gaps():
@@ -252,9 +256,71 @@ def test_sliding_window_with_change_points_stays_survival_and_reordered_set_is_r
     assert after and "reorder" in after and "blind" not in after
 
 
-def _setup_into(d, toks):
-    ch = cut(toks)
-    store_all(d, toks, ch, chunk_keys(toks, ch, MODEL, None))
+def _setup_into(d, toks, spans=()):
+    ch = segment(toks, CFG, boundary_ids=frozenset({START}), spans=spans)
+    store_all(d, toks, ch, chunk_keys(toks, ch, MODEL, None), spans=spans)
+
+
+def _policies_after(plan, pos):
+    return {it.policy for it in plan.items if it.dst_start >= pos}
+
+
+def test_gap_text_decides_survival_new_text_in_a_gap_makes_it_blind():
+    frames = [message(180 + i, 90)[1:] for i in range(6)]         # raw text: no message boundaries
+    d = Directory()
+    _setup_into(d, prompt(*frames[0:4], [9, 9, 9]))
+    # a passage nobody sent, inserted between stored ones: the chunks after it never saw it
+    new = message(190, 60)[1:]
+    toks = prompt(frames[0], frames[1], new, frames[2], frames[3], [9, 9])
+    plan, _ = _plan(d, toks)
+    after = len(prompt(frames[0], frames[1], new)) + 40              # past the change point's straddling chunks
+    assert _policies_after(plan, after) == {"blind"}
+    assert _policies_after(plan, 0) >= {"exact"}                      # before the new text: exact as before
+    assert not _policies_after(_plan(d, toks, mode="patched_or_exact")[0], after)
+    # a few changed tokens (a timestamp) instead: fewer than NEW_SPAN unseen positions, still survival
+    stamp = prompt(frames[0][:50], [7, 7, 7], frames[0][53:], *frames[1:4], [9, 9])
+    plan2, _ = _plan(d, stamp)
+    assert "blind" not in _policies_after(plan2, 0) and "survival" in _policies_after(plan2, 0)
+
+
+def test_only_new_text_before_a_chunk_is_blind_not_survival():
+    a, b = message(200, 90)[1:], message(201, 90)[1:]
+    d = Directory()
+    _setup_into(d, prompt(a, [9, 9]))                                 # a recorded at the prompt's start
+    plan, _ = _plan(d, prompt(b, a, [9, 9]))                          # now after text nobody stored
+    assert plan.items and _policies_after(plan, len(b) + 40) == {"blind"}
+    plan_same, _ = _plan(d, prompt(a[30:], [9, 9]))                   # a prompt that starts mid-text: a change point
+    assert plan_same.items and "blind" not in _policies_after(plan_same, 0)
+
+
+def test_a_media_item_in_a_gap_must_have_been_there():
+    cap, b = message(210, 60)[1:], message(211, 90)[1:]
+    img = [5] * 16
+    d = Directory()
+    _setup_into(d, prompt(img, cap, b, [9, 9]), spans=[MMSpan("img-1", 0, 16)])
+    # the same caption and passage after another image: the image chunk is a gap the context lacked
+    toks = prompt(img, cap, b, [9, 9])
+    plan, _ = _plan(d, toks, spans=[MMSpan("img-2", 0, 16)])
+    assert plan.items and _policies_after(plan, 16) == {"blind"}
+    plan_same, _ = _plan(d, toks, spans=[MMSpan("img-1", 0, 16)])
+    assert _policies_after(plan_same, 0) == {"exact"}
+
+
+def test_contexts_without_anchors_verify_no_gap_and_the_anchor_budget_holds():
+    frames = [message(220 + i, 90)[1:] for i in range(4)]
+    turn1, turn2 = prompt(*frames[0:4], [9, 9, 9]), prompt(*frames[1:4], [9, 9])
+    d = Directory()
+    ch = cut(turn1)
+    for it in plan_saves(turn1, ch, chunk_keys(turn1, ch, MODEL, None), d, set(), True):
+        d.record(it.key, it.end - it.start, it.context, it.recent)  # e.g. found on disk after a restart
+    plan, _ = _plan(d, turn2)
+    # turn 2 starts mid-text: its first chunk is a gap nobody can vouch for, so nothing after it is survival
+    assert plan.items and "survival" not in _policies_after(plan, 0)
+    # prompts' anchors are released least recently recorded first, within the directory's budget
+    small = Directory(anchor_bytes=20_000)
+    for i in range(40):
+        _setup_into(small, prompt(message(300 + i, 400)[1:], [9]))
+    assert small._prompt_bytes <= 20_000 and len(small._prompts) < 40
 
 
 def test_cost_model_drops_placements_that_do_not_pay():
@@ -287,15 +353,15 @@ def test_planning_is_linear():
     toks = [rng.randrange(10, 30000) for _ in range(32768)]
     cfg = ChunkingConfig()
     d = Directory()
-    ch = segment(toks, cfg)
+    ch, anchors = segment_prompt(toks, cfg)
     keys = chunk_keys(toks, ch, MODEL, None)
     for it in plan_saves(toks, ch, keys, d, set(), True):
-        d.record(it.key, it.end - it.start, it.context, it.recent)
+        d.record(it.key, it.end - it.start, it.context, it.recent, (anchors, it.start))
     toks2 = toks[5000:] + toks[:5000]
     t0 = time.perf_counter()
-    ch2 = segment(toks2, cfg)
+    ch2, anchors2 = segment_prompt(toks2, cfg)
     keys2 = chunk_keys(toks2, ch2, MODEL, None)
-    plan = plan_segments(toks2, ch2, keys2, d, 0)
+    plan = plan_segments(toks2, ch2, keys2, d, 0, anchors=anchors2)
     dt = time.perf_counter() - t0
     assert len(ch2) >= 400 and plan.placed_tokens > 0.9 * len(toks2)
     assert dt < 0.25, f"segmenting + keying + planning 32k tokens took {dt * 1e3:.0f} ms"
@@ -307,11 +373,11 @@ def test_six_thousand_boundary_tokens_plan_fast_and_small():
 
     def run():
         d = Directory()
-        ch = segment(toks, cfg, boundary_ids=frozenset({START}))
+        ch, anchors = segment_prompt(toks, cfg, boundary_ids=frozenset({START}))
         keys = chunk_keys(toks, ch, MODEL, None)
         for it in plan_saves(toks, ch, keys, d, set(), True, min_tokens=1):
-            d.record(it.key, it.end - it.start, it.context, it.recent)
-        return ch, plan_segments(toks, ch, keys, d, 0)
+            d.record(it.key, it.end - it.start, it.context, it.recent, (anchors, it.start))
+        return ch, plan_segments(toks, ch, keys, d, 0, anchors=anchors)
 
     times = []
     for _ in range(3):  # best of three: the machine may be busy
