@@ -9,7 +9,7 @@ import pytest
 import time
 import tracemalloc
 
-from kvreuse.connector.claim import NEW_SPAN, RECENT, Directory, chunk_keys, choose_policy, context_signature
+from kvreuse.connector.claim import RECENT, Directory, chunk_keys, choose_policy, context_signature
 from kvreuse.connector.config import ConnectorConfig, ConnectorConfigError, ChunkingConfig
 from kvreuse.connector.costs import CostModel
 from kvreuse.connector.plan import plan_claim, plan_saves, plan_segments
