@@ -160,6 +160,11 @@ class ChunkStore:
         """Bytes of KV queued or being ingested (bounded by ``ingest_bytes``)."""
         return self._bg.held_bytes("ingest")
 
+    def pending_bytes(self) -> dict[str, int]:
+        """Bytes queued or running on the background thread, per lane: ``"ingest"`` (saved chunks not yet
+        stored) and ``"work"`` (spills, demoted contexts' patch fits); all 0: everything handed over is done."""
+        return {lane: self._bg.held_bytes(lane) for lane in ("ingest", "work")}
+
     def _held(self, key: ChunkKey) -> bool:
         """With the lock held: whether this store keeps ``key`` locally (memory, on its way to disk, disk)."""
         return (any(key in t for t in self.memory) or key in self.tiers.spilling or key in self._ingester.pending
