@@ -116,13 +116,14 @@ def test_a_context_still_queued_for_ingest_is_served_its_own_kv_never_base():
                                            atol=1e-5, rtol=1e-5)
                 assert torch.equal(view.v, cv[:, 2:9])
             assert st.get(e.key, e.token_ids, context=b"ctx-C").how == "base"  # never handed over
+            assert st.pending_bytes()["ingest"] == 2 * 2 * ak.numel() * ak.element_size()  # both contexts' K and V
         finally:
             fit.release.set()
         st.flush()
         for ctx in (b"ctx-A", b"ctx-B"):
             view = st.get(e.key, e.token_ids, context=ctx)
             assert (view.how, view.source) == ("exact", "device") and torch.equal(view.positions, e.positions)
-        assert st._ingester.pending == {}
+        assert st._ingester.pending == {} and st.pending_bytes() == {"ingest": 0, "work": 0}
 
 
 @pytest.mark.parametrize("outcome", ["fitted", "failed"])
