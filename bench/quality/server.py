@@ -14,13 +14,16 @@ are the context's chunks, q a question):
                  loading and saving for the request): vLLM's own prefill.
 * ``blind``    — each chunk primed alone (its own request: base KV stored in isolation), then
                  [c1, c2, c3] + q  [c1 exact, c2 and c3 blind].
-* ``patch``    — c1, c2 and c3 primed alone, then [c1, c2, c3] + q on a `patched_or_exact` server
-                 (c1 placed; c2 and c3 follow c1, which their isolated context lacks, so they are
-                 refused, computed, and capture this context's KV and a conditioning patch), then a
-                 request of new chunks (its own salt) makes the full store make room,
-                 which demotes that in-context KV to the patch; then [c1, c2, c3] + q  [c1 exact, c2
-                 and c3 recall = base + patch].  Needs a small `device_bytes` (see `server_config`);
-                 the store is filled first (`fill_store`), so this condition runs last.
+* ``patch``    — c1, c2 and c3 primed alone, then [c1, c2, c3] + q asking for patched-or-exact
+                 reuse (`kv_transfer_params: {"kvreuse": {"mode": "patched_or_exact"}}`, as a
+                 `patched_or_exact` server would serve every request: c1 placed; c2 and c3 follow
+                 c1, which their isolated context lacks, so they are refused, computed, and capture
+                 this context's KV and a conditioning patch), then a request of new chunks (its own
+                 salt) makes the full store make room, which demotes that in-context KV to the patch;
+                 the harness waits until the store has done all of it (`Client.settle_store`: saves
+                 are stored in the background); then [c1, c2, c3] + q, again patched-or-exact
+                 [c1 exact, c2 and c3 recall = base + patch].  Needs a small `device_bytes` (see
+                 `server_config`); the store is filled first (`fill_store`), so this condition runs last.
                  Reference counterpart: ``patch_default`` (the connector fits with its
                  `policy.patch_energy` / `patch_max_rank` and fit_patch's default byte budget).
 * ``survival`` — [c1, c2, c3] + q primed, then [c2, c3] + q  [c2 and c3 survival].
@@ -29,12 +32,13 @@ are the context's chunks, q a question):
                  order's in-context KV, relocated)].  Reference counterparts: ``reorder`` (base +
                  patch fitted in the primed order) and ``reorder_ctx`` (the primed order's KV).
 
-With the segmented-prefill scheduler (`kvreuse serve` selects it) a chunk that is not stored no
-longer ends a claim, so ``patch`` cannot capture on the server that runs ``blind``: there c2 and
-c3 would be placed blind in the capturing request.  ``patch`` therefore runs on a server of its
-own with `policy.mode = "patched_or_exact"` (`patch_server`), and c1 is primed alone too, so that
-c2 and c3 follow a stored chunk their isolated context lacks (refused, computed, captured); the
-capturing request places c1 (exact, counted in `priming_claims`).
+A server that places blind KV (``blind`` needs one) would place c2 and c3 blind in ``patch``'s
+capturing request, where they must be computed: that is why ``patch``'s requests ask for
+patched-or-exact reuse, so it runs on the same server as the other conditions, with either
+scheduler (bench/quality_bench.py still gives it a `patched_or_exact` server of its own, which
+serves it the same).  c1 is primed alone too, so that c2 and c3 follow a stored chunk their
+isolated context lacks (refused, computed, captured); the capturing request places c1 (exact,
+counted in `priming_claims`).
 
 Raw text (`raw=True`): the same conditions with the contexts joined as one text prompt (no message
 or chunk boundaries: `prompt` is the decoded string) and chunks cut by content (`raw_config`), so
@@ -147,8 +151,10 @@ class Client:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.load(r)
 
-    def answer(self, prompts: Sequence[Sequence[int]], *, salt: str | None, kvreuse: bool = True) -> list[int]:
-        """Greedy next token id after each prompt (one request per prompt, sent as one batch)."""
+    def answer(self, prompts: Sequence[Sequence[int]], *, salt: str | None, kvreuse: bool = True,
+               mode: str | None = None) -> list[int]:
+        """Greedy next token id after each prompt (one request per prompt, sent as one batch); `mode`:
+        the kvreuse policy mode these requests ask for (`"patched_or_exact"`)."""
         if not prompts:
             return []
         sent = [task.decode(p) for p in prompts] if self.text else [list(map(int, p)) for p in prompts]
@@ -158,6 +164,8 @@ class Client:
             body["cache_salt"] = salt
         if not kvreuse:
             body["kv_transfer_params"] = {"kvreuse": False}
+        elif mode is not None:
+            body["kv_transfer_params"] = {"kvreuse": {"mode": mode}}
         req = urllib.request.Request(self.url + "/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
         try:
@@ -182,6 +190,23 @@ class Client:
 
         with urllib.request.urlopen(self.url + "/metrics", timeout=30) as r:
             return parse_kvreuse_metrics(r.read().decode())
+
+    def settle_store(self, timeout: float = 60.0, poll: float = 1.1) -> None:
+        """Wait until the server's stores have done all the work handed to them before this call (saved
+        chunks stored, demotions and their patch fits, spills): `kvreuse_store_pending_bytes` reads 0
+        twice in a row.  The store's gauges reach /metrics only with an engine step, read at most once
+        a second (and a step late): each read follows `poll` s of waiting and a one-token request that
+        opted out of kvreuse."""
+        t0, zeros = time.time(), 0
+        while time.time() - t0 < timeout:
+            time.sleep(poll)
+            self.answer([[task.EQ]], salt=None, kvreuse=False)
+            m = self.metrics()
+            seen = any(k.startswith("kvreuse_store_pending_bytes") for k in m)
+            zeros = zeros + 1 if seen and _gauge(m, "kvreuse_store_pending_bytes") == 0 else 0
+            if zeros == 2:
+                return
+        raise TimeoutError(f"the server's store still had background work after {timeout} s")
 
     def settled_metrics(self, wait: float = 15.0) -> dict[str, float]:
         """Metrics once two reads 1 s apart agree (connector stats reach `/metrics` a step late)."""
@@ -371,14 +396,14 @@ def measure(client: Client, main: Sequence[task.Example], reo: Sequence[task.Exa
             push_chunks: int = 6,
             progress: Callable = lambda it, **kw: it) -> dict[str, dict]:
     """Accuracy per server condition (same question classes as the reference), with the claims
-    `/metrics` counted during each condition.  `patch` needs a `patched_or_exact` server (see above):
-    give it alone, on its own client."""
+    `/metrics` counted during each condition."""
     run_id = run_id or f"q{os.getpid()}-{int(time.time())}"
     frng = random.Random(0xF111)
     out = {}
     for cond in conditions:
         tal = ServerTally(cond, raw=client.text)
         exs = reo if cond == "reorder" else main
+        mode = "patched_or_exact" if cond == "patch" else None
         t0 = time.time()
         # claims are counted over the whole condition: priming requests claim nothing by construction
         # (under a fresh salt nothing is stored, and a one-chunk prompt is never claimed)
@@ -403,11 +428,12 @@ def measure(client: Client, main: Sequence[task.Example], reo: Sequence[task.Exa
                 client.answer([c[0], c[1], c[2]], salt=salt)
             elif cond == "patch":
                 client.answer([c[0], c[1], c[2]], salt=salt)
-                client.answer([c[0] + c[1] + c[2] + probe], salt=salt)      # c1 placed; c2, c3 refused: capture
+                client.answer([c[0] + c[1] + c[2] + probe], salt=salt, mode=mode)  # c1 placed; c2, c3 refused: capture
                 # a few new chunks: the puts that make room demote c2 and c3 to base + patch
                 # (each put demotes only until it fits: push a few, so that both are demoted)
                 client.answer([_filler(frng, 3 * len(c[0])) for _ in range(-(-push_chunks // 3))],
                               salt=f"{run_id}-push-{j}")
+                client.settle_store()  # the store stores and demotes in the background: the questions come after
             elif cond in ("survival", "reorder"):
                 client.answer([c[0] + c[1] + c[2] + probe], salt=salt)
             if cond == "reorder":
@@ -417,7 +443,7 @@ def measure(client: Client, main: Sequence[task.Example], reo: Sequence[task.Exa
             else:
                 prompts = [c[0] + c[1] + c[2] + q.tokens for q in qs]
             n0 = client.prompt_tokens
-            tal.add(qs, client.answer(prompts, salt=salt))
+            tal.add(qs, client.answer(prompts, salt=salt, mode=mode))
             tal.query_tokens += client.prompt_tokens - n0
         tal.claims = claims_delta(m0, client.settled_metrics())
         tal.seconds = time.time() - t0

@@ -15,7 +15,8 @@ class ReqLoad:
     prompt order: a step may place several segments of one prompt).
 
     `strict`: never serve base KV in a context it was not computed or patched for (the worker fails
-    such a load and vLLM recomputes it); the worker also applies it when `policy.mode` is
+    such a load and vLLM recomputes it): set for a request that asks for it
+    (`{"kvreuse": {"mode": "patched_or_exact"}}`); the worker also applies it when `policy.mode` is
     "patched_or_exact".
     """
 

@@ -34,6 +34,8 @@ METRICS = [
     ("kvreuse_store_bytes", "gauge", "Bytes held by the store, by tier", "tier"),
     ("kvreuse_store_budget_bytes", "gauge", "Byte budget of the store, by tier", "tier"),
     ("kvreuse_store_entries", "gauge", "Entries held by the store, by tier", "tier"),
+    ("kvreuse_store_pending_bytes", "gauge", "Bytes handed to the store's background thread and not yet done, by "
+     "queue (ingest: saved chunks not yet stored; work: spills to disk and demoted contexts' patch fits)", "queue"),
     ("kvreuse_load_seconds", "histogram", "Time to place one request's claimed chunks", None),
     ("kvreuse_save_seconds", "histogram", "Time to read one request's new chunks out of the paged cache", None),
 ]
@@ -47,6 +49,7 @@ _FIELD = {"kvreuse_chunk_lookups": None, "kvreuse_claims": "claims", "kvreuse_re
           "kvreuse_mm_items_reused": "mm_items_reused", "kvreuse_segments": "segments", "kvreuse_gap_tokens": "gap_tokens",
           "kvreuse_store_bytes": "store_bytes",
           "kvreuse_store_budget_bytes": "store_budget_bytes", "kvreuse_store_entries": "store_entries",
+          "kvreuse_store_pending_bytes": "store_pending_bytes",
           "kvreuse_load_seconds": "load_seconds", "kvreuse_save_seconds": "save_seconds"}
 
 

@@ -54,6 +54,13 @@ def opted_out(kv_transfer_params: dict[str, Any] | None) -> bool:
     return v is False or v == "off"
 
 
+def asks_patched_or_exact(kv_transfer_params: dict[str, Any] | None) -> bool:
+    """`{"kvreuse": {"mode": "patched_or_exact"}}`: this request is served `policy.mode = "patched_or_exact"`
+    whatever the server's mode (a request may only tighten it)."""
+    v = (kv_transfer_params or {}).get("kvreuse")
+    return isinstance(v, dict) and v.get("mode") == "patched_or_exact"
+
+
 @dataclass
 class _Req:
     request: Any
@@ -138,8 +145,9 @@ class SchedulerSide:
         st = self._state(request)
         if st.disabled:
             return 0
+        mode = "patched_or_exact" if asks_patched_or_exact(request.kv_transfer_params) else self.cfg.policy.mode
         plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
-                             self.cfg.policy.mode, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors)
+                             mode, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors)
         # a (re)plan: a new request, or one resumed after preemption (its blocks are gone)
         st.plan, st.starts = plan, [p.start for p in plan.placements]
         st.next_seg, st.pending, st.placed, st.load_pending, st.used = 0, [], set(), False, []
@@ -245,7 +253,8 @@ class SchedulerSide:
                 params = st.request.kv_transfer_params or {}
                 inject = self.allow_fault_injection and isinstance(params.get("kvreuse"), dict) \
                     and bool(params["kvreuse"].get("inject_load_failure"))
-                meta.loads.append(ReqLoad(rid, list(block_ids_of(rid)), list(items), inject))
+                meta.loads.append(ReqLoad(rid, list(block_ids_of(rid)), list(items), inject,
+                                          strict=asks_patched_or_exact(params)))
         if not self.cfg.save:
             return meta
         computed = {r.req_id: r.num_computed_tokens for r in sched_out.scheduled_new_reqs}

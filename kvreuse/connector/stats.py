@@ -46,8 +46,9 @@ class ReuseStats:
     store_bytes: dict[str, int] = field(default_factory=dict)   # gauges
     store_budget_bytes: dict[str, int] = field(default_factory=dict)
     store_entries: dict[str, int] = field(default_factory=dict)
+    store_pending_bytes: dict[str, int] = field(default_factory=dict)  # background queue -> bytes not yet done
 
-    GAUGES = ("store_bytes", "store_budget_bytes", "store_entries")
+    GAUGES = ("store_bytes", "store_budget_bytes", "store_entries", "store_pending_bytes")
 
     def merge(self, other: "ReuseStats") -> "ReuseStats":
         """Sum of counters; gauges keep the latest value per key (with tensor parallelism each rank's

@@ -352,6 +352,7 @@ class WorkerSide:
                 rh = t.hits - (prev.hits if prev else 0)
                 if rh:
                     s.rehydrations[name] = rh
+        s.store_pending_bytes = self.store.pending_bytes()
         s.demotions = snap.demotions - (last.demotions if last is not None else 0)
         s.captured_patches = snap.captured_patches - (last.captured_patches if last is not None else 0)
         self._last_store = snap

@@ -163,7 +163,8 @@ class ChunkEntry:
 
         Contexts with a patch keep being served from it ("patched"); the caller fits patches for
         the returned ones (k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``) outside any
-        lock and adds them with :meth:`add_patch`.  Until then those contexts read as base KV.
+        lock and adds them with :meth:`add_patch`.  Until then this entry reads those contexts as base
+        KV (the store keeps serving the dropped KV while the fit runs).
         """
         out = [(c, ck, cv) for c, (ck, cv) in self.in_context.items() if c not in self.patches]
         self.in_context = {}
@@ -246,7 +247,8 @@ class ChunkView:
 
     k, v: ``[num_layers', num_tokens', num_kv_heads, head_dim]``; positions: ``[num_tokens']`` or
     ``[3, num_tokens']``; ``how`` is "exact", "patched" or "base"; ``source`` names where the
-    store found it (a tier, "spill" for an entry on its way to disk, "ingest" for KV still queued).
+    store found it (a tier, "spill" for an entry on its way to disk, "ingest" for KV still queued,
+    "demoting" for a demoted context's KV awaiting its patch fit).
     """
 
     key: ChunkKey

@@ -1,7 +1,8 @@
 """What a saved chunk becomes: the store's ingest path, run on its background thread.
 
-:meth:`ChunkStore.ingest` registers the chunk here (``pending``: lookups of a new key are served
-from these bytes until it is stored) and queues it; :meth:`Ingester.run` then decides:
+:meth:`ChunkStore.ingest` registers the chunk here (``pending``: until it is stored, lookups of a
+new key, and of a stored key in the chunk's context, are served from these bytes) and queues it;
+:meth:`Ingester.run` then decides:
 
 * a key the store does not hold becomes a new entry (``ChunkStore.put``);
 * a stored key computed in another context: its KV is relocated into the entry's positional
@@ -51,27 +52,27 @@ class Ingester:
                  capture_patches: bool) -> None:
         self.store, self.lock, self.tiers, self.stats = store, lock, tiers, stats
         self.capture_patches = capture_patches
-        self.pending: dict[ChunkKey, IngestJob] = {}
+        self.pending: dict[ChunkKey, list[IngestJob]] = {}  # queued or running, oldest first
 
-    def pending_entry(self, key: ChunkKey) -> ChunkEntry | None:
-        """With the lock held: the KV of a chunk still queued for ingest, as copied out."""
-        job = self.pending.get(key)
-        return job.entry if job is not None else None
+    def pending_entry(self, key: ChunkKey, context: bytes | None = None) -> ChunkEntry | None:
+        """With the lock held: the KV of a chunk still queued for ingest, as copied out (the latest
+        handed over; with ``context``, the latest computed in that context)."""
+        for job in reversed(self.pending.get(key, ())):
+            if context is None or job.entry.context == context:
+                return job.entry
+        return None
 
-    def register(self, job: IngestJob) -> IngestJob | None:
-        """With the lock held: make ``job`` the pending one of its key; returns the one it replaced."""
-        prev = self.pending.get(job.entry.key)
-        self.pending[job.entry.key] = job
-        return prev
+    def register(self, job: IngestJob) -> None:
+        """With the lock held: ``job`` is pending."""
+        self.pending.setdefault(job.entry.key, []).append(job)
 
-    def unregister(self, job: IngestJob, prev: IngestJob | None = None) -> None:
-        """With the lock held: ``job`` is done (or was dropped; ``prev`` is pending again)."""
-        key = job.entry.key
-        if self.pending.get(key) is job:
-            if prev is None:
-                del self.pending[key]
-            else:
-                self.pending[key] = prev
+    def unregister(self, job: IngestJob) -> None:
+        """With the lock held: ``job`` is done (or was dropped)."""
+        jobs = [j for j in self.pending.get(job.entry.key, ()) if j is not job]
+        if jobs:
+            self.pending[job.entry.key] = jobs
+        else:
+            self.pending.pop(job.entry.key, None)
 
     def run(self, job: IngestJob) -> None:
         """Store ``job``'s chunk: a new entry, or a stored chunk's new context (see the module doc)."""

@@ -7,7 +7,8 @@ store's docstring gives the why):
 
 * ``make_room(i, n)``: memory tier i frees n bytes of budget — demote entries holding in-context
   KV, lowest priority first, then evict lowest priority first, spilling each victim to tier i+1.
-  Demotion drops in-context KV at once; a context without a patch yet gets a ``FitJob``.
+  Demotion drops in-context KV at once; a context without a patch yet gets a ``FitJob``, which
+  keeps that KV readable (``fitting``) until the patch is published or the fit is given up.
 * ``spill``: an evicted memory entry goes to the next memory tier that can hold it, else to
   disk (skipped when the disk already holds the same content) through a ``SpillJob``; until that
   lands the entry stays readable in ``spilling``.  An entry no tier keeps is recorded in ``lost``.
@@ -18,6 +19,7 @@ store's docstring gives the why):
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +52,11 @@ class FitJob:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def as_entry(self) -> ChunkEntry:
+        """The chunk as computed in ``context`` (its KV as base), in ``base``'s frame."""
+        return dataclasses.replace(self.base, k=self.k, v=self.v, context=self.context, in_context={}, patches={},
+                                   preceding={})
+
 
 @dataclass
 class SpillJob:
@@ -72,6 +79,7 @@ class TierStack:
         self._fit = fit_patch
         self.work: list[FitJob | SpillJob] = []  # slow work for the store to run outside its lock
         self.spilling: dict[ChunkKey, ChunkEntry] = {}  # evicted, on their way to disk (still served)
+        self.fitting: dict[tuple[ChunkKey, bytes], FitJob] = {}  # demoted contexts awaiting a patch (still served)
         self.lost: deque[ChunkKey] = deque(maxlen=_EVENT_LOG)  # left every tier of this store
         self.demoted: deque[ChunkKey] = deque(maxlen=_EVENT_LOG)  # in-context KV dropped (patches stay)
 
@@ -103,13 +111,19 @@ class TierStack:
         fit = self.fit_fn()
         for ctx, ck, cv in e.drop_context_kv():
             if fit is not None:
-                self.work.append(FitJob(key, ctx, ck, cv, e))
+                w = self.fitting[(key, ctx)] = FitJob(key, ctx, ck, cv, e)
+                self.work.append(w)
         t.resized(key)
         freed = before - e.nbytes
         self.stats.demotions += 1
         self.stats.demoted_bytes += freed
         self.demoted.append(key)
         return freed
+
+    def fitted(self, w: FitJob) -> None:
+        """``w``'s patch is published, or will not be (failed, dropped): its KV is no longer served."""
+        if self.fitting.get((w.key, w.context)) is w:
+            del self.fitting[(w.key, w.context)]
 
     def spill(self, j: int, e: ChunkEntry) -> None:
         n = e.nbytes

@@ -22,7 +22,9 @@ for the connector (:meth:`ChunkStore.take_events`).
 
 Lookups.  A memory hit is served at once (and a host hit promoted to the device tier); so is an
 entry on its way to disk, or a chunk still queued for ingest (from the bytes already copied
-out).  A disk or Redis hit returns a :class:`~kvreuse.store.rehydrate.Rehydration` filled layer by
+out).  A context's KV is served as long as the store holds it anywhere: still queued for ingest,
+or demoted and awaiting its patch fit; a context reads as base KV only when neither its KV nor
+its patch is held (``ChunkView.how`` says which).  A disk or Redis hit returns a :class:`~kvreuse.store.rehydrate.Rehydration` filled layer by
 layer on an I/O thread into the fastest memory tier; concurrent lookups of a key share it.  Every
 hit is verified against the stored token ids; a mismatch, a corrupt copy or an unreachable Redis
 is a miss (counted), never an error.
@@ -134,20 +136,21 @@ class ChunkStore:
         ``ChunkEntry.preceding`` and persisted, so a restarted or remote directory can match survival
         and reorder).  In the background: a new key becomes an entry; a stored key gets this
         context's KV, relocated into its frame with ``rope`` (a :class:`~kvreuse.rope.spec.RopeSpec`),
-        and its patch.  Until then, a lookup of a new key is served from these very tensors.
+        and its patch.  Until then, a lookup of a new key, or of the stored key in ``context``, is
+        served from these very tensors.
         """
         ctx = as_signature(context)
         job = IngestJob(ChunkEntry(key=key, token_ids=token_ids, positions=positions, k=k, v=v, context=ctx,
                                    recompute_cost=recompute_cost,
                                    preceding={ctx: tuple(bytes(d) for d in preceding)} if preceding else {}), rope)
         with self._lock:
-            prev = self._ingester.register(job)
+            self._ingester.register(job)
         if self._bg.offer("ingest", job, job.nbytes):
             with self._lock:
                 self.stats.ingests += 1
             return True
         with self._lock:
-            self._ingester.unregister(job, prev)
+            self._ingester.unregister(job)
             self.stats.dropped_ingests += 1
             if not self._held(key):
                 self.tiers.lost.append(key)
@@ -156,6 +159,11 @@ class ChunkStore:
     def pending_ingest_bytes(self) -> int:
         """Bytes of KV queued or being ingested (bounded by ``ingest_bytes``)."""
         return self._bg.held_bytes("ingest")
+
+    def pending_bytes(self) -> dict[str, int]:
+        """Bytes queued or running on the background thread, per lane: ``"ingest"`` (saved chunks not yet
+        stored) and ``"work"`` (spills, demoted contexts' patch fits); all 0: everything handed over is done."""
+        return {lane: self._bg.held_bytes(lane) for lane in ("ingest", "work")}
 
     def _held(self, key: ChunkKey) -> bool:
         """With the lock held: whether this store keeps ``key`` locally (memory, on its way to disk, disk)."""
@@ -179,10 +187,14 @@ class ChunkStore:
 
     def _run_work(self, w: FitJob | SpillJob) -> None:
         if isinstance(w, FitJob):
-            patch = self._ingester.fit(w.k, w.v, w.base.k, w.base.v)
-            if patch is not None:
+            patch = None
+            try:
+                patch = self._ingester.fit(w.k, w.v, w.base.k, w.base.v)
+            finally:  # one step: the context is served from its KV until then, from its patch from then on
                 with self._lock:
-                    self._ingester.publish_context(w.key, w.context, w.base, None, patch)
+                    if patch is not None:
+                        self._ingester.publish_context(w.key, w.context, w.base, None, patch)
+                    self.tiers.fitted(w)
         else:
             self._disk_writer.write(w.entry, copy=w.copy)
 
@@ -204,6 +216,7 @@ class ChunkStore:
                                 self._disk_writer.abandon(w.entry)
                         else:
                             self.stats.dropped_fits += 1
+                            self.tiers.fitted(w)
             if not inline:
                 return
 
@@ -341,6 +354,8 @@ class ChunkStore:
                 if key in t:
                     t.pop(key)
             self.tiers.spilling.pop(key, None)
+            for kc in [kc for kc in self.tiers.fitting if kc[0] == key]:
+                del self.tiers.fitting[kc]
             if self.disk is not None:
                 self.disk.remove(key)
         if self.redis is not None:
@@ -505,10 +520,25 @@ class ChunkStore:
         except ChunkLoadError:
             return None
         with self._lock:
-            view = dataclasses.replace(e.view(context, tokens=tokens, layers=layers), source=h.source)
+            view, source = e.view(context, tokens=tokens, layers=layers), h.source
+            own = self._unpublished(e, view.context) if view.how != "exact" else None
+            if own is not None:  # the context's own KV, not yet stored or not yet a patch: served as it is
+                view, source = own[0].view(view.context, tokens=tokens, layers=layers), own[1]
+            view = dataclasses.replace(view, source=source)
             name = label or view.how
             self.stats.hits_by_policy[name] = self.stats.hits_by_policy.get(name, 0) + 1
         return view
+
+    def _unpublished(self, e: ChunkEntry, ctx: bytes) -> tuple[ChunkEntry, str] | None:
+        """With the lock held: KV of ``e``'s chunk computed in ``ctx`` that the store holds outside
+        the entry, with where: still queued for ingest, or demoted and awaiting its patch fit."""
+        own = self._ingester.pending_entry(e.key, ctx)
+        if own is not None and token_bytes(own.token_ids) == token_bytes(e.token_ids):
+            return own, "ingest"
+        w = self.tiers.fitting.get((e.key, ctx))
+        if w is not None and token_bytes(w.base.token_ids) == token_bytes(e.token_ids):
+            return w.as_entry(), "demoting"
+        return None
 
     def record_policy(self, label: str) -> None:
         """Count a hit under a reuse policy decided by the caller."""

@@ -35,8 +35,9 @@ def sched_out(reqs, scheduled):
                            num_scheduled_tokens=scheduled, scheduled_encoder_inputs={})
 
 
-def run_to_end(s: SchedulerSide, r: Req, blocks=lambda rid: list(range(64))):
-    """Drive one request as the segmented scheduler would, one segment per step; returns the loads."""
+def run_to_end(s: SchedulerSide, r: Req, blocks=lambda rid: list(range(64)), metas: list | None = None):
+    """Drive one request as the segmented scheduler would, one segment per step; returns the loads
+    (and appends each step's metadata to `metas`)."""
     loads = []
     s.after_alloc(r, s.matched(r, 0))
     r.num_computed_tokens = s.reqs[r.request_id].plan.leading
@@ -46,6 +47,8 @@ def run_to_end(s: SchedulerSide, r: Req, blocks=lambda rid: list(range(64))):
         new = s.cap(r, r.num_computed_tokens, n - r.num_computed_tokens)
         out = sched_out([r], {r.request_id: new})
         meta = s.build_meta(out, blocks)
+        if metas is not None:
+            metas.append(meta)
         loads += [(it.dst_start, it.dst_end) for ld in meta.loads for it in ld.items]
         r.num_computed_tokens += new
     return loads
@@ -106,3 +109,25 @@ def test_opted_out_and_unsalted_under_salted_only_plan_nothing():
     run_to_end(s, Req("r1", A + msg(31, 3)))
     out = Req("r2", msg(32, 20) + A + msg(33, 3), kv_transfer_params={"kvreuse": False})
     assert s.matched(out, 0) == 0 and "r2" not in s.reqs
+
+
+def test_a_request_may_ask_for_patched_or_exact_on_a_server_that_places_blind():
+    s = side()   # policy.mode "any"
+    A, B, tail = msg(40, 100), msg(41, 100), msg(42, 5)
+    run_to_end(s, Req("a", A + tail))
+    run_to_end(s, Req("b", B + tail))           # B stored alone: it never followed A
+    anyone = Req("r1", A + B + tail)
+    s.matched(anyone, 0)
+    assert "blind" in {it.policy for it in s.reqs["r1"].plan.items}
+    strict = {"kvreuse": {"mode": "patched_or_exact"}}
+    metas = []
+    run_to_end(s, Req("r2", A + B + tail, kv_transfer_params=strict), metas=metas)
+    loads = [ld for m in metas for ld in m.loads]
+    assert loads and all(ld.strict for ld in loads)   # the worker refuses base KV for it too
+    assert {it.policy for ld in loads for it in ld.items} == {"exact"}   # A placed, B computed
+    captured = [it for m in metas for sv in m.saves for it in sv.items if not it.is_new]
+    assert captured   # B's chunks computed after A: their KV in this context is saved (a patch is fitted)
+    again = Req("r3", A + B + tail, kv_transfer_params=strict)
+    s.matched(again, 0)   # now B is stored in this context too: exact
+    plan = s.reqs["r3"].plan
+    assert {it.policy for it in plan.items} == {"exact"} and len(plan.items) > sum(len(ld.items) for ld in loads)

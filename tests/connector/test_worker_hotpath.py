@@ -198,6 +198,7 @@ def test_store_stats_are_read_at_most_once_a_second():
     w.store.flush()
     first = w.take_stats(now=100.0)
     assert first.store_entries == {"device": 1} and first.saved_chunks == 1
+    assert first.store_pending_bytes == {"ingest": 0, "work": 0}  # flushed: the store has settled
     assert w.take_stats(now=100.5).store_entries == {}  # within the period: the store is not touched
     assert w.take_stats(now=101.2).store_entries == {"device": 1}
     w.close()

@@ -35,8 +35,8 @@ def compared(tmp_path_factory):
     main = [task.bench_example(rng) for _ in range(N_MAIN)]
     reo = [task.reorder_example(rng) for _ in range(N_REORDER)]
     log = tmp_path_factory.mktemp("quality_server") / "server.log"
-    # vLLM's own scheduler (prefix claims): every condition on one server, the patch condition's capture
-    # request computes c2/c3 in context instead of placing them (bench/quality_bench.py runs it apart)
+    # vLLM's own scheduler (prefix claims), every condition on one server: the patch condition's requests
+    # ask for patched_or_exact reuse, so its capture request computes c2/c3 in context instead of placing them
     with S.Serve(MODEL, S.server_config(36, S.store_bytes_for(MODEL, 36, N_MAIN, N_REORDER)), log=log,
                  extra=["--scheduler-cls", "vllm.v1.core.sched.scheduler.Scheduler"]) as srv:
         measured = S.measure(S.Client(srv.url), main, reo)
@@ -47,21 +47,14 @@ def compared(tmp_path_factory):
     return cmp
 
 
-# The recall-after-demotion condition through one shared server regressed with the new background demotion
-# (contexts' patches are fitted later, so the condition serves base KV, counted "blind"); open, see the
-# closing note.  bench/quality_bench.py --serve measures it on its own server.
-CONDS = [pytest.param(c, marks=pytest.mark.xfail(reason="patch/recall on a shared server: open regression",
-                                                 strict=False)) if c == "patch" else c for c in S.SERVER_CONDITIONS]
-
-
-@pytest.mark.parametrize("cond", CONDS)
+@pytest.mark.parametrize("cond", S.SERVER_CONDITIONS)
 def test_claims_as_built(compared, cond):
     r = compared[cond]
     assert r["claims_as_expected"], (r["claims"], r["expected_claims"])
     assert r["claims"].get("load_failures", 0) == 0
 
 
-@pytest.mark.parametrize("cond", CONDS)
+@pytest.mark.parametrize("cond", S.SERVER_CONDITIONS)
 def test_matches_reference(compared, cond):
     r = compared[cond]
     assert abs(r["single_hop"] - r["reference_single_hop"]) <= 0.01, r

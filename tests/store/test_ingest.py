@@ -6,6 +6,7 @@ import functools
 import threading
 import time
 
+import pytest
 import torch
 
 from kvreuse import fit_patch
@@ -92,6 +93,74 @@ def test_lookups_never_wait_on_a_slow_fit_nor_take_a_lock_it_holds():
             fit.release.set()
         st.flush()
         assert st.contains(b.key) == "device" and st.get(a.key, a.token_ids, context=b"ctx").how == "exact"
+
+
+def test_a_context_still_queued_for_ingest_is_served_its_own_kv_never_base():
+    # The scheduler records a context when it plans the save; the next request claims it at once.  The store
+    # must serve what it was handed (exact) while the context's patch is being fitted, not the base KV.
+    e = make_entry(5, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32)
+    fit = GatedFit()
+    with ChunkStore(StoreConfig(device_bytes=1 << 20), FP, fit_patch=fit) as st:
+        assert _ingest(st, e)
+        st.flush()
+        (ak, av), (bk, bv) = _in_context(e, 1), _in_context(e, 2)
+        assert _ingest(st, e, context=b"ctx-A", shift=40, k=relocate(ak, e.positions, e.positions + 40, ROPE), v=av)
+        assert fit.started.wait(10)  # ctx-A is being fitted; ctx-B queued behind it
+        assert _ingest(st, e, context=b"ctx-B", shift=80, k=relocate(bk, e.positions, e.positions + 80, ROPE), v=bv)
+        try:
+            for ctx, shift, ck, cv in ((b"ctx-A", 40, ak, av), (b"ctx-B", 80, bk, bv)):
+                view = st.get(e.key, e.token_ids, context=ctx, tokens=slice(2, 9))
+                assert (view.how, view.source) == ("exact", "ingest")
+                assert torch.equal(view.positions, e.positions[2:9] + shift)  # the frame it was computed in
+                torch.testing.assert_close(relocate(view.k, view.positions, e.positions[2:9], ROPE), ck[:, 2:9],
+                                           atol=1e-5, rtol=1e-5)
+                assert torch.equal(view.v, cv[:, 2:9])
+            assert st.get(e.key, e.token_ids, context=b"ctx-C").how == "base"  # never handed over
+            assert st.pending_bytes()["ingest"] == 2 * 2 * ak.numel() * ak.element_size()  # both contexts' K and V
+        finally:
+            fit.release.set()
+        st.flush()
+        for ctx in (b"ctx-A", b"ctx-B"):
+            view = st.get(e.key, e.token_ids, context=ctx)
+            assert (view.how, view.source) == ("exact", "device") and torch.equal(view.positions, e.positions)
+        assert st._ingester.pending == {} and st.pending_bytes() == {"ingest": 0, "work": 0}
+
+
+@pytest.mark.parametrize("outcome", ["fitted", "failed"])
+def test_a_demoted_context_is_served_its_kv_until_its_patch_is_fitted(outcome):
+    # Without a patch captured at ingest, demotion drops the context's KV and fits its patch later: until the
+    # patch is published the context reads as its own KV; a failed fit leaves base KV, labelled as such.
+    e = make_entry(6, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32)
+    ck, cv = _in_context(e, 3)
+    fit = GatedFit() if outcome == "fitted" else FailingFit()
+    with ChunkStore(StoreConfig(device_bytes=1 << 20), FP, fit_patch=fit, capture_patches=False) as st:
+        assert _ingest(st, e)
+        st.flush()
+        assert _ingest(st, e, context=b"ctx", k=ck, v=cv)
+        st.flush()
+        assert st.get(e.key, e.token_ids, context=b"ctx").how == "exact"
+        demoting = threading.Thread(target=st.demote, args=(e.key,))  # fits on the demoting thread
+        demoting.start()
+        try:
+            assert fit.started.wait(10)
+            view = st.get(e.key, e.token_ids, context=b"ctx")
+            assert (view.how, view.source) == ("exact", "demoting") and torch.equal(view.k, ck)
+            assert st.snapshot_stats().demotions == 1 and st.take_events().demoted == [e.key]
+        finally:
+            fit.release.set()
+            demoting.join(10)
+        view = st.get(e.key, e.token_ids, context=b"ctx")
+        assert (view.how, view.source) == (("patched", "device") if outcome == "fitted" else ("base", "device"))
+        assert st.tiers.fitting == {}
+
+
+class FailingFit(GatedFit):
+    """A fit that blocks until released, then fails as a non-finite residue would."""
+
+    def __call__(self, dk, dv, **kw):
+        self.started.set()
+        assert self.release.wait(30), "test never released the fit"
+        raise ValueError("non-finite KV")
 
 
 def _rss_bytes() -> int:
