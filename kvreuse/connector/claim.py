@@ -153,6 +153,17 @@ class Directory:
     def forget(self, digest: bytes) -> None:
         self.entries.pop(digest, None)
 
+    def unrecord(self, digest: bytes, context: bytes) -> None:
+        """Undo `record` of one context (its save was dropped); an entry left without contexts is forgotten."""
+        e = self.entries.get(digest)
+        if e is None:
+            return
+        e.contexts.pop(context, None)
+        e._sets.pop(context, None)
+        e.anchors.pop(context, None)
+        if not e.contexts:
+            del self.entries[digest]
+
 
 def _is_subsequence(short: Sequence[bytes], long: tuple[bytes, ...]) -> bool:
     i = 0

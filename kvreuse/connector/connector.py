@@ -264,6 +264,8 @@ class KVReuseConnector(KVConnectorBase_V1):
         if isinstance(rep, KVReuseWorkerReport):
             self._scheduler.lost(rep.lost_keys)
             self._scheduler.demoted(getattr(rep, "demoted_keys", None) or [])
+            # vLLM has already rolled back the requests with failed loads (`_handle_invalid_blocks` runs first)
+            self._scheduler.load_failed(getattr(rep, "failed_req_ids", None) or [])
             self._scheduler.unsaved(getattr(rep, "unsaved_req_ids", None) or [])
             # the ranks' reports are merged for the step: a request whose load failed on any rank counts once
             self._scheduler.stats.load_failures += len(getattr(rep, "failed_req_ids", None) or [])

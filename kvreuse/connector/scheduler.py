@@ -78,6 +78,7 @@ class _Req:
     used: list[Placement] = field(default_factory=list)  # placements taken, in order
     segments_counted: bool = False
     saved: bool = False
+    recorded: list = field(default_factory=list)  # the save items recorded in the directory for the last save
     counted: bool = False
     orig_hashes: list | None = None
     salted_from: int | None = None         # first salted block index
@@ -271,6 +272,7 @@ class SchedulerSide:
             self._count_segments(st, prompt_len)
             items = plan_saves(st.request.prompt_token_ids, st.chunks, st.keys, self.directory, st.placed,
                                self.cfg.policy.capture_patches, st.positions)
+            st.recorded = items
             if items:
                 meta.saves.append(ReqSave(rid, list(block_ids_of(rid)), items))  # `recent` persists with the entry
                 for it in items:  # recorded now: the worker copies the KV out in this very step
@@ -310,12 +312,28 @@ class SchedulerSide:
     def demoted(self, keys: list[bytes]) -> None:
         """Entries now held as base + patch: still placeable (the worker labels what it serves)."""
 
+    def load_failed(self, req_ids: list[str]) -> None:
+        """Requests with a failed load: vLLM rolled each back to the first failed block and recomputes from
+        there, so the chunks placed past that point are computed in place (and saved as such)."""
+        for rid in req_ids:
+            st = self.reqs.get(rid)
+            if st is None:
+                continue
+            n = st.request.num_computed_tokens
+            keep = [Placement(tuple(it for it in p.items if it.dst_end <= n)) for p in st.used if p.start < n]
+            st.used = [p for p in keep if p.items]
+            st.placed = {it.key for p in st.used for it in p.items}
+
     def unsaved(self, req_ids: list[str]) -> None:
-        """Requests whose save was dropped because a load failed in that step: save after the recompute."""
+        """Requests whose save was dropped because a load failed in that step: what the directory recorded
+        for it is undone (the store never got it), and the request saves again after the recompute."""
         for rid in req_ids:
             st = self.reqs.get(rid)
             if st is not None:
                 st.saved = False
+                for it in st.recorded:
+                    self.directory.unrecord(it.key, it.context)
+                st.recorded = []
 
     def finished(self, request: Any) -> None:
         self.reqs.pop(request.request_id, None)

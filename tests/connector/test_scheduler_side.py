@@ -131,3 +131,33 @@ def test_a_request_may_ask_for_patched_or_exact_on_a_server_that_places_blind():
     s.matched(again, 0)   # now B is stored in this context too: exact
     plan = s.reqs["r3"].plan
     assert {it.policy for it in plan.items} == {"exact"} and len(plan.items) > sum(len(ld.items) for ld in loads)
+
+
+def test_a_failed_load_undoes_the_dropped_save_and_the_recompute_is_saved():
+    s = side()
+    A, C = msg(30, 120), msg(31, 120)
+    run_to_end(s, Req("r1", A + C + msg(32, 5)))
+    X, Y, q = msg(33, 60), msg(34, 60), msg(35, 5)
+    prompt = X + A + Y + C + q
+    r = Req("r2", prompt)
+    metas: list = []
+    run_to_end(s, r, metas=metas)
+    st = s.reqs["r2"]
+    last = st.used[-1]
+    assert last.start >= len(X + A + Y) - 16 and metas[-1].loads and metas[-1].saves
+    saved_new = [it.key for it in metas[-1].saves[0].items if it.is_new]
+    assert saved_new and all(k in s.directory for k in saved_new)
+    # the last step's load of C failed on the worker: vLLM rolled r2 back to the failed block, the
+    # worker dropped the step's save (it attended to blocks never written) and reported both
+    r.num_computed_tokens = last.start // BS * BS
+    s.lost([last.items[0].key])
+    s.load_failed(["r2"])
+    s.unsaved(["r2"])
+    assert not any(k in s.directory for k in saved_new), "the dropped save must not stay claimable"
+    assert not ({it.key for it in last.items} & st.placed)
+    # the recompute: C's chunks are computed in this prompt now and saved with the rest
+    n = len(prompt)
+    new = n - r.num_computed_tokens
+    meta = s.build_meta(sched_out([r], {"r2": new}), lambda rid: list(range(64)))
+    keys = {it.key for it in meta.saves[0].items}
+    assert set(saved_new) <= keys and {it.key for it in last.items} & keys
