@@ -13,6 +13,11 @@ of `slot = block_id * block_size + offset`.  Backends read `C` in one of three w
     i.e. `C = [K (D) | V (D)]` for each (block, head, token).
   * ``CPU_ATTN`` — vLLM's CPU backend (`LBHNC` only): the `[N, 2D]` bytes of a (block, head) are
     the block's keys transposed, `Kᵀ [D, N]`, then its values `[N, D]`.
+  * ``CPU_ATTN_AMX`` — vLLM's CPU backend where it picks its AMX kernels (bf16 KV, block size a
+    multiple of 32, on CPUs with AMX tiles): each (block, head) page holds the keys in tiles of 16
+    tokens, pairs of dims innermost (`[N/16, D/2, 16, 2]`), then the values in tiles of 16 dims,
+    pairs of tokens innermost (`[D/16, N/2, 16, 2]`), as its `cpu_attn_reshape_and_cache` writes
+    them with `isa="amx"`.  The worker checks this against vLLM's own op at startup.
   * ``MLA`` — MLA backends: `H = 1`, `C = [kv_c (kv_lora_rank) | k_pe (rope dim)]`; no V.  kvreuse
     treats the whole latent as K with one head; RoPE covers the `k_pe` tail.
 
@@ -37,6 +42,7 @@ class Reading(enum.Enum):
 
     KV_SPLIT = "kv_split"
     CPU_ATTN = "cpu_attn"
+    CPU_ATTN_AMX = "cpu_attn_amx"
     MLA = "mla"
 
 
@@ -136,11 +142,29 @@ class PagedLayout:
             k = cache.as_strided(size_k, (s_b, 1, s_h, n), base)                 # Kᵀ [D, N] per (block, head)
             v = cache.as_strided(size_k, (s_b, d, s_h, 1), base + n * d)         # then V [N, D]
             return k, v
+        if self.reading is Reading.CPU_ATTN_AMX:
+            raise ValueError("CPU_ATTN_AMX tiles tokens: address it through `tiled_views`")
         k = cache.as_strided(size_k, (s_b, s_n, s_h, s_c), base)
         if not self.has_v:
             return k, None
         size_v = size_k[:3] + (self.head_size_v,)
         return k, cache.as_strided(size_v, (s_b, s_n, s_h, s_c), base + self.head_size * s_c)
+
+    def tiled_views(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CPU_ATTN_AMX: K as `[block, N/16, 16, head, D/2, 2]` and V as `[block, N/2, 2, head, D/16, 16]` views.
+
+        Token `off` of K is `[off // 16, off % 16]`, dim `d` is `[d // 2, d % 2]`; of V, token `off` is
+        `[off // 2, off % 2]` and dim `d` is `[d // 16, d % 16]`.
+        """
+        assert self.reading is Reading.CPU_ATTN_AMX
+        self.check(cache)
+        s_b, s_h, _, _ = self.strides
+        n, d, base = self.kernel_block_size, self.head_size, cache.storage_offset()
+        k = cache.as_strided((self.num_blocks, n // 16, 16, self.num_heads, d // 2, 2),
+                             (s_b, 16 * d, 2, s_h, 32, 1), base)
+        v = cache.as_strided((self.num_blocks, n // 2, 2, self.num_heads, d // 16, 16),
+                             (s_b, 32, 1, s_h, 16 * n, 2), base + n * d)
+        return k, v
 
     def kernel_strides(self) -> tuple[int, int, int, int] | None:
         """`(s_kv, s_blk, s_off, s_h)` of the fused kernels' address model, or None where it does not apply.
@@ -151,7 +175,7 @@ class PagedLayout:
         CPU_ATTN's transposed keys.
         """
         s_b, s_h, s_n, s_c = self.strides
-        if self.reading is Reading.CPU_ATTN or s_c != 1:
+        if self.reading in (Reading.CPU_ATTN, Reading.CPU_ATTN_AMX) or s_c != 1:
             return None
         if self.has_v and self.head_size_v != self.head_size:
             return None
@@ -209,13 +233,19 @@ def check_kv_layout(cache: torch.Tensor, kv_layout: str) -> None:
 
 def from_vllm_view(cache: torch.Tensor, backend: str | None, *, num_kv_heads: int, head_size: int,
                    block_size: int | None = None, kv_cache_dtype: str | None = "auto",
-                   kv_layout: str | None = None, group: int = 0) -> PagedLayout:
+                   kv_layout: str | None = None, group: int = 0, isa: str | None = None) -> PagedLayout:
     """The layout of one layer's vLLM 0.32 cache view `[B, H, N, C]`, checked against the model.
 
     head_size: the model's per-head size (MLA: `kv_lora_rank + qk_rope_head_dim`, vLLM's head size
-    for MLA); block_size: the scheduler's block size (default: the view's `N`).
+    for MLA); block_size: the scheduler's block size (default: the view's `N`); isa: the CPU
+    backend's kernel family for this layer (`layer.isa`: "amx" tiles the page, see `Reading`).
     """
     reading = check_addressable(backend, kv_cache_dtype, cache.dtype)
+    if reading is Reading.CPU_ATTN and isa == "amx":
+        reading = Reading.CPU_ATTN_AMX
+        if cache.shape[2] % 32 or head_size % 16:
+            raise KVReuseError(f"backend 'CPU_ATTN' (isa amx): block size {cache.shape[2]} / head size {head_size} "
+                               "are not multiples of 32 / 16, which its tiles need")
     if cache.dim() != 4:
         raise KVReuseError(f"backend {backend!r}: expected vLLM 0.32's per-layer [blocks, heads, block_size, C] "
                            f"cache view, got shape {list(cache.shape)}")
@@ -232,18 +262,20 @@ def from_vllm_view(cache: torch.Tensor, backend: str | None, *, num_kv_heads: in
     if (h, c) != (want_h, want_c):
         raise KVReuseError(f"backend {backend!r}: cache view [B, H, N, C] = {list(cache.shape)} does not hold "
                            f"{want_h} head(s) of C = {want_c} (head size {head_size}, KV dtype {cache.dtype})")
-    if reading is Reading.CPU_ATTN and cache.stride(2) != c:
+    if reading in (Reading.CPU_ATTN, Reading.CPU_ATTN_AMX) and cache.stride(2) != c:
         raise KVReuseError(f"backend 'CPU_ATTN': a (block, head) page must be contiguous, strides {cache.stride()}")
     return PagedLayout(reading, b, h, n, head_size, hv, tuple(cache.stride()), cache.dtype,
                        block_size or n, (backend or "").upper(), kv_layout, group)
 
 
 def layouts_from_kv_cache_config(kv_caches: dict[str, torch.Tensor], kv_cache_config, backends: dict[str, str],
-                                 *, kv_cache_dtype: str | None, kv_layout: str | None) -> dict[str, PagedLayout]:
+                                 *, kv_cache_dtype: str | None, kv_layout: str | None,
+                                 isas: dict[str, str] | None = None) -> dict[str, PagedLayout]:
     """Every layer's layout from vLLM's `KVCacheConfig` (groups, their block size and head geometry).
 
-    backends: layer name -> attention backend name.  Layers of a group without per-layer views
-    (Mamba states, raw buffers) are refused: kvreuse places attention KV only.
+    backends: layer name -> attention backend name; isas: layer name -> CPU kernel family.  Layers
+    of a group without per-layer views (Mamba states, raw buffers) are refused: kvreuse places
+    attention KV only.
     """
     group_of: dict[str, tuple[int, object]] = {}
     for gid, group in enumerate(kv_cache_config.kv_cache_groups):
@@ -262,7 +294,8 @@ def layouts_from_kv_cache_config(kv_caches: dict[str, torch.Tensor], kv_cache_co
                                "which kvreuse cannot place")
         out[name] = from_vllm_view(cache, backends.get(name), num_kv_heads=spec.num_kv_heads,
                                    head_size=spec.head_size, block_size=spec.block_size,
-                                   kv_cache_dtype=kv_cache_dtype, kv_layout=kv_layout, group=gid)
+                                   kv_cache_dtype=kv_cache_dtype, kv_layout=kv_layout, group=gid,
+                                   isa=(isas or {}).get(name))
     return out
 
 

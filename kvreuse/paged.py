@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kvreuse.layout import PagedLayout
+from kvreuse.errors import KVReuseError
+from kvreuse.layout import PagedLayout, Reading
 
 
 def scatter_kv(kv_cache: torch.Tensor, layout: PagedLayout, k: torch.Tensor, v: torch.Tensor | None,
@@ -27,8 +28,15 @@ def scatter_kv(kv_cache: torch.Tensor, layout: PagedLayout, k: torch.Tensor, v: 
     if slot_mapping.shape != (k.shape[0],):
         raise ValueError(f"slot_mapping must be [{k.shape[0]}], got {list(slot_mapping.shape)}")
     blk, off = layout.split_slots(slot_mapping.to(kv_cache.device))
+    k = k.to(device=kv_cache.device, dtype=kv_cache.dtype)
+    if layout.reading is Reading.CPU_ATTN_AMX:
+        kt, vt = layout.tiled_views(kv_cache)
+        t, h, d = k.shape
+        kt[blk, off // 16, off % 16] = k.reshape(t, h, d // 2, 2)
+        vt[blk, off // 2, off % 2] = v.to(dtype=kv_cache.dtype).reshape(t, h, d // 16, 16)
+        return
     kv, vv = layout.views(kv_cache)
-    kv[blk, off] = k.to(device=kv_cache.device, dtype=kv_cache.dtype)
+    kv[blk, off] = k
     if vv is not None:
         vv[blk, off] = v.to(device=kv_cache.device, dtype=kv_cache.dtype)
 
@@ -39,6 +47,10 @@ def gather_kv(kv_cache: torch.Tensor, layout: PagedLayout, slot_mapping: torch.T
     MLA caches have no V: `v` is then an empty `[T, 1, 0]` tensor.
     """
     blk, off = layout.split_slots(slot_mapping.to(kv_cache.device))
+    if layout.reading is Reading.CPU_ATTN_AMX:
+        kt, vt = layout.tiled_views(kv_cache)
+        t, h, d = off.shape[0], layout.num_heads, layout.head_size
+        return kt[blk, off // 16, off % 16].reshape(t, h, d), vt[blk, off // 2, off % 2].reshape(t, h, d)
     kv, vv = layout.views(kv_cache)
     k = kv[blk, off]
     v = vv[blk, off] if vv is not None else k.new_empty(k.shape[0], layout.num_heads, 0)
@@ -52,3 +64,26 @@ def block_slots(block_ids: list[int] | torch.Tensor, block_size: int, start: int
     if end > ids.numel() * block_size:
         raise ValueError(f"tokens up to {end} need {-(-end // block_size)} blocks, request has {ids.numel()}")
     return ids[t // block_size] * block_size + t % block_size
+
+
+def check_against_vllm(layout: PagedLayout, write, *, seed: int = 0) -> None:
+    """Raise unless kvreuse reads what vLLM's own cache write put there, for this layer's reading.
+
+    `write(key, value, key_cache, value_cache, slot_mapping)`: vLLM's write (for the CPU backend,
+    `cpu_attn_reshape_and_cache` with the layer's isa).  Random K/V go into block 1 of a scratch
+    cache shaped like the layer's page through `write`; `gather_kv` must return them bit for bit.
+    """
+    n, h, d = layout.kernel_block_size, layout.num_heads, layout.head_size
+    scratch = torch.zeros(2, h, n, 2 * d, dtype=layout.dtype)
+    lay = PagedLayout(layout.reading, 2, h, n, d, d, tuple(scratch.stride()), layout.dtype, n, layout.backend)
+    g = torch.Generator().manual_seed(seed)
+    key, value = (torch.randn(n, h, d, generator=g).to(layout.dtype) for _ in range(2))
+    kv = scratch.view(2, h, 2 * n, d)
+    key_cache, value_cache = kv.chunk(2, dim=2)
+    slots = torch.arange(n, 2 * n)
+    write(key, value, key_cache, value_cache, slots)
+    k, v = gather_kv(scratch, lay, slots)
+    if not (torch.equal(k, key) and torch.equal(v, value)):
+        raise KVReuseError(f"kvreuse's reading {layout.reading.value} of backend {layout.backend!r} does not match "
+                           f"what vLLM wrote (block size {n}, head size {d}, {layout.dtype}); kvreuse cannot "
+                           "address this cache")

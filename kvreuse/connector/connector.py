@@ -163,7 +163,6 @@ class KVReuseConnector(KVConnectorBase_V1):
                 rank, pp_rank = 0, 0
             rope = RopeSpec.from_hf_config(vllm_config.model_config.hf_text_config)
             self._worker = WorkerSide(self.cfg, rope, model_fingerprint(vllm_config, rank, pp_rank))
-            self._checked_isa = False
 
     # ============================================================ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -184,29 +183,37 @@ class KVReuseConnector(KVConnectorBase_V1):
         kv_layout = getattr(cc, "kv_cache_layout", None)
         layouts = None
         if self._kv_cache_config is not None:
+            # the CPU backend picks a kernel family per layer (`layer.isa`, set when its metadata builder was
+            # made, before this call); "amx" tiles the page (kvreuse.layout.Reading.CPU_ATTN_AMX)
+            isas = {name: ctx[name].isa for name in kv_caches if isinstance(getattr(ctx.get(name), "isa", None), str)}
             layouts = layouts_from_kv_cache_config(kv_caches, self._kv_cache_config, backends,
-                                                   kv_cache_dtype=cc.cache_dtype, kv_layout=kv_layout)
+                                                   kv_cache_dtype=cc.cache_dtype, kv_layout=kv_layout, isas=isas)
+            self._check_cpu_layouts(layouts, isas)
         self._worker.register(kv_caches, next(iter(backends.values()), None), heads, mc.get_head_size(),
                               layouts=layouts, block_size=cc.block_size, kv_cache_dtype=cc.cache_dtype,
                               kv_layout=kv_layout)
 
-    def _check_isa(self) -> None:
-        if self._checked_isa:
-            return
-        ctx = self._vllm_config.compilation_config.static_forward_context
-        for name in self._worker.layers:
-            if getattr(ctx.get(name), "isa", None) == "amx":
-                from kvreuse.errors import KVReuseError
+    @staticmethod
+    def _check_cpu_layouts(layouts: dict, isas: dict[str, str]) -> None:
+        """For the CPU backend, check kvreuse's reading against vLLM's own cache write (once per kind of
+        layer), so that a layout kvreuse misreads is refused at startup, never served."""
+        from kvreuse.layout import Reading
+        from kvreuse.paged import check_against_vllm
 
-                raise KVReuseError("kvreuse: the CPU backend's AMX path prepacks the KV cache, whose layout kvreuse "
-                                   "cannot address; serve with --dtype float32 or on a CPU without AMX")
-        self._checked_isa = True
+        seen = set()
+        for name, lay in layouts.items():
+            if lay.reading not in (Reading.CPU_ATTN, Reading.CPU_ATTN_AMX) or (lay, isas.get(name)) in seen:
+                continue
+            seen.add((lay, isas.get(name)))
+            from vllm import _custom_ops as ops
+
+            isa = isas.get(name, "vec")
+            check_against_vllm(lay, lambda k, v, kc, vc, slots: ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa))
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         """Fetch this step's claimed chunks; layers are written in `wait_for_layer_load`."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVReuseMetadata)
-        self._check_isa()
         self._worker.start_load(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:

@@ -301,15 +301,20 @@ def test_triton_mla_decode_over_placed_chunk(vk, kv_layout):
 
 
 # ---------------------------------------------------------------------------------------------- CPU_ATTN
-@pytest.mark.parametrize("dtype,bs,h,d,start,n", [(torch.float32, 32, 3, 64, 9, 40), (torch.bfloat16, 128, 2, 80, 100, 61)])
+AMX = torch.cpu._is_amx_tile_supported()
+
+
+@pytest.mark.parametrize("dtype,bs,h,d,start,n", [
+    (torch.float32, 32, 3, 64, 9, 40), (torch.bfloat16, 128, 2, 80, 100, 61),
+    pytest.param(torch.bfloat16, 128, 2, 64, 100, 61, marks=pytest.mark.skipif(not AMX, reason="no AMX tiles")),
+    pytest.param(torch.bfloat16, 32, 3, 128, 5, 70, marks=pytest.mark.skipif(not AMX, reason="no AMX tiles"))])
 def test_cpu_attn_layout_matches_vllm_cpu_writer(dtype, bs, h, d, start, n):
-    """CPU_ATTN (LBHNC, Kᵀ then V per block and head): vLLM's C++ writer vs kvreuse's gather and place."""
+    """CPU_ATTN (LBHNC, Kᵀ then V per block and head; tiled where vLLM picks its AMX kernels): vLLM's C++
+    writer vs kvreuse's gather and place."""
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     isa = _get_attn_isa(dtype, bs, d)
-    if isa == "amx":
-        pytest.skip("vLLM's AMX path prepacks the cache (the connector refuses it at startup)")
     gen = _gen("cpu", str(dtype), bs)
     spec = FullAttentionSpec(block_size=bs, num_kv_heads=h, head_size=d, dtype=dtype)
 
@@ -321,7 +326,7 @@ def test_cpu_attn_layout_matches_vllm_cpu_writer(dtype, bs, h, d, start, n):
         cfg = get_kv_cache_config_from_groups(vcfg, [KVCacheGroupSpec(names, spec)], 4 * spec.page_size_bytes)
         kv = allocate_kv_cache(cfg, torch.device("cpu"), KVCacheLayout.LBHNC, [bs])
         return kv[names[0]], layouts_from_kv_cache_config(kv, cfg, {names[0]: "CPU_ATTN"}, kv_cache_dtype="auto",
-                                                          kv_layout="LBHNC")[names[0]]
+                                                          kv_layout="LBHNC", isas={names[0]: isa})[names[0]]
 
     def vllm_cpu_write(cache, k, v, slots):   # as CPUAttentionBackendImpl.do_kv_cache_update does
         key_cache, value_cache = cache.view(cache.shape[0], h, bs * 2, -1).chunk(2, dim=2)
@@ -331,7 +336,8 @@ def test_cpu_attn_layout_matches_vllm_cpu_writer(dtype, bs, h, d, start, n):
     slots = block_slots(blocks, bs, start, start + n)
     k, v = torch.randn(n, h, d, generator=gen).to(dtype), torch.randn(n, h, d, generator=gen).to(dtype)
     cache, layout = caches()
-    assert layout.reading is Reading.CPU_ATTN and layout.kernel_strides() is None
+    assert layout.reading is (Reading.CPU_ATTN_AMX if isa == "amx" else Reading.CPU_ATTN)
+    assert layout.kernel_strides() is None
     vllm_cpu_write(cache, k, v, slots)
     gk, gv = gather(cache, layout, slots)
     assert_bitwise(gk, k, "K")
@@ -343,3 +349,28 @@ def test_cpu_attn_layout_matches_vllm_cpu_writer(dtype, bs, h, d, start, n):
     place(placed, layout, k, v, src, dst, slots, rope)                  # CPU: the reference path
     vllm_cpu_write(written, relocate_reference(k, src, dst, rope), v, slots)
     assert_bitwise(placed, written, "cache")
+
+
+def test_cpu_attn_amx_tiles():
+    """The AMX page as vLLM 0.32's writer lays it out (read with isa="amx" on a CPU with AMX tiles; checked
+    against the writer itself above and at every connector start): keys in 16-token tiles with pairs of dims
+    innermost, then values in 16-dim tiles with pairs of tokens innermost."""
+    from kvreuse.layout import PagedLayout
+    from kvreuse.paged import gather_kv, scatter_kv
+
+    n, h, d = 64, 2, 32
+    cache = torch.zeros(3, h, n, 2 * d)
+    lay = PagedLayout(Reading.CPU_ATTN_AMX, 3, h, n, d, d, tuple(cache.stride()), cache.dtype, n, "CPU_ATTN")
+    t = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, h, d)
+    dim = torch.arange(d, dtype=torch.float32)[None, None, :].expand(n, h, d)
+    for kv_is_t in (True, False):
+        cache.zero_()
+        scatter_kv(cache, lay, t if kv_is_t else dim, t if kv_is_t else dim, torch.arange(n, 2 * n))
+        page = cache[1, 1].reshape(-1)                       # block 1, head 1
+        for tok, dd in ((0, 1), (1, 0), (17, 3), (40, 30)):
+            k_at = (tok // 16) * 16 * d + (dd // 2) * 32 + (tok % 16) * 2 + dd % 2
+            v_at = n * d + (dd // 16) * 16 * n + (tok // 2) * 32 + (dd % 16) * 2 + tok % 2
+            expect = float(tok if kv_is_t else dd)
+            assert page[k_at] == expect and page[v_at] == expect, (tok, dd)
+        k, v = gather_kv(cache, lay, torch.arange(n, 2 * n))
+        assert torch.equal(k, t if kv_is_t else dim) and torch.equal(v, t if kv_is_t else dim)
