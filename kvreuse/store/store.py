@@ -594,7 +594,8 @@ class ChunkStore:
                 ts.dropped_corrupt = self.disk.dropped_corrupt
         if self.redis is not None:
             ts = s.tier("redis")
-            ts.used_bytes, ts.budget_bytes = self.redis.used_bytes() or 0, self.redis.budget_bytes
+            ts.used_bytes, ts.entries = self.redis.usage() or (0, 0)
+            ts.budget_bytes = self.redis.budget_bytes
             ts.errors, ts.evictions = self.redis.errors, ts.evictions + self.redis.evictions
         return s
 

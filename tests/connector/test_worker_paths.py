@@ -17,7 +17,8 @@ from kvreuse.errors import KVReuseError  # noqa: E402
 from kvreuse.layout import Reading, allocate  # noqa: E402
 from kvreuse.paged import block_slots, gather_kv, scatter_kv  # noqa: E402
 from kvreuse.rope.spec import RopeSpec  # noqa: E402
-from kvreuse.store import ModelFingerprint  # noqa: E402
+from kvreuse.store import ModelFingerprint, StoreConfig  # noqa: E402
+from tests.support.redis_server import redis_server_or_skip  # noqa: E402
 
 L, H, D, BS, NB = 2, 2, 32, 16, 8
 ROPE = RopeSpec.from_hf_config({"hidden_size": 64, "num_attention_heads": 2, "head_dim": D, "rope_theta": 10000.0,
@@ -98,3 +99,27 @@ def test_stats_merge_and_carrier():
     c = KVReuseConnectorStats(data=a.to_dict()).aggregate(KVReuseConnectorStats(data=b.to_dict()))
     assert ReuseStats.from_dict(c.data) == m and not c.is_empty()
     assert KVReuseWorkerReport([b"1"]).aggregate(KVReuseWorkerReport([b"2"])).lost_keys == [b"1", b"2"]
+
+
+def test_redis_tier_gauges_count_its_entries():
+    """The redis tier's gauges read Redis' own accounting: entries and bytes as stored, also after a removal."""
+    srv = redis_server_or_skip()
+    try:
+        cfg = ConnectorConfig(store=StoreConfig(device_bytes=1 << 24, redis_url=srv.url, redis_bytes=1 << 24))
+        w = WorkerSide(cfg, ROPE, ModelFingerprint("Tiny", "w", "float32"))
+        caches = make_caches("CPU_ATTN")
+        w.register(caches, "CPU_ATTN", H, D)
+        for c in caches.values():
+            c.normal_()
+        items = [SaveItem(bytes([65 + j]) * 16, tuple(range(100 * j, 100 * j + 16)), 16 * j, 16 * j + 16,
+                          context_signature(()), True) for j in range(3)]
+        w.save(KVReuseMetadata(saves=[ReqSave("r1", [0, 1, 2], items)]))
+        w.store.flush()
+        s = w.take_stats(now=100.0)
+        assert s.store_entries["redis"] == 3 and s.store_entries["device"] == 3
+        assert s.store_bytes["redis"] == w.store.redis.actual_bytes() > 0
+        w.store.redis.remove(w.store.memory[0].entries[next(iter(w.store.memory[0].entries))].key)
+        assert w.take_stats(now=102.0).store_entries["redis"] == 2
+        w.close()
+    finally:
+        srv.close()
