@@ -22,7 +22,6 @@ recompute.  Keys the store evicted or demoted are reported to the scheduler's di
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import re
@@ -324,17 +323,16 @@ class WorkerSide:
         """Counters since the last call; the store's gauges and counters only when its last read is a
         period old (reading them takes the store's lock: not on every step).
 
-        Tensor parallel: vLLM sums the ranks' stats, and every rank places and saves the same chunks
-        (its own heads), so only rank 0 reports what is counted per chunk or token (claims, tokens,
-        saves, evictions, timings); every rank reports the bytes it moved (summed: the bytes the
-        deployment moved) and its own store's gauges, keyed ``"<tier>#<rank>"``.  Failed loads go
-        to the scheduler in the worker report (:meth:`take_report`), counted once over all ranks.
+        Tensor parallel: vLLM sums the ranks' stats; what each rank reports is
+        :meth:`ReuseStats.for_rank` (chunks and tokens once, each rank's own store events summed).
+        Failed loads go to the scheduler in the worker report (:meth:`take_report`), counted once
+        over all ranks.
         """
         with self._lock:
             s, self._stats = self._stats, ReuseStats()
         now = time.monotonic() if now is None else now
         if now - self._last_store_t < _STORE_SNAPSHOT_PERIOD_S:
-            return self._per_rank(s)
+            return s.for_rank(self.tp_rank, self.tp_size)
         self._last_store_t = now
         snap = self.store.snapshot_stats()
         last = self._last_store
@@ -356,16 +354,7 @@ class WorkerSide:
         s.demotions = snap.demotions - (last.demotions if last is not None else 0)
         s.captured_patches = snap.captured_patches - (last.captured_patches if last is not None else 0)
         self._last_store = snap
-        return self._per_rank(s)
-
-    def _per_rank(self, s: ReuseStats) -> ReuseStats:
-        """What this rank reports of ``s`` (see :meth:`take_stats`)."""
-        if self.tp_size == 1:
-            return s
-        gauges = {f: {f"{tier}#{self.tp_rank}": x for tier, x in getattr(s, f).items()} for f in ReuseStats.GAUGES}
-        if self.tp_rank == 0:
-            return dataclasses.replace(s, **gauges)
-        return ReuseStats(bytes_loaded=s.bytes_loaded, bytes_saved=s.bytes_saved, **gauges)
+        return s.for_rank(self.tp_rank, self.tp_size)
 
     def close(self) -> None:
         self.store.close()
