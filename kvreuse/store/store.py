@@ -4,7 +4,8 @@ Placement.  A new entry goes to the fastest memory tier it fits in.  Memory tier
 (an entry lives in one of them); disk and Redis may hold copies.  With a disk tier, every entry
 stored in memory is also copied to disk by the background thread (write-behind: bounded by the
 background lane, dropped and counted when it is full), so a restarted store starts warm.  Redis is written through
-(asynchronously, on a writer thread) so the other stores of a deployment see new chunks at once.
+(asynchronously, on a writer thread) so the other stores of a deployment see new chunks at once,
+and written again when an entry gains a context computed in it (see :mod:`kvreuse.store.writethrough`).
 
 Saving.  :meth:`ChunkStore.ingest` is the one call a saver makes: it queues the chunk's KV on a
 bounded background queue and returns at once (a full queue drops the chunk and counts it).  The
@@ -280,6 +281,16 @@ class ChunkStore:
             if c in new.preceding and c not in e.preceding:
                 e.preceding[c] = new.preceding[c]
         t.resized(new.key)
+        if add_ctx:
+            self.republish(new.key)
+
+    def republish(self, key: ChunkKey) -> None:
+        """With the lock held: ``key``'s memory entry gained a context; queue it for Redis again (no I/O here)."""
+        if self._write_through is None:
+            return
+        e = next((t.entries[key] for t in self.memory if key in t), None)
+        if e is not None:
+            self._write_through.publish(e.shallow_copy(), replace=True)
 
     def add_context_kv(self, key: ChunkKey, context: bytes | str, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Record KV of a stored chunk computed in ``context`` (in the entry's positional frame).
