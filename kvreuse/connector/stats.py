@@ -31,6 +31,7 @@ class ReuseStats:
     saved_chunks: int = 0
     captured_patches: int = 0
     load_failures: int = 0
+    load_timeouts: int = 0  # chunk loads that waited past `load_timeout_seconds` for a slow tier (recomputed)
     dropped_saves: int = 0  # chunks the store's ingest queue was too full to take (never waited for)
     bytes_loaded: dict[str, int] = field(default_factory=dict)  # tier -> bytes
     bytes_saved: dict[str, int] = field(default_factory=dict)
@@ -51,7 +52,7 @@ class ReuseStats:
     GAUGES = ("store_bytes", "store_budget_bytes", "store_entries", "store_pending_bytes")
     # What each tensor-parallel rank's own store (or copy) does: summed over ranks, the deployment's total.
     PER_RANK = ("bytes_loaded", "bytes_saved", "evictions", "rehydrations", "demotions", "dropped_saves",
-                "captured_patches")
+                "captured_patches", "load_timeouts")
 
     def merge(self, other: "ReuseStats") -> "ReuseStats":
         """Sum of counters; gauges keep the latest value per key (with tensor parallelism each rank's
@@ -72,7 +73,8 @@ class ReuseStats:
         Every rank places and saves the same chunks (its own heads), so what counts chunks, tokens or
         request timings (claims, reused tokens, saved chunks, load and save seconds) is reported by
         rank 0 alone; each rank's own events (``PER_RANK``: bytes moved, evictions, demotions,
-        rehydrations, dropped saves, patches) by every rank, summed; gauges keyed ``"<tier>#<rank>"``.
+        rehydrations, dropped saves, patches, load timeouts) by every rank, summed; gauges keyed
+        ``"<tier>#<rank>"``.
         """
         if size == 1:
             return self

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 
@@ -120,6 +124,43 @@ def test_redis_tier_gauges_count_its_entries():
         assert s.store_bytes["redis"] == w.store.redis.actual_bytes() > 0
         w.store.redis.remove(w.store.memory[0].entries[next(iter(w.store.memory[0].entries))].key)
         assert w.take_stats(now=102.0).store_entries["redis"] == 2
+        w.close()
+    finally:
+        srv.close()
+
+
+def test_a_step_waits_no_longer_than_the_load_timeout_for_a_stalled_redis():
+    """Chunks only Redis holds, Redis stopped (SIGSTOP): the step's loads give up after `load_timeout_seconds`
+    in all, every claimed block is reported for recompute, and the timeouts are counted."""
+    srv = redis_server_or_skip()
+    try:
+        cfg = ConnectorConfig(store=StoreConfig(redis_url=srv.url, redis_bytes=1 << 24), load_timeout_seconds=0.5)
+        w = WorkerSide(cfg, ROPE, ModelFingerprint("Tiny", "w", "float32"))
+        caches = make_caches("CPU_ATTN")
+        w.register(caches, "CPU_ATTN", H, D)
+        for c in caches.values():
+            c.normal_()
+        ctx = context_signature(())
+        items = [SaveItem(bytes([65 + j]) * 16, tuple(range(100 * j, 100 * j + 16)), 16 * j, 16 * j + 16, ctx, True)
+                 for j in range(2)]
+        w.save(KVReuseMetadata(saves=[ReqSave("r1", [0, 1], items)]))
+        w.store.flush()  # no memory tier: Redis alone holds them
+        loads = [ReqLoad(f"q{j}", [4 + j], [LoadItem(it.key, it.token_ids, 0, 16, 0, ctx, "exact")])
+                 for j, it in enumerate(items)]
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            w.start_load(KVReuseMetadata(loads=loads))
+            w.finish_loads()
+            took = time.monotonic() - t0
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        assert took < 0.5 + 0.5, f"the step waited {took:.2f}s"
+        assert w.take_failed_blocks() == {4, 5} and w.take_report().failed_req_ids == ["q0", "q1"]
+        assert w.take_stats(now=100.0).load_timeouts == 2
+        w.start_load(KVReuseMetadata(loads=[ReqLoad("q2", [6], loads[0].items)]))  # Redis answers again
+        w.finish_loads()
+        assert w.take_failed_blocks() == set() and w.take_stats(now=102.0).reused_tokens == 16
         w.close()
     finally:
         srv.close()
