@@ -124,6 +124,8 @@ class ChunkStore:
         self._inflight: dict[ChunkKey, Rehydration] = {}
         self._ingester = Ingester(self, self._lock, self.tiers, self.stats, capture_patches)
         self._loads = ThreadPoolExecutor(io_threads, thread_name_prefix="kvreuse-load")
+        self._redis_usage: tuple[int, int] = (0, 0)  # Redis' (bytes, entries), as of the last read
+        self._usage_read: Future | None = None
         self._bg = Background(self._run_background, ingest_items=ingest_items, ingest_bytes=ingest_bytes,
                               work_items=1 << 16, work_bytes=background_bytes)
 
@@ -616,7 +618,8 @@ class ChunkStore:
         return out
 
     def snapshot_stats(self) -> StoreStats:
-        """A copy of the stats with the tier gauges (bytes, budgets, entries) filled in."""
+        """A copy of the stats with the tier gauges (bytes, budgets, entries) filled in; Redis' come from
+        the last background read that finished (each call starts the next one)."""
         with self._lock:
             s = self.stats.copy()
             for t in self.memory:
@@ -626,12 +629,23 @@ class ChunkStore:
                 ts = s.tier("disk")
                 ts.used_bytes, ts.budget_bytes, ts.entries = self.disk.used_bytes, self.disk.budget_bytes, len(self.disk)
                 ts.dropped_corrupt = self.disk.dropped_corrupt
+            usage = self._read_redis_usage() if self.redis is not None else None
         if self.redis is not None:
             ts = s.tier("redis")
-            ts.used_bytes, ts.entries = self.redis.usage() or (0, 0)
+            ts.used_bytes, ts.entries = usage
             ts.budget_bytes = self.redis.budget_bytes
             ts.errors, ts.evictions = self.redis.errors, ts.evictions + self.redis.evictions
         return s
+
+    def _read_redis_usage(self) -> tuple[int, int]:
+        """With the lock held: Redis' (bytes, entries) as of the last read, and the next read started on
+        an I/O thread, so reading stats (a worker does it between steps) never waits on the network."""
+        f = self._usage_read
+        if f is None or f.done():
+            if f is not None and f.result() is not None:
+                self._redis_usage = f.result()
+            self._usage_read = self._loads.submit(self.redis.usage)
+        return self._redis_usage
 
     def close(self) -> None:
         """Finish pending work and release the disk directory and the Redis connection."""
