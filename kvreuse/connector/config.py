@@ -6,7 +6,10 @@ Every key is optional::
      "policy": {"mode": "any" | "patched_or_exact", "patch_energy": 0.99, "patch_max_rank": 16,
                 "patch_budget": 0.05},
      "store": {"device_bytes": "1GiB", "host_bytes": ..., "disk_path": ..., ...},
-     "save": true, "load": true, "isolation": "salt" | "salted_only"}
+     "save": true, "load": true, "isolation": "salt" | "salted_only", "load_timeout_seconds": 2.0}
+
+`load_timeout_seconds`: the most a step waits for its loads from slow tiers (Redis, disk); a
+chunk not loaded by then is a failed load, recomputed by vLLM (memory hits are always served).
 
 The store's budget keys (`device_bytes`, `host_bytes`, `disk_path`, `disk_bytes`, `redis_url`,
 `redis_bytes`) are also accepted at the top level, exactly as the store documents them, so one
@@ -111,10 +114,14 @@ class ConnectorConfig:
     save: bool = True
     load: bool = True
     isolation: str = "salt"
+    load_timeout_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         if self.isolation not in ISOLATION_MODES:
             raise ConnectorConfigError(f"isolation: expected one of {ISOLATION_MODES}, got {self.isolation!r}")
+        t = self.load_timeout_seconds
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ConnectorConfigError(f"load_timeout_seconds: expected a number > 0, got {t!r}")
 
     def shares_chunks(self, cache_salt: str | None) -> bool:
         """Whether a request with this `cache_salt` may store or place chunks at all."""
@@ -151,8 +158,9 @@ class ConnectorConfig:
                 if not isinstance(extra[flag], bool):
                     raise ConnectorConfigError(f"{flag}: expected true or false, got {extra[flag]!r}")
                 kw[flag] = extra[flag]
-        if "isolation" in extra:  # checked in __post_init__
-            kw["isolation"] = extra["isolation"]
+        for k in ("isolation", "load_timeout_seconds"):  # checked in __post_init__
+            if k in extra:
+                kw[k] = extra[k]
         return cls(**kw)
 
 

@@ -22,6 +22,8 @@ METRICS = [
     ("kvreuse_demotions", "counter", "Entries demoted from full in-context KV to base + patch", None),
     ("kvreuse_rehydrations", "counter", "Entries loaded back from a lower tier, by tier", "tier"),
     ("kvreuse_load_failures", "counter", "Claimed chunks that failed to load (recomputed by vLLM)", None),
+    ("kvreuse_load_timeouts", "counter",
+     "Chunk loads that waited past load_timeout_seconds for a slow tier (recomputed; summed over TP ranks)", None),
     ("kvreuse_dropped_saves", "counter",
      "Chunks not saved because the store's bounded ingest queue was full (a save never blocks a step)", None),
     ("kvreuse_encoder_inputs", "counter",
@@ -44,7 +46,8 @@ _FIELD = {"kvreuse_chunk_lookups": None, "kvreuse_claims": "claims", "kvreuse_re
           "kvreuse_saved_chunks": "saved_chunks", "kvreuse_captured_patches": "captured_patches",
           "kvreuse_loaded_bytes": "bytes_loaded", "kvreuse_saved_bytes": "bytes_saved",
           "kvreuse_evictions": "evictions", "kvreuse_demotions": "demotions", "kvreuse_rehydrations": "rehydrations",
-          "kvreuse_load_failures": "load_failures", "kvreuse_dropped_saves": "dropped_saves",
+          "kvreuse_load_failures": "load_failures", "kvreuse_load_timeouts": "load_timeouts",
+          "kvreuse_dropped_saves": "dropped_saves",
           "kvreuse_encoder_inputs": "encoder_inputs",
           "kvreuse_mm_items_reused": "mm_items_reused", "kvreuse_segments": "segments", "kvreuse_gap_tokens": "gap_tokens",
           "kvreuse_store_bytes": "store_bytes",
@@ -80,6 +83,7 @@ class KVReusePromMetrics(KVConnectorPromMetrics):
                 self._families["kvreuse_chunk_lookups"][0].labels(*values, r)
             self._families["kvreuse_reused_tokens"][0].labels(*values)
             self._families["kvreuse_load_failures"][0].labels(*values)
+            self._families["kvreuse_load_timeouts"][0].labels(*values)
             self._families["kvreuse_dropped_saves"][0].labels(*values)
             self._families["kvreuse_demotions"][0].labels(*values)
             for kind in ("placed", "computed"):

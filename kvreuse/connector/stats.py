@@ -7,7 +7,7 @@ lives in `kvreuse.connector.prom`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
@@ -31,6 +31,7 @@ class ReuseStats:
     saved_chunks: int = 0
     captured_patches: int = 0
     load_failures: int = 0
+    load_timeouts: int = 0  # chunk loads that waited past `load_timeout_seconds` for a slow tier (recomputed)
     dropped_saves: int = 0  # chunks the store's ingest queue was too full to take (never waited for)
     bytes_loaded: dict[str, int] = field(default_factory=dict)  # tier -> bytes
     bytes_saved: dict[str, int] = field(default_factory=dict)
@@ -49,6 +50,9 @@ class ReuseStats:
     store_pending_bytes: dict[str, int] = field(default_factory=dict)  # background queue -> bytes not yet done
 
     GAUGES = ("store_bytes", "store_budget_bytes", "store_entries", "store_pending_bytes")
+    # What each tensor-parallel rank's own store (or copy) does: summed over ranks, the deployment's total.
+    PER_RANK = ("bytes_loaded", "bytes_saved", "evictions", "rehydrations", "demotions", "dropped_saves",
+                "captured_patches", "load_timeouts")
 
     def merge(self, other: "ReuseStats") -> "ReuseStats":
         """Sum of counters; gauges keep the latest value per key (with tensor parallelism each rank's
@@ -62,6 +66,22 @@ class ReuseStats:
                 v = a + b
             setattr(out, f.name, v)
         return out
+
+    def for_rank(self, rank: int, size: int) -> "ReuseStats":
+        """What tensor-parallel rank ``rank`` of ``size`` reports of its worker's stats (vLLM sums the ranks').
+
+        Every rank places and saves the same chunks (its own heads), so what counts chunks, tokens or
+        request timings (claims, reused tokens, saved chunks, load and save seconds) is reported by
+        rank 0 alone; each rank's own events (``PER_RANK``: bytes moved, evictions, demotions,
+        rehydrations, dropped saves, patches, load timeouts) by every rank, summed; gauges keyed
+        ``"<tier>#<rank>"``.
+        """
+        if size == 1:
+            return self
+        gauges = {f: {f"{tier}#{rank}": x for tier, x in getattr(self, f).items()} for f in self.GAUGES}
+        if rank == 0:
+            return replace(self, **gauges)
+        return ReuseStats(**{f: getattr(self, f) for f in self.PER_RANK}, **gauges)
 
     def is_empty(self) -> bool:
         return self == ReuseStats()

@@ -4,7 +4,9 @@ Load: `start_load` fetches each claimed chunk's view from the store (KV as it re
 recorded context, in the entry's positional frame); `load_layer` then relocates layer i's keys to
 the request's positions and scatters K and V into the layer's paged cache through the slot
 mapping.  A chunk that cannot be fetched fails the rest of its request's claim: those blocks are
-reported through `failed_block_ids` and vLLM recomputes them.
+reported through `failed_block_ids` and vLLM recomputes them.  A step waits at most
+`load_timeout_seconds` in all for chunks from slow tiers (Redis, disk); one not there by then
+fails the same way (counted in `load_timeouts`), so a stalled tier never holds up a step.
 
 Loads wait for nothing but their own bytes: a chunk still being ingested is served from the
 bytes already copied out (see `ChunkStore.fetch`).  What is counted is what is served: a claim
@@ -22,7 +24,6 @@ recompute.  Keys the store evicted or demoted are reported to the scheduler's di
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import re
@@ -157,18 +158,20 @@ class WorkerSide:
         """Fetch every claimed chunk of this step (layers are placed in `load_layer`)."""
         self._jobs, self._layers_done, self._failed_reqs = [], set(), set()
         t0 = time.perf_counter()
+        deadline = time.monotonic() + self.cfg.load_timeout_seconds
         for req in meta.loads:
-            job = self._fetch(req)
+            job = self._fetch(req, deadline)
             if job is not None:
                 self._jobs.append(job)
         self._load_t = time.perf_counter() - t0 if meta.loads else 0.0
 
-    def _fetch(self, req: ReqLoad) -> _Job | None:
+    def _fetch(self, req: ReqLoad, deadline: float) -> _Job | None:
         """Views of the request's chunks, each bound for the slots of its own `dst_start`.
 
-        Waits for nothing but the chunks' own bytes.  The first chunk that cannot be served — a
-        miss, M-RoPE positions that are not one shift, or base KV under a strict policy — fails
-        the request's load from there on (vLLM recomputes those blocks).
+        Waits for nothing but the chunks' own bytes, and for those until `deadline` (monotonic).
+        The first chunk that cannot be served — a miss, a load past the deadline, M-RoPE positions
+        that are not one shift, or base KV under a strict policy — fails the request's load from
+        there on (vLLM recomputes those blocks).
         """
         assert self.spec is not None
         strict = req.strict or self.cfg.policy.mode == "patched_or_exact"
@@ -177,7 +180,8 @@ class WorkerSide:
             view = None
             if not (req.inject_failure and n == 0):
                 view = self.store.get(ChunkKey(item.key), list(item.token_ids), context=item.context,
-                                      tokens=slice(item.src_start, item.src_end))
+                                      tokens=slice(item.src_start, item.src_end),
+                                      timeout=max(deadline - time.monotonic(), 0.0))
             if view is None:
                 self._fail(req, item.dst_start, item.key)
                 break
@@ -324,17 +328,16 @@ class WorkerSide:
         """Counters since the last call; the store's gauges and counters only when its last read is a
         period old (reading them takes the store's lock: not on every step).
 
-        Tensor parallel: vLLM sums the ranks' stats, and every rank places and saves the same chunks
-        (its own heads), so only rank 0 reports what is counted per chunk or token (claims, tokens,
-        saves, evictions, timings); every rank reports the bytes it moved (summed: the bytes the
-        deployment moved) and its own store's gauges, keyed ``"<tier>#<rank>"``.  Failed loads go
-        to the scheduler in the worker report (:meth:`take_report`), counted once over all ranks.
+        Tensor parallel: vLLM sums the ranks' stats; what each rank reports is
+        :meth:`ReuseStats.for_rank` (chunks and tokens once, each rank's own store events summed).
+        Failed loads go to the scheduler in the worker report (:meth:`take_report`), counted once
+        over all ranks.
         """
         with self._lock:
             s, self._stats = self._stats, ReuseStats()
         now = time.monotonic() if now is None else now
         if now - self._last_store_t < _STORE_SNAPSHOT_PERIOD_S:
-            return self._per_rank(s)
+            return s.for_rank(self.tp_rank, self.tp_size)
         self._last_store_t = now
         snap = self.store.snapshot_stats()
         last = self._last_store
@@ -354,18 +357,10 @@ class WorkerSide:
                     s.rehydrations[name] = rh
         s.store_pending_bytes = self.store.pending_bytes()
         s.demotions = snap.demotions - (last.demotions if last is not None else 0)
+        s.load_timeouts = snap.load_timeouts - (last.load_timeouts if last is not None else 0)
         s.captured_patches = snap.captured_patches - (last.captured_patches if last is not None else 0)
         self._last_store = snap
-        return self._per_rank(s)
-
-    def _per_rank(self, s: ReuseStats) -> ReuseStats:
-        """What this rank reports of ``s`` (see :meth:`take_stats`)."""
-        if self.tp_size == 1:
-            return s
-        gauges = {f: {f"{tier}#{self.tp_rank}": x for tier, x in getattr(s, f).items()} for f in ReuseStats.GAUGES}
-        if self.tp_rank == 0:
-            return dataclasses.replace(s, **gauges)
-        return ReuseStats(bytes_loaded=s.bytes_loaded, bytes_saved=s.bytes_saved, **gauges)
+        return s.for_rank(self.tp_rank, self.tp_size)
 
     def close(self) -> None:
         self.store.close()

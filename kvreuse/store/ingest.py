@@ -145,6 +145,7 @@ class Ingester:
                 continue
             if cur.context != base.context or not torch.equal(cur.positions, base.positions):
                 return
+            held = (cur.has_context(ctx), ctx in cur.in_context)
             if patch is not None and ctx not in cur.patches and self.tiers.make_room(i, int(patch.nbytes), key):
                 cur.add_patch(ctx, patch)
                 t.resized(key)
@@ -157,4 +158,7 @@ class Ingester:
                     self.stats.ingested_contexts += 1
             if preceding and cur.has_context(ctx):
                 cur.preceding.setdefault(ctx, preceding)
+            if kv is not None and (cur.has_context(ctx), ctx in cur.in_context) != held:
+                # computed in this context here: the shared copy learns it (a demotion's refit does not)
+                self.store.republish(key)
             return

@@ -84,6 +84,7 @@ class StoreStats:
     rehydrations: int = 0
     shared_rehydrations: int = 0  # lookups that joined an in-flight rehydration
     failed_loads: int = 0
+    load_timeouts: int = 0  # lookups that stopped waiting for a slow tier (a miss; the load itself goes on)
     bytes_moved: int = 0  # between tiers, both directions
     ingests: int = 0  # chunks accepted by ``ingest`` (queued)
     dropped_ingests: int = 0  # chunks ``ingest`` refused because its queue was full

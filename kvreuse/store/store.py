@@ -4,7 +4,8 @@ Placement.  A new entry goes to the fastest memory tier it fits in.  Memory tier
 (an entry lives in one of them); disk and Redis may hold copies.  With a disk tier, every entry
 stored in memory is also copied to disk by the background thread (write-behind: bounded by the
 background lane, dropped and counted when it is full), so a restarted store starts warm.  Redis is written through
-(asynchronously, on a writer thread) so the other stores of a deployment see new chunks at once.
+(asynchronously, on a writer thread) so the other stores of a deployment see new chunks at once,
+and written again when an entry gains a context computed in it (see :mod:`kvreuse.store.writethrough`).
 
 Saving.  :meth:`ChunkStore.ingest` is the one call a saver makes: it queues the chunk's KV on a
 bounded background queue and returns at once (a full queue drops the chunk and counts it).  The
@@ -27,7 +28,9 @@ or demoted and awaiting its patch fit; a context reads as base KV only when neit
 its patch is held (``ChunkView.how`` says which).  A disk or Redis hit returns a :class:`~kvreuse.store.rehydrate.Rehydration` filled layer by
 layer on an I/O thread into the fastest memory tier; concurrent lookups of a key share it.  Every
 hit is verified against the stored token ids; a mismatch, a corrupt copy or an unreachable Redis
-is a miss (counted), never an error.
+is a miss (counted), never an error.  A lookup with a ``timeout`` waits no longer than that for a
+slow tier (Redis' answer, a load's bytes): past it the lookup is a miss, counted in
+``load_timeouts``, and the load goes on in the background (it lands in memory for later lookups).
 
 Thread safety: all public methods may be called from any thread.  Metadata is guarded by one lock
 that is held only to look up and to publish: patch fits (SVD), disk writes (fsync) and Redis I/O
@@ -42,7 +45,7 @@ import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -121,6 +124,8 @@ class ChunkStore:
         self._inflight: dict[ChunkKey, Rehydration] = {}
         self._ingester = Ingester(self, self._lock, self.tiers, self.stats, capture_patches)
         self._loads = ThreadPoolExecutor(io_threads, thread_name_prefix="kvreuse-load")
+        self._redis_usage: tuple[int, int] = (0, 0)  # Redis' (bytes, entries), as of the last read
+        self._usage_read: Future | None = None
         self._bg = Background(self._run_background, ingest_items=ingest_items, ingest_bytes=ingest_bytes,
                               work_items=1 << 16, work_bytes=background_bytes)
 
@@ -280,6 +285,16 @@ class ChunkStore:
             if c in new.preceding and c not in e.preceding:
                 e.preceding[c] = new.preceding[c]
         t.resized(new.key)
+        if add_ctx:
+            self.republish(new.key)
+
+    def republish(self, key: ChunkKey) -> None:
+        """With the lock held: ``key``'s memory entry gained a context; queue it for Redis again (no I/O here)."""
+        if self._write_through is None:
+            return
+        e = next((t.entries[key] for t in self.memory if key in t), None)
+        if e is not None:
+            self._write_through.publish(e.shallow_copy(), replace=True)
 
     def add_context_kv(self, key: ChunkKey, context: bytes | str, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Record KV of a stored chunk computed in ``context`` (in the entry's positional frame).
@@ -391,20 +406,21 @@ class ChunkStore:
                 return "redis" if ok(r.header.token_ids) else None
         return None
 
-    def fetch(self, key: ChunkKey, token_ids: Tokens) -> Rehydration | None:
+    def fetch(self, key: ChunkKey, token_ids: Tokens, *, timeout: float | None = None) -> Rehydration | None:
         """Look ``key`` up; a handle on its entry (complete for a memory hit, loading otherwise), or None.
 
         ``handle.layer(i)`` returns layer i's base ``(k, v)``, each ``[num_tokens, num_kv_heads,
         head_dim]``, as soon as it has arrived; ``handle.result()`` the whole :class:`ChunkEntry`.
+        ``timeout``: the most seconds to wait for Redis to answer (the entry's header); past it, None.
         """
         t0 = time.perf_counter()
         try:
-            return self._fetch(key, token_bytes(token_ids), t0)
+            return self._fetch(key, token_bytes(token_ids), t0, timeout)
         finally:
             self._drain(inline=False)  # what making room deferred runs in the background, never here
             self.stats.lookup_seconds.observe(time.perf_counter() - t0)
 
-    def _fetch(self, key: ChunkKey, tok: bytes, t0: float) -> Rehydration | None:
+    def _fetch(self, key: ChunkKey, tok: bytes, t0: float, timeout: float | None) -> Rehydration | None:
         with self._lock:
             self.stats.lookups += 1
             for i, t in enumerate(self.memory):
@@ -435,7 +451,7 @@ class ChunkStore:
             e = self._ingester.pending_entry(key)
             if e is not None:  # a new chunk still queued for ingest: served from the bytes handed over, no wait
                 return Rehydration.completed(e, "ingest") if token_bytes(e.token_ids) == tok else self._mismatch()
-        reader = self.redis.open(key) if self.redis is not None else None  # network: outside the lock
+        reader = self._open_remote(key, timeout) if self.redis is not None else None  # network: outside the lock
         if reader is None:
             if self.redis is not None:
                 self.stats.tier("redis").misses += 1
@@ -450,6 +466,19 @@ class ChunkStore:
                 self.stats.shared_rehydrations += 1
                 return h
             return self._start_load(key, tok, reader, "redis", t0)
+
+    def _open_remote(self, key: ChunkKey, timeout: float | None) -> Any:
+        """Redis' reader of ``key``; with a ``timeout``, opened on an I/O thread and waited for that long
+        (a stalled Redis holds that thread until its own socket timeout, never the caller)."""
+        if timeout is None:
+            return self.redis.open(key)
+        fut: Future = self._loads.submit(self.redis.open, key)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            with self._lock:
+                self.stats.load_timeouts += 1
+            return None
 
     def _start_load(self, key: ChunkKey, tok: bytes, reader: Any, source: str, t0: float) -> Rehydration | None:
         """With the lock held: verify, reserve room in the fastest memory tier that can take it, start the load."""
@@ -509,15 +538,22 @@ class ChunkStore:
             label: str | None = None) -> ChunkView | None:
         """Fetch and wait: the chunk's KV as it reads in ``context`` (partial with ``tokens``/``layers``), or None.
 
-        A failed load is a miss here (counted in ``failed_loads``).  The hit is counted under
-        ``label`` (e.g. "reorder") or how it was served ("exact", "patched", "base").
+        A failed load is a miss here (counted in ``failed_loads``), and so is one that takes longer
+        than ``timeout`` seconds in all (counted in ``load_timeouts``; it completes in the
+        background).  The hit is counted under ``label`` (e.g. "reorder") or how it was served
+        ("exact", "patched", "base").
         """
-        h = self.fetch(key, token_ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        h = self.fetch(key, token_ids, timeout=timeout)
         if h is None:
             return None
         try:
-            e = h.result(timeout)
+            e = h.result(None if deadline is None else max(deadline - time.monotonic(), 0.0))
         except ChunkLoadError:
+            return None
+        except TimeoutError:
+            with self._lock:
+                self.stats.load_timeouts += 1
             return None
         with self._lock:
             view, source = e.view(context, tokens=tokens, layers=layers), h.source
@@ -582,7 +618,8 @@ class ChunkStore:
         return out
 
     def snapshot_stats(self) -> StoreStats:
-        """A copy of the stats with the tier gauges (bytes, budgets, entries) filled in."""
+        """A copy of the stats with the tier gauges (bytes, budgets, entries) filled in; Redis' come from
+        the last background read that finished (each call starts the next one)."""
         with self._lock:
             s = self.stats.copy()
             for t in self.memory:
@@ -592,11 +629,23 @@ class ChunkStore:
                 ts = s.tier("disk")
                 ts.used_bytes, ts.budget_bytes, ts.entries = self.disk.used_bytes, self.disk.budget_bytes, len(self.disk)
                 ts.dropped_corrupt = self.disk.dropped_corrupt
+            usage = self._read_redis_usage() if self.redis is not None else None
         if self.redis is not None:
             ts = s.tier("redis")
-            ts.used_bytes, ts.budget_bytes = self.redis.used_bytes() or 0, self.redis.budget_bytes
+            ts.used_bytes, ts.entries = usage
+            ts.budget_bytes = self.redis.budget_bytes
             ts.errors, ts.evictions = self.redis.errors, ts.evictions + self.redis.evictions
         return s
+
+    def _read_redis_usage(self) -> tuple[int, int]:
+        """With the lock held: Redis' (bytes, entries) as of the last read, and the next read started on
+        an I/O thread, so reading stats (a worker does it between steps) never waits on the network."""
+        f = self._usage_read
+        if f is None or f.done():
+            if f is not None and f.result() is not None:
+                self._redis_usage = f.result()
+            self._usage_read = self._loads.submit(self.redis.usage)
+        return self._redis_usage
 
     def close(self) -> None:
         """Finish pending work and release the disk directory and the Redis connection."""

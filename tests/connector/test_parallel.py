@@ -28,7 +28,7 @@ from kvreuse.connector.stats import KVReuseConnectorStats, ReuseStats  # noqa: E
 from kvreuse.connector.worker import WorkerSide  # noqa: E402
 from kvreuse.errors import KVReuseError  # noqa: E402
 from kvreuse.rope.spec import RopeSpec  # noqa: E402
-from kvreuse.store import ModelFingerprint  # noqa: E402
+from kvreuse.store import ChunkStore, ModelFingerprint, StoreConfig  # noqa: E402
 
 H, D, BS, NB, N = 1, 32, 128, 4, 40  # one KV head per rank
 ROPE = RopeSpec.from_hf_config({"hidden_size": 64, "num_attention_heads": 2, "head_dim": D, "rope_theta": 10000.0,
@@ -90,6 +90,40 @@ def test_tensor_parallel_stats_count_tokens_once():
     prom1, reg1 = registry_metrics(1)  # a single rank: no rank label
     prom1.observe(single.to_dict())
     assert reg1.get_sample_value("kvreuse_store_entries", {"engine": "0", "tier": "device"}) == 1
+
+
+def test_each_ranks_own_store_events_are_summed():
+    """Each rank's store evicts and drops on its own: those events are summed over ranks, chunks counted once.
+
+    Both ranks' device tiers hold one chunk of N tokens, so the second save evicts the first on
+    each rank; rank 1's ingest queue is too small for the third, longer chunk and drops it.
+    """
+    toks = [tuple(range(100 * j, 100 * j + n)) for j, n in enumerate((N, N, 2 * N))]
+    ctx = context_signature(())
+    stats = []
+    for rank in (0, 1):
+        fp = ModelFingerprint("Tiny", "w", "float32", tp_rank=rank, tp_size=2)
+        # a chunk of N tokens holds 2 * N * H * D * 4 = 10 KiB of KV (11 KiB with ids and positions)
+        store = ChunkStore(StoreConfig(device_bytes=16 << 10), fp, fit_patch=None,
+                           ingest_bytes=(12 << 10) if rank == 1 else (1 << 20))
+        w = WorkerSide(ConnectorConfig(), ROPE, fp, store=store)
+        w.register({"model.layers.0.self_attn.attn": torch.randn(NB, H, BS, 2 * D)}, "CPU_ATTN", H, D)
+        for j, t in enumerate(toks):
+            w.save(KVReuseMetadata(saves=[ReqSave(f"r{j}", [j], [SaveItem(bytes([65 + j]) * 16, t, 0, len(t), ctx,
+                                                                            True)])]))
+            w.store.flush()
+        stats.append(w.take_stats())
+        w.close()
+    r0, r1 = stats
+    assert r0.evictions == r1.evictions == {"device": 1}
+    assert (r0.dropped_saves, r1.dropped_saves, r0.saved_chunks, r1.saved_chunks) == (0, 1, 3, 0)
+    m = ReuseStats.from_dict(KVReuseConnectorStats(data=r0.to_dict()).aggregate(
+        KVReuseConnectorStats(data=r1.to_dict())).data)
+    assert m.evictions == {"device": 2} and m.dropped_saves == 1 and m.saved_chunks == 3
+    prom, reg = registry_metrics(2)
+    prom.observe(m.to_dict())
+    assert reg.get_sample_value("kvreuse_evictions_total", {"engine": "0", "tier": "device"}) == 2
+    assert reg.get_sample_value("kvreuse_dropped_saves_total", {"engine": "0"}) == 1
 
 
 def test_pipeline_parallel_is_refused_at_startup():

@@ -85,3 +85,33 @@ def test_redis_down_is_a_miss(redis_url):
     chunks = _chunks([10, 10, 10])
     keys = chunk_keys(tokens, chunks, FP.digest, None)
     assert plan_claim(tokens, chunks, keys, d, 0).items == []
+
+
+def test_contexts_gained_after_the_first_publish_reach_other_instances(redis_url):
+    """A stores chunk 1 after chunk 0, then computes it again after chunk 2: B's directory and store learn both."""
+    tokens = list(range(500, 500 + 48))
+    chunks = _chunks([12, 12, 12, 12])
+    keys = chunk_keys(tokens, chunks, FP.digest, None)
+    after0, after2 = context_signature((keys[0],)), context_signature((keys[2],))
+    cfg = StoreConfig.from_dict({"device_bytes": "64MiB", "redis_url": redis_url, "redis_bytes": "64MiB"})
+    remote = RemoteLookup(redis_url, 64 << 20, FP.digest, start=False)
+    ids = [torch.tensor(tokens[c.start:c.end]) for c in chunks]
+    kv = [torch.randn(2, 12, 2, 8).bfloat16() for _ in chunks]
+    with ChunkStore(cfg, FP) as a:
+        for j, ctx in ((0, context_signature(())), (1, after0), (2, context_signature(()))):
+            assert a.ingest(ChunkKey(keys[j]), ids[j], torch.arange(12 * j, 12 * j + 12), kv[j], kv[j].clone(), ctx)
+        a.flush()
+        assert remote.refresh() and remote.lookup(keys[1]) == (12, (after0,))
+        # prompt [chunk 2, chunk 1]: A computes chunk 1 after chunk 2 (same positions: no relocation needed)
+        k_new = kv[1] + 0.5
+        assert a.ingest(ChunkKey(keys[1]), ids[1], torch.arange(12, 24), k_new, k_new.clone(), after2)
+        a.flush()
+    assert remote.refresh() and set(remote.lookup(keys[1])[1]) == {after0, after2}
+    prompt = tokens[24:36] + tokens[12:24] + tokens[36:]
+    claim = plan_claim(prompt, chunks, [keys[2], keys[1], keys[3]], Directory(remote), 0)
+    assert [it.policy for it in claim.items] == ["exact", "exact"]  # without the republish: chunk 1 "blind"
+    with ChunkStore(StoreConfig.from_dict({"host_bytes": "64MiB", "redis_url": redis_url, "redis_bytes": "64MiB"}),
+                    FP) as b:
+        view = b.get(ChunkKey(keys[1]), ids[1], context=after2, timeout=30)
+        assert view.how == "exact" and torch.equal(view.k, k_new)
+    remote.close()

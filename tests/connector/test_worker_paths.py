@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 
@@ -17,7 +21,8 @@ from kvreuse.errors import KVReuseError  # noqa: E402
 from kvreuse.layout import Reading, allocate  # noqa: E402
 from kvreuse.paged import block_slots, gather_kv, scatter_kv  # noqa: E402
 from kvreuse.rope.spec import RopeSpec  # noqa: E402
-from kvreuse.store import ModelFingerprint  # noqa: E402
+from kvreuse.store import ModelFingerprint, StoreConfig  # noqa: E402
+from tests.support.redis_server import redis_server_or_skip  # noqa: E402
 
 L, H, D, BS, NB = 2, 2, 32, 16, 8
 ROPE = RopeSpec.from_hf_config({"hidden_size": 64, "num_attention_heads": 2, "head_dim": D, "rope_theta": 10000.0,
@@ -98,3 +103,76 @@ def test_stats_merge_and_carrier():
     c = KVReuseConnectorStats(data=a.to_dict()).aggregate(KVReuseConnectorStats(data=b.to_dict()))
     assert ReuseStats.from_dict(c.data) == m and not c.is_empty()
     assert KVReuseWorkerReport([b"1"]).aggregate(KVReuseWorkerReport([b"2"])).lost_keys == [b"1", b"2"]
+
+
+def _stats_once_redis_reads(w: WorkerSide, entries: int) -> ReuseStats:
+    """The worker's stats once its redis gauge reads `entries` (Redis is read in the background, a period apart)."""
+    for i in range(100):
+        s = w.take_stats(now=1000.0 * (i + 1))
+        if s.store_entries.get("redis") == entries:
+            return s
+        time.sleep(0.02)
+    raise AssertionError(f"the redis gauge never read {entries} entries: {s.store_entries}")
+
+
+def test_redis_tier_gauges_count_its_entries():
+    """The redis tier's gauges read Redis' own accounting: entries and bytes as stored, also after a removal."""
+    srv = redis_server_or_skip()
+    try:
+        cfg = ConnectorConfig(store=StoreConfig(device_bytes=1 << 24, redis_url=srv.url, redis_bytes=1 << 24))
+        w = WorkerSide(cfg, ROPE, ModelFingerprint("Tiny", "w", "float32"))
+        caches = make_caches("CPU_ATTN")
+        w.register(caches, "CPU_ATTN", H, D)
+        for c in caches.values():
+            c.normal_()
+        items = [SaveItem(bytes([65 + j]) * 16, tuple(range(100 * j, 100 * j + 16)), 16 * j, 16 * j + 16,
+                          context_signature(()), True) for j in range(3)]
+        w.save(KVReuseMetadata(saves=[ReqSave("r1", [0, 1, 2], items)]))
+        w.store.flush()
+        s = _stats_once_redis_reads(w, 3)
+        assert s.store_entries["device"] == 3 and s.store_bytes["redis"] == w.store.redis.actual_bytes() > 0
+        w.store.redis.remove(w.store.memory[0].entries[next(iter(w.store.memory[0].entries))].key)
+        _stats_once_redis_reads(w, 2)
+        w.close()
+    finally:
+        srv.close()
+
+
+def test_a_step_waits_no_longer_than_the_load_timeout_for_a_stalled_redis():
+    """Chunks only Redis holds, Redis stopped (SIGSTOP): the step's loads give up after `load_timeout_seconds`
+    in all, every claimed block is reported for recompute, and the timeouts are counted."""
+    srv = redis_server_or_skip()
+    try:
+        cfg = ConnectorConfig(store=StoreConfig(redis_url=srv.url, redis_bytes=1 << 24), load_timeout_seconds=0.5)
+        w = WorkerSide(cfg, ROPE, ModelFingerprint("Tiny", "w", "float32"))
+        caches = make_caches("CPU_ATTN")
+        w.register(caches, "CPU_ATTN", H, D)
+        for c in caches.values():
+            c.normal_()
+        ctx = context_signature(())
+        items = [SaveItem(bytes([65 + j]) * 16, tuple(range(100 * j, 100 * j + 16)), 16 * j, 16 * j + 16, ctx, True)
+                 for j in range(2)]
+        w.save(KVReuseMetadata(saves=[ReqSave("r1", [0, 1], items)]))
+        w.store.flush()  # no memory tier: Redis alone holds them
+        loads = [ReqLoad(f"q{j}", [4 + j], [LoadItem(it.key, it.token_ids, 0, 16, 0, ctx, "exact")])
+                 for j, it in enumerate(items)]
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            w.start_load(KVReuseMetadata(loads=loads))
+            w.finish_loads()
+            took = time.monotonic() - t0
+            t0 = time.monotonic()
+            stats = [w.take_stats(now=100.0), w.take_stats(now=102.0)]  # the gauges' Redis read: in the background
+            assert time.monotonic() - t0 < 0.2
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        assert took < 0.5 + 0.5, f"the step waited {took:.2f}s"
+        assert w.take_failed_blocks() == {4, 5} and w.take_report().failed_req_ids == ["q0", "q1"]
+        assert stats[0].load_timeouts == 2
+        w.start_load(KVReuseMetadata(loads=[ReqLoad("q2", [6], loads[0].items)]))  # Redis answers again
+        w.finish_loads()
+        assert w.take_failed_blocks() == set() and w.take_stats(now=104.0).reused_tokens == 16
+        w.close()
+    finally:
+        srv.close()

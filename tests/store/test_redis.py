@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -127,3 +128,26 @@ def test_other_model_entries_in_redis_are_not_served(redis_server):
     with ChunkStore(_cfg(redis_server.url), FP) as ours:
         # even asked for the exact key, the header's fingerprint refuses it
         assert ours.get(e.key, e.token_ids) is None and ours.contains(e.key) is None
+
+
+def test_contexts_gained_later_are_republished_coalesced_off_the_callers_thread(redis_server):
+    """Contexts added after the first publish reach Redis; while Redis is stopped, adding them costs the
+    caller no wait, and replaces of one key that wait together are one write."""
+    e = make_entry(7)
+    with ChunkStore(_cfg(redis_server.url, host_bytes=1 << 22), FP) as store:
+        assert store.put(e)
+        store.flush()
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)  # the writer's next call waits on Redis
+        try:
+            t0 = time.monotonic()
+            for j in range(3):
+                assert store.add_context_kv(e.key, f"ctx{j}".encode(), e.k + j + 1, e.v + j + 1)
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        store.flush()
+        assert store.stats.tier("redis").puts <= 3  # the first put, then at most two replaces for three contexts
+    with ChunkStore(_cfg(redis_server.url, host_bytes=1 << 22), FP) as other:
+        for j in range(3):
+            v = other.get(e.key, e.token_ids, context=f"ctx{j}".encode(), timeout=30)
+            assert v.how == "exact" and torch.equal(v.k, e.k + j + 1)

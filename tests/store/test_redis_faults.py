@@ -1,12 +1,18 @@
-"""Redis answering with errors — a read-only replica, out of memory, an ACL that forbids — is misses, never errors.
+"""Redis answering with errors — a read-only replica, out of memory, an ACL that forbids — or not at all
+is misses, never errors.
 
 A real `redis-server` put into each state: `REPLICAOF` a master that does not exist (READONLY),
-`maxmemory` below what the server holds, with `noeviction` (OOM), and ACL users without write or read
-rights (NOPERM).  Every store call returns normally, errors are counted, what can still be read
-is served, and the tier works again once Redis does.
+`maxmemory` below what the server holds, with `noeviction` (OOM), ACL users without write or read
+rights (NOPERM), and stopped (SIGSTOP: connected, silent).  Every store call returns normally (a
+lookup with a timeout within it), errors are counted, what can still be read is served, and the
+tier works again once Redis does.
 """
 
 from __future__ import annotations
+
+import os
+import signal
+import time
 
 import redis
 import torch
@@ -90,3 +96,25 @@ def test_acl_without_write_or_read_rights(redis_server):
         assert not remote.refresh() and remote.lookup(a.key.digest) is None
     finally:
         remote.close()
+
+
+def test_a_stalled_redis_is_a_miss_within_the_lookup_timeout(redis_server):
+    a, b = make_entry(1), make_entry(2)
+    with ChunkStore(_cfg(redis_server.url), FP) as store:
+        for e in (a, b):
+            store.put(e)
+        store.flush()
+        for e in (a, b):
+            store.memory[0].pop(e.key)  # only Redis holds them
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)  # connections stay open; nothing answers
+        try:
+            t0 = time.monotonic()
+            assert store.get(a.key, a.token_ids, timeout=0.5) is None
+            assert store.get(b.key, b.token_ids, timeout=0.0) is None  # the step's time is spent: no wait
+            assert time.monotonic() - t0 < 1.5
+            assert store.stats.load_timeouts == 2
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        time.sleep(store.redis.retry_seconds)
+        v = store.get(a.key, a.token_ids, timeout=30)
+        assert v is not None and torch.equal(v.k, a.k)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 
 import pytest
 import torch
@@ -151,3 +152,17 @@ def test_pressure_demotes_before_it_evicts(tmp_path):
         again = store.get(a.key, a.token_ids, context=b"ctx", timeout=30)
         assert again.how == "patched" and torch.equal(again.k, view.k) and torch.equal(again.v, view.v)
         assert store.stats.hits_by_policy == {"patched": 3, "base": 1}
+
+
+def test_a_load_blocked_past_its_timeout_is_a_miss_then_lands(gated_store):
+    """A disk read that does not return: the lookup gives up after its timeout (a counted miss), the load
+    goes on, and once the read returns the entry is in memory for the next lookup."""
+    store, e, gate, _ = gated_store
+    t0 = time.monotonic()
+    assert store.get(e.key, e.token_ids, timeout=0.3) is None
+    assert 0.3 <= time.monotonic() - t0 < 1.5
+    assert store.stats.load_timeouts == 1 and store.stats.failed_loads == 0
+    gate.set()
+    store.flush()
+    assert store.contains(e.key) == "host"
+    assert torch.equal(store.get(e.key, e.token_ids, timeout=0).k, e.k)

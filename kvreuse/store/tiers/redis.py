@@ -270,8 +270,15 @@ class RedisTier:
     # ---------------------------------------------------------------- accounting
     def used_bytes(self) -> int | None:
         """Bytes held by all stores sharing this Redis namespace (None when unreachable)."""
-        def f(c: Any) -> int:
-            return sum(int(c.get(f"{p}bytes") or 0) for p in self.prefixes)
+        u = self.usage()
+        return None if u is None else u[0]
+
+    def usage(self) -> tuple[int, int] | None:
+        """(bytes, entries) held by all stores sharing this Redis namespace, read from the accounting
+        (no scan); None when unreachable."""
+        def f(c: Any) -> tuple[int, int]:
+            return (sum(int(c.get(f"{p}bytes") or 0) for p in self.prefixes),
+                    sum(int(c.hlen(f"{p}size")) for p in self.prefixes))
         return self.call(f, default=None)
 
     def _entry_names(self, c: Any) -> Iterator[bytes]:
