@@ -53,6 +53,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kvreuse-config", default=None, help="JSON for the kvreuse arm (default: serve_common's)")
+    ap.add_argument("--prefix-args", default="", help="extra vLLM arguments for vLLM alone only, e.g. "
+                    "'--no-async-scheduling' (kvreuse serve sets it: this isolates its share of the difference)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 12 prompts, 1 repeat")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
@@ -85,7 +87,7 @@ def main() -> int:
                     str(a.output_len), "--random-range-ratio", "0", *common]
         warm = random_prompts(2, a.input_len, seed=warm_seed(seed), words=words)
         for arm in arm_order(rep):
-            with serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp) as srv:
+            with serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp, prefix_extra=a.prefix_args.split()) as srv:
                 runs[arm].append(client_run(srv, model_dir, args, warm))
                 commands[arm] = srv.command()
     elapsed = time.time() - t0

@@ -79,8 +79,9 @@ class Server:
 
 def server_argv(arm: str, model_dir: str | os.PathLike, port: int, *, dtype: str = "bfloat16",
                 max_model_len: int = 4096, kvreuse_config: dict | None = None,
-                extra: list[str] | None = None) -> list[str]:
-    """Command line of one arm; `extra` vLLM arguments go to both arms alike."""
+                extra: list[str] | None = None, prefix_extra: list[str] | None = None) -> list[str]:
+    """Command line of one arm; `extra` vLLM arguments go to both arms alike, `prefix_extra` to vLLM alone
+    only (e.g. `--no-async-scheduling`, which `kvreuse serve` always sets, to tell its cost from kvreuse's)."""
     common = ["--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--gpu-memory-utilization", "0.4",
               "--max-model-len", str(max_model_len), "--dtype", dtype, "--seed", "0",
               "--enable-prompt-tokens-details", *(extra or [])]
@@ -89,7 +90,8 @@ def server_argv(arm: str, model_dir: str | os.PathLike, port: int, *, dtype: str
         return [sys.executable, "-m", "kvreuse.cli", "serve", str(model_dir), "--kvreuse-config", json.dumps(cfg),
                 *common]
     if arm == "prefix":
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), *common]
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), *common,
+                *(prefix_extra or [])]
     raise ValueError(f"unknown arm {arm!r}")
 
 
