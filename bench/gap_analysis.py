@@ -147,11 +147,11 @@ def trace_prompts(name: str, seed: int, tok) -> list[str]:
     raise ValueError(name)
 
 
-def replay(name: str, seed: int, tok, chunking: ChunkingConfig, cost: CostConfig) -> list[Turn]:
+def replay(name: str, seed: int, tok, chunking: ChunkingConfig, cost: CostConfig, block_size: int = 128) -> list[Turn]:
     boundary = frozenset(i for i in tok.convert_tokens_to_ids(list(chunking.boundary_tokens)) if i is not None)
     end = frozenset(e[0] for e in (tok.encode(t, add_special_tokens=False) for t in chunking.end_tokens)
                     if len(e) == 1)
-    r = Replay(chunking, cost, boundary_ids=boundary, end_ids=end)
+    r = Replay(chunking, cost, boundary_ids=boundary, end_ids=end, block_size=block_size)
     return [r.run(tok.encode(p)) for p in trace_prompts(name, seed, tok)]
 
 
@@ -170,19 +170,20 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--chunking", default="{}", help="JSON overrides of the connector's 'chunking' section")
     ap.add_argument("--cost", default="{}", help="JSON overrides of the connector's 'cost' section")
+    ap.add_argument("--block-size", type=int, default=128, help="vLLM's block size (its prefix hits are whole blocks)")
     ap.add_argument("--turns-detail", action="store_true", help="print every turn of every seed")
     a = ap.parse_args()
     chunking = ChunkingConfig(**json.loads(a.chunking))
     cost = CostConfig(**json.loads(a.cost))
     tok = tokenizer()
-    print(f"chunking {asdict(chunking)}\ncost {asdict(cost)}")
+    print(f"chunking {asdict(chunking)}\ncost {asdict(cost)}\nvLLM block size {a.block_size}")
     hdr = f"{'tokens':>7} {'old':>6} {'placed':>7} {'pfx':>5} | " + " ".join(f"{r:>9}" for r in REASONS)
     for name in a.trace or ["raw", "raw_fresh", "rag", "rag_space", "chat"]:
         print(f"\n{name} (from the 2nd prompt on; shares of prompt tokens)\n{'seed':>6} {hdr}")
         agg = Counter()
         for s in range(a.seeds):
             seed = 1000 * (s + 1) if name != "chat" else 1000 + s
-            turns = replay(name, seed, tok, chunking, cost)
+            turns = replay(name, seed, tok, chunking, cost, a.block_size)
             if a.turns_detail:
                 for i, t in enumerate(turns):
                     print(f"  t{i + 1:<3} {row(totals([t]))}")
