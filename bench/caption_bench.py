@@ -91,6 +91,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kvreuse-config", default=None, help="JSON for the kvreuse arm (default: serve_common's)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="vLLM's --dtype for both arms (the checkpoint is bf16); float32 on a CPU with AMX, where "
+                         "vLLM's bf16 attention prepacks its KV cache in a layout kvreuse refuses")
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 turns, window 3, 224 px, 1 repeat")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
@@ -120,7 +123,7 @@ def main() -> int:
         for arm in arm_order(rep):
             enc_log = os.path.join(tmp, f"{arm}-{rep}.encoder")
             open(enc_log, "w").close()
-            with serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp, extra=extra,
+            with serve(arm, model_dir, kvreuse_config=kvcfg, dtype=a.dtype, log_dir=tmp, extra=extra,
                        env=encoder_count_env(enc_log)) as srv:
                 runs[arm].append(run_arm(srv, model_dir, enc_log, trace, warm))
                 commands[arm] = srv.command()
@@ -130,9 +133,10 @@ def main() -> int:
         return median(r[t][key] for r in runs[arm])
 
     print(f"\ncaptioned screenshot agent (one user message: image, caption, ...), tiny qwen2_vl {a.layers} layers, "
-          f"hidden {a.hidden}, bf16; {a.pixels}x{a.pixels} px ({(a.pixels // 28) ** 2} tokens each), captions "
-          f"{a.caption_words} words, window {a.window}, {a.turns} turns; medians of {a.repeats} repeats (one server "
-          f"at a time); CPU ({os.cpu_count()} cores); {elapsed:.0f} s")
+          f"hidden {a.hidden}, bf16 checkpoint served as {a.dtype}; {a.pixels}x{a.pixels} px "
+          f"({(a.pixels // 28) ** 2} tokens each), captions {a.caption_words} words, window {a.window}, "
+          f"{a.turns} turns; medians of {a.repeats} repeats (one server at a time); CPU ({os.cpu_count()} cores); "
+          f"{elapsed:.0f} s")
     print(f"{'turn':>4} {'prompt':>6} | {'TTFT ms kvreuse':>15} {'prefix':>8} {'ratio':>6} | {'placed':>6} | "
           f"{'encoder runs kvreuse':>20} {'prefix':>6} | {'segs p/c':>8} | claims by policy")
     table = []

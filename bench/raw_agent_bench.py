@@ -95,6 +95,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kvreuse-config", default=None, help="JSON for the kvreuse arm (default: serve_common's)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="vLLM's --dtype for both arms (the checkpoint is bf16); float32 on a CPU with AMX, where "
+                         "vLLM's bf16 attention prepacks its KV cache in a layout kvreuse refuses")
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 turns, 1 repeat")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
@@ -120,7 +123,7 @@ def main() -> int:
         warm = raw_agent_trace(2, seed=warm_seed(1000 * (a.seed + 1) + rep), **shape)
         traces.append(trace)
         for arm in arm_order(rep):
-            with serve(arm, model_dir, kvreuse_config=kvcfg) as srv:
+            with serve(arm, model_dir, kvreuse_config=kvcfg, dtype=a.dtype) as srv:
                 runs[arm].append(run_arm(srv, model_dir, trace, warm))
                 commands[arm] = srv.command()
     elapsed = time.time() - t0
@@ -131,10 +134,10 @@ def main() -> int:
     def share(arm: str, t: int, key: str):
         return median(r[t][key] / r[t]["prompt_tokens"] for r in runs[arm])
 
-    print(f"\nraw-text sliding-window agent, /v1/completions; model: tiny llama 8 layers, hidden 512, bf16; "
-          f"window {a.window} x {a.frame_words} words, {a.sep_words} {a.separators} separator words per frame, "
-          f"{a.turns} turns; medians of {a.repeats} repeats (one server at a time); CPU ({os.cpu_count()} cores); "
-          f"{elapsed:.0f} s")
+    print(f"\nraw-text sliding-window agent, /v1/completions; model: tiny llama 8 layers, hidden 512, bf16 checkpoint "
+          f"served as {a.dtype}; window {a.window} x {a.frame_words} words, {a.sep_words} {a.separators} separator "
+          f"words per frame, {a.turns} turns; medians of {a.repeats} repeats (one server at a time); "
+          f"CPU ({os.cpu_count()} cores); {elapsed:.0f} s")
     print(f"{'turn':>4} {'prompt':>6} {'reusable':>8} | {'TTFT ms kvreuse':>15} {'prefix':>8} {'ratio':>6} | "
           f"{'placed':>6} {'cached kvr':>10} {'cached pfx':>10} | {'segs p/c':>8} {'gap tok':>7} | claims by policy")
     table = []

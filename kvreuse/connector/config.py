@@ -2,7 +2,7 @@
 
 Every key is optional::
 
-    {"chunking": {"min_tokens": 32, "max_tokens": 256, "avg_tokens": 64, "boundary_tokens": ["<|im_start|>"]},
+    {"chunking": {"min_tokens": 8, "max_tokens": 256, "avg_tokens": 16, "boundary_tokens": ["<|im_start|>"]},
      "policy": {"mode": "any" | "patched_or_exact", "patch_energy": 0.99, "patch_max_rank": 16,
                 "patch_budget": 0.05},
      "store": {"device_bytes": "1GiB", "host_bytes": ..., "disk_path": ..., ...},
@@ -50,8 +50,11 @@ class ChunkingConfig:
     blank lines, so each passage is cut the same way wherever it sits).
     """
 
-    min_tokens: int = 16
-    avg_tokens: int = 32  # with min 16: cuts where 4 hash bits are 0, chunks of ~32 tokens (a change point costs ~one)
+    # with min 8: cuts where 3 hash bits are 0, chunks of ~15 tokens (p90 25).  A change point costs the chunk
+    # that straddles it plus the resync: ~18 tokens on the raw agent trace, ~45 with min 16 / avg 32
+    # (bench/gap_analysis.py)
+    min_tokens: int = 8
+    avg_tokens: int = 16
     max_tokens: int = 256
     boundary_tokens: tuple[str, ...] = ("<|im_start|>",)
     end_tokens: tuple[str, ...] = ("\n\n",)

@@ -416,3 +416,28 @@ def test_cuts_restart_at_media_and_paragraphs():
     assert [(c.start - 31, c.end - 31) for c in e1 if c.start >= 31] == \
         [(c.start - 46, c.end - 46) for c in e2 if c.start >= 46]
     assert any(c.end == 31 for c in e1), "a paragraph break ends a chunk"
+
+
+def test_raw_text_change_point_costs_under_one_old_chunk():
+    """A raw-text sliding window (no boundaries): each change point costs the chunk straddling it plus the
+    hash's resync, ~16 tokens with the default cuts (8-token hash window, chunks of 8 / ~16 tokens); the
+    earlier 16-token window with 16 / ~32-token chunks cost ~36, and left the raw agent bench under 70% placed."""
+    cfg = ChunkingConfig()
+    lost = change_points = 0
+    for seed in range(8):
+        rng = random.Random(seed)
+        text = lambda n: [rng.randrange(10, 4000) for _ in range(n)]  # noqa: E731
+        system, sep = text(64), text(3)
+        frames = [text(160) for _ in range(9)]
+        d = Directory()
+        for t in range(4):
+            toks = system + [x for f in frames[t:t + 5] for x in sep + f] + sep + text(16)
+            ch = segment(toks, cfg)
+            keys = chunk_keys(toks, ch, MODEL, None)
+            plan = plan_segments(toks, ch, keys, d, 0)
+            if t:  # reusable: the system text and the 4 carried frames with their separators
+                lost += 64 + 4 * (3 + 160) - plan.placed_tokens
+                change_points += 2  # after the system text (oldest frame dropped), before the new frame
+            for it in plan_saves(toks, ch, keys, d, {i.key for i in plan.items}, True):
+                d.record(it.key, it.end - it.start, it.context, it.recent)
+    assert lost / change_points <= 20, f"{lost / change_points:.1f} tokens recomputed per change point"
