@@ -92,8 +92,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kvreuse-config", default=None, help="JSON for the kvreuse arm (default: serve_common's)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="vLLM's --dtype for both arms (the checkpoint is bf16); float32 on a CPU with AMX, where "
-                         "vLLM's bf16 attention prepacks its KV cache in a layout kvreuse refuses")
+                    help="vLLM's --dtype for both arms (the checkpoint is bf16)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 turns, window 3, 224 px, 1 repeat")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
