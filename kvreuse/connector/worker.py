@@ -37,9 +37,11 @@ from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, Req
 from kvreuse.connector.mrope import chunk_shift
 from kvreuse.connector.stats import ReuseStats
 from kvreuse.errors import KVReuseError
-from kvreuse.layout import PagedLayout, from_vllm_view
-from kvreuse.ops import gather, place, relocate
-from kvreuse.paged import block_slots, scatter_kv
+from kvreuse.layout import PagedLayout, Reading, from_vllm_view
+from kvreuse.ops import gather, place
+from kvreuse.ops.reference import compute_dtype, delta_cos_sin, relocate_reference, source_table_dtype
+from kvreuse.ops.validate import check_positions_pair
+from kvreuse.paged import block_slots, scatter_kv_runs, slot_runs
 from kvreuse.patch import fit_patch
 from kvreuse.rope.spec import RopeSpec
 from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint
@@ -81,6 +83,18 @@ def detect_layout(kv_cache: torch.Tensor, backend_name: str | None, num_kv_heads
 
 
 @dataclass
+class _CpuPlan:
+    """What every layer of a CPU load shares, built at its first layer."""
+
+    k: torch.Tensor             # [num_layers, N, H, D]: the items' keys, concatenated (entry frame)
+    v: torch.Tensor | None      # [num_layers, N, H, D]
+    table: tuple[torch.Tensor, torch.Tensor]  # the delta rotation's cos, sin: [N, rotary_dim // 2]
+    runs: list[tuple[int, int, int, int]]     # the slots as runs inside kernel blocks (`slot_runs`)
+    out: torch.Tensor           # [N, H, D] in the compute dtype: one layer's relocated keys (reused;
+    #                             the cache rounds them once as it stores them)
+
+
+@dataclass
 class _Job:
     """One layer-independent placement: the chunks of one request's load, concatenated (each item
     with its own destination slots)."""
@@ -90,7 +104,7 @@ class _Job:
     src_pos: torch.Tensor  # [N], or [3, N] for M-RoPE
     dst_pos: torch.Tensor  # [N], or [3, N] for M-RoPE
     slots: torch.Tensor    # [N]
-    k_all: torch.Tensor | None = None  # CPU: every layer relocated in one call, [num_layers, N, H, D]
+    cpu: _CpuPlan | None = None
 
 
 class WorkerSide:
@@ -238,15 +252,17 @@ class WorkerSide:
         i = self.layers[layer_name]
         cache = self.caches[layer_name]
         for job in self._jobs:
-            v = torch.cat([x[i] for x in job.v]) if self.spec.has_v else None
             if cache.device.type == "cpu" and len({x.shape[0] for x in job.k}) == 1:
-                # On CPU the layers are placed one after another with nothing to overlap; one call for all
-                # layers builds the rotation table once instead of once per layer (about half the time).
-                if job.k_all is None:
-                    job.k_all = relocate(torch.cat(job.k, dim=1), job.src_pos, job.dst_pos, self.rope)
-                scatter_kv(cache, self.spec, job.k_all[i], v, job.slots)
+                # CPU: nothing overlaps the layers, so what they share is built once (the rotation
+                # table, the slot runs, the concatenated items); each layer is then a few ops on
+                # cache-sized pieces plus one strided copy per block run.
+                plan = job.cpu or self._cpu_plan(job)
+                k = relocate_reference(plan.k[i], job.src_pos, job.dst_pos, self.rope, table=plan.table,
+                                       out=plan.out)
+                scatter_kv_runs(cache, self.spec, k, plan.v[i] if plan.v is not None else None, plan.runs)
             else:  # GPU: the fused relocate + scatter kernel, straight into the layer's cache
                 k = torch.cat([x[i] for x in job.k])  # [N, H, D]
+                v = torch.cat([x[i] for x in job.v]) if self.spec.has_v else None
                 place(cache, self.spec, k, v, job.src_pos, job.dst_pos, job.slots, self.rope)
         self._layers_done.add(layer_name)
         self._load_t += time.perf_counter() - t0
@@ -256,6 +272,26 @@ class WorkerSide:
                 self._stats.load_seconds.append(self._load_t)
                 self._load_obs = (self._load_obs[0] + self._load_t, self._load_obs[1] + ntok)
             self._jobs = []
+
+    def _cpu_plan(self, job: _Job) -> _CpuPlan:
+        assert self.spec is not None
+        src, dst = check_positions_pair(self.rope, job.src_pos, job.dst_pos, job.slots.numel())
+        ct = compute_dtype(job.k[0].dtype)
+        table = delta_cos_sin(self.rope, src, dst, ct, source_table_dtype(job.k[0].dtype))  # [N, rotary_dim // 2]
+        n, (h, d) = job.slots.numel(), job.k[0].shape[2:]
+        if self.spec.reading is Reading.CPU_ATTN:
+            # The cache holds keys transposed (Kᵀ [D, N] per block and head): relocate with tokens
+            # innermost, so that every op runs along contiguous tokens and each block run's write
+            # is a plain strided copy.  Same values, other strides.
+            k = torch.cat([x.permute(0, 2, 3, 1) for x in job.k], dim=-1).permute(0, 3, 1, 2)  # [L, N, H, D] view
+            table = tuple(t.t().contiguous().t() for t in table)
+            out = torch.empty(h, d, n, dtype=ct).permute(2, 0, 1)
+        else:
+            k = torch.cat(job.k, dim=1)
+            out = torch.empty(n, h, d, dtype=ct)
+        v = torch.cat(job.v, dim=1) if self.spec.has_v else None
+        job.cpu = _CpuPlan(k, v, table, slot_runs(self.spec, job.slots), out)
+        return job.cpu
 
     def finish_loads(self) -> None:
         """Place any layer whose attention did not call `wait_for_layer_load` (then nothing is lost)."""
