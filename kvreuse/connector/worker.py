@@ -187,6 +187,7 @@ class WorkerSide:
         assert self.spec is not None
         strict = req.strict or self.cfg.policy.mode == "patched_or_exact"
         ks, vs, src, dst, slots = [], [], [], [], []
+        req_slots = block_slots(req.block_ids, self.spec.block_size, 0, req.end)  # [end]: sliced per item
         for n, item in enumerate(req.items):
             view = None
             if not (req.inject_failure and n == 0):
@@ -216,7 +217,7 @@ class WorkerSide:
             vs.append(view.v)
             src.append(src_pos)
             dst.append(dst_pos)
-            slots.append(block_slots(req.block_ids, self.spec.block_size, item.dst_start, item.dst_start + ntok))
+            slots.append(req_slots[item.dst_start:item.dst_start + ntok])
             with self._lock:
                 self._stats.claims[policy] = self._stats.claims.get(policy, 0) + 1
                 self._stats.reused_tokens += ntok
