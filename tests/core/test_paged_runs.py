@@ -23,7 +23,8 @@ def caches(reading: Reading, kv_layout: str, *, kernel_block_size: int = 16, blo
 SLOT_MAPS = {
     "one run": lambda bs: block_slots([5], bs, 3, 9),
     "blocks out of order": lambda bs: block_slots([7, 2, 9, 0], bs, 5, 3 * bs + 2),
-    "segments with gaps": lambda bs: torch.cat([block_slots([4, 1, 8], bs, 0, 7), block_slots([4, 1, 8], bs, 12, 2 * bs + 5)]),
+    "segments with gaps": lambda bs: torch.cat([block_slots([4, 1, 8], bs, 0, 7),
+                                                block_slots([4, 1, 8], bs, 12, 2 * bs + 5)]),
     "every token its own run": lambda bs: torch.randperm(12 * bs, generator=torch.Generator().manual_seed(0))[:40],
 }
 
