@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="run both arms this many times; report medians")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     ap.add_argument("--rag", action="store_true", help="bench/rag_bench.py's shapes (see above)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="KV dtype")
     a = ap.parse_args()
     if a.rag:
         a.heads, a.chunk_min, a.chunk_max, a.chunks, a.loads = 2, 16, 48, 66, 22
@@ -83,10 +84,11 @@ def main() -> None:
     N = hi
     rope = RopeSpec.from_hf_config({"hidden_size": H * D, "num_attention_heads": H, "head_dim": D,
                                     "rope_theta": 10000.0, "max_position_embeddings": 1 << 16, "model_type": "llama"})
-    w = WorkerSide(ConnectorConfig(store=StoreConfig(device_bytes=4 << 30)), rope, ModelFingerprint("Bench", "w", "bf16"))
+    dtype = getattr(torch, a.dtype)
+    w = WorkerSide(ConnectorConfig(store=StoreConfig(device_bytes=4 << 30)), rope, ModelFingerprint("Bench", "w", a.dtype))
     per_req = -(-(a.loads * N) // BS) + 1
     nblocks = 2 * per_req + 2
-    w.register({f"model.layers.{i}.self_attn.attn": torch.zeros(nblocks, H, BS, 2 * D, dtype=torch.bfloat16)
+    w.register({f"model.layers.{i}.self_attn.attn": torch.zeros(nblocks, H, BS, 2 * D, dtype=dtype)
                 for i in range(L)}, "CPU_ATTN", H, D)
     chunks = [(bytes([j]) * 16, tuple(range(1000 * j, 1000 * j + sizes[j]))) for j in range(a.chunks)]
     src = list(range(per_req))  # blocks of the "computing" request
@@ -94,7 +96,7 @@ def main() -> None:
 
     def compute(j: int, start: int, ctx: bytes) -> SaveItem:
         n = sizes[j]
-        kv = torch.randn(2, L, n, H, D).to(torch.bfloat16)
+        kv = torch.randn(2, L, n, H, D).to(dtype)
         slots = block_slots(src, BS, start, start + n)
         for i, name in enumerate(w.caches):
             scatter_kv(w.caches[name], w.spec, kv[0, i], kv[1, i], slots)
@@ -150,7 +152,7 @@ def main() -> None:
     f = {k: statistics.median(v) for k, v in figs.items()}
     ms = lambda x: f"{1e3 * x:7.2f} ms"  # noqa: E731
     tokens = sum(sizes[(a.steps + i) % a.chunks] for i in range(a.loads))
-    print(f"{L} layers x {H} KV heads x {D} head dim, bf16; {a.loads} chunks of {lo}-{hi} tokens (~{tokens} tokens) "
+    print(f"{L} layers x {H} KV heads x {D} head dim, {a.dtype}; {a.loads} chunks of {lo}-{hi} tokens (~{tokens} tokens) "
           f"placed per step, {a.steps} steps per arm, {a.repeats} repeat(s), {torch.get_num_threads()} torch threads")
     for name in ("idle", "busy"):
         print(f"load per step, {name} store : p50 {ms(f[f'{name} load p50'])}  p99 {ms(f[f'{name} load p99'])}   "
