@@ -48,6 +48,8 @@ from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint
 
 log = logging.getLogger("kvreuse.connector")
 _STORE_SNAPSHOT_PERIOD_S = 1.0  # the store's gauges and counters are read at most this often
+_SERIAL_ELEMENTS = 32768  # PyTorch runs an op on at most this many elements on the calling thread (GRAIN_SIZE)
+_MAX_TILES = 8            # a CPU load of more tokens than this many serial tiles is relocated a layer at a time
 
 
 def layer_index(name: str) -> int:
@@ -84,14 +86,19 @@ def detect_layout(kv_cache: torch.Tensor, backend_name: str | None, num_kv_heads
 
 @dataclass
 class _CpuPlan:
-    """What every layer of a CPU load shares, built at its first layer."""
+    """What every layer of a CPU load shares, built at its first layer.
 
-    k: torch.Tensor             # [num_layers, N, H, D]: the items' keys, concatenated (entry frame)
-    v: torch.Tensor | None      # [num_layers, N, H, D]
+    Buffers hold one layer at a time, `[N, H, D]` views; for CPU_ATTN (keys stored transposed, Kᵀ
+    `[D, N]` per block and head) the keys have tokens innermost, so that every op runs along
+    contiguous tokens and each block run's write is a plain strided copy.
+    """
+
     table: tuple[torch.Tensor, torch.Tensor]  # the delta rotation's cos, sin: [N, rotary_dim // 2]
     runs: list[tuple[int, int, int, int]]     # the slots as runs inside kernel blocks (`slot_runs`)
-    out: torch.Tensor           # [N, H, D] in the compute dtype: one layer's relocated keys (reused;
-    #                             the cache rounds them once as it stores them)
+    tiles: list[slice]                        # token ranges relocated op by op (see `_SERIAL_ELEMENTS`)
+    k: torch.Tensor                # one layer's keys as stored: [H, D, N] (CPU_ATTN) or [N, H, D]
+    out: torch.Tensor              # [N, H, D] view, compute dtype: relocated (the cache rounds them once)
+    v: torch.Tensor | None         # [N, H, D]
 
 
 @dataclass
@@ -254,13 +261,18 @@ class WorkerSide:
         cache = self.caches[layer_name]
         for job in self._jobs:
             if cache.device.type == "cpu" and len({x.shape[0] for x in job.k}) == 1:
-                # CPU: nothing overlaps the layers, so what they share is built once (the rotation
-                # table, the slot runs, the concatenated items); each layer is then a few ops on
-                # cache-sized pieces plus one strided copy per block run.
+                # CPU: one layer at a time through reused buffers, in ops small enough to stay on this
+                # thread (`_cpu_plan`); the keys are relocated, then written by block runs.
                 plan = job.cpu or self._cpu_plan(job)
-                k = relocate_reference(plan.k[i], job.src_pos, job.dst_pos, self.rope, table=plan.table,
-                                       out=plan.out)
-                scatter_kv_runs(cache, self.spec, k, plan.v[i] if plan.v is not None else None, plan.runs)
+                if self.spec.reading is Reading.CPU_ATTN:  # [H, D, N] buffer, read as [N, H, D]
+                    k = torch.cat([x[i].permute(1, 2, 0) for x in job.k], dim=-1, out=plan.k).permute(2, 0, 1)
+                else:
+                    k = torch.cat([x[i] for x in job.k], out=plan.k)
+                for t in plan.tiles:
+                    relocate_reference(k[t], job.src_pos, job.dst_pos, self.rope, out=plan.out[t],
+                                       table=(plan.table[0][t], plan.table[1][t]))
+                v = torch.cat([x[i] for x in job.v], out=plan.v) if plan.v is not None else None
+                scatter_kv_runs(cache, self.spec, plan.out, v, plan.runs)
             else:  # GPU: the fused relocate + scatter kernel, straight into the layer's cache
                 k = torch.cat([x[i] for x in job.k])  # [N, H, D]
                 v = torch.cat([x[i] for x in job.v]) if self.spec.has_v else None
@@ -275,23 +287,26 @@ class WorkerSide:
             self._jobs = []
 
     def _cpu_plan(self, job: _Job) -> _CpuPlan:
+        """Shared by every layer of a CPU load.  Each op on more than `_SERIAL_ELEMENTS` elements
+        would wake PyTorch's OpenMP team, which costs more than a small op itself (~0.1 ms on a
+        2-core VM, dozens of ops a load): a load is relocated in token tiles under that size, and
+        concatenated item by item, so that it runs on the calling thread; a load of more than
+        `_MAX_TILES` tiles runs in whole-layer ops, big enough for the team to pay off."""
         assert self.spec is not None
         src, dst = check_positions_pair(self.rope, job.src_pos, job.dst_pos, job.slots.numel())
-        ct = compute_dtype(job.k[0].dtype)
-        table = delta_cos_sin(self.rope, src, dst, ct, source_table_dtype(job.k[0].dtype))  # [N, rotary_dim // 2]
+        dtype = job.k[0].dtype
+        ct = compute_dtype(dtype)
+        table = delta_cos_sin(self.rope, src, dst, ct, source_table_dtype(dtype))  # [N, rotary_dim // 2]
         n, (h, d) = job.slots.numel(), job.k[0].shape[2:]
+        tile = max(1, _SERIAL_ELEMENTS // (h * d))
+        tiles = [slice(t, t + tile) for t in range(0, n, tile)] if n <= _MAX_TILES * tile else [slice(0, n)]
         if self.spec.reading is Reading.CPU_ATTN:
-            # The cache holds keys transposed (Kᵀ [D, N] per block and head): relocate with tokens
-            # innermost, so that every op runs along contiguous tokens and each block run's write
-            # is a plain strided copy.  Same values, other strides.
-            k = torch.cat([x.permute(0, 2, 3, 1) for x in job.k], dim=-1).permute(0, 3, 1, 2)  # [L, N, H, D] view
             table = tuple(t.t().contiguous().t() for t in table)
-            out = torch.empty(h, d, n, dtype=ct).permute(2, 0, 1)
+            k, out = torch.empty(h, d, n, dtype=dtype), torch.empty(h, d, n, dtype=ct).permute(2, 0, 1)
         else:
-            k = torch.cat(job.k, dim=1)
-            out = torch.empty(n, h, d, dtype=ct)
-        v = torch.cat(job.v, dim=1) if self.spec.has_v else None
-        job.cpu = _CpuPlan(k, v, table, slot_runs(self.spec, job.slots), out)
+            k, out = torch.empty(n, h, d, dtype=dtype), torch.empty(n, h, d, dtype=ct)
+        v = torch.empty(n, h, d, dtype=job.v[0].dtype) if self.spec.has_v else None
+        job.cpu = _CpuPlan(table, slot_runs(self.spec, job.slots), tiles, k, out, v)
         return job.cpu
 
     def finish_loads(self) -> None:
