@@ -41,6 +41,37 @@ def scatter_kv(kv_cache: torch.Tensor, layout: PagedLayout, k: torch.Tensor, v: 
         vv[blk, off] = v.to(device=kv_cache.device, dtype=kv_cache.dtype)
 
 
+def slot_runs(layout: PagedLayout, slot_mapping: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """`slot_mapping: [T]` as maximal runs of consecutive slots inside one kernel block.
+
+    Each run is `(kernel block, first offset, first token, length)`; slots are checked to lie in the
+    cache.  A prompt's slots are mostly such runs (a block's worth of tokens each), so a scatter
+    by runs is a few strided copies instead of one indexed write per token.
+    """
+    blk, off = layout.split_slots(slot_mapping)
+    if blk.numel() == 0:
+        return []
+    new = torch.ones_like(blk, dtype=torch.bool)
+    new[1:] = (blk[1:] != blk[:-1]) | (off[1:] != off[:-1] + 1)
+    first = new.nonzero().flatten()
+    last = torch.cat([first[1:], first.new_tensor([blk.numel()])])
+    return list(zip(blk[first].tolist(), off[first].tolist(), first.tolist(), (last - first).tolist()))
+
+
+def scatter_kv_runs(kv_cache: torch.Tensor, layout: PagedLayout, k: torch.Tensor, v: torch.Tensor | None,
+                    runs: list[tuple[int, int, int, int]]) -> None:
+    """`scatter_kv` for slots given as `slot_runs(layout, slot_mapping)`: the same writes, one copy per run.
+
+    k: `[T, H, head_size]`, v: `[T, H, head_size_v]` (None for MLA), on the cache's device; values are
+    cast to the cache dtype (one rounding where they differ).
+    """
+    kv, vv = layout.views(kv_cache)
+    for b, o, t, n in runs:
+        kv[b, o:o + n] = k[t:t + n]
+        if vv is not None:
+            vv[b, o:o + n] = v[t:t + n]
+
+
 def gather_kv(kv_cache: torch.Tensor, layout: PagedLayout, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Read `(k, v)`, `[T, H, head_size]` and `[T, H, head_size_v]`, from the slots in `slot_mapping: [T]`.
 

@@ -38,15 +38,19 @@ from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, Req
 from kvreuse.connector.mrope import chunk_shift
 from kvreuse.connector.stats import ReuseStats
 from kvreuse.errors import KVReuseError
-from kvreuse.layout import PagedLayout, from_vllm_view
-from kvreuse.ops import gather, place, relocate
-from kvreuse.paged import block_slots, scatter_kv
+from kvreuse.layout import PagedLayout, Reading, from_vllm_view
+from kvreuse.ops import gather, place
+from kvreuse.ops.reference import compute_dtype, delta_cos_sin, relocate_reference, source_table_dtype
+from kvreuse.ops.validate import check_positions_pair
+from kvreuse.paged import block_slots, scatter_kv_runs, slot_runs
 from kvreuse.patch import fit_patch
 from kvreuse.rope.spec import RopeSpec
 from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint
 
 log = logging.getLogger("kvreuse.connector")
 _STORE_SNAPSHOT_PERIOD_S = 1.0  # the store's gauges and counters are read at most this often
+_SERIAL_ELEMENTS = 32768  # PyTorch runs an op on at most this many elements on the calling thread (GRAIN_SIZE)
+_MAX_TILES = 8            # a CPU load of more tokens than this many serial tiles is relocated a layer at a time
 
 
 def layer_index(name: str) -> int:
@@ -82,6 +86,23 @@ def detect_layout(kv_cache: torch.Tensor, backend_name: str | None, num_kv_heads
 
 
 @dataclass
+class _CpuPlan:
+    """What every layer of a CPU load shares, built at its first layer.
+
+    Buffers hold one layer at a time, `[N, H, D]` views; for CPU_ATTN (keys stored transposed, Kᵀ
+    `[D, N]` per block and head) the keys have tokens innermost, so that every op runs along
+    contiguous tokens and each block run's write is a plain strided copy.
+    """
+
+    table: tuple[torch.Tensor, torch.Tensor]  # the delta rotation's cos, sin: [N, rotary_dim // 2]
+    runs: list[tuple[int, int, int, int]]     # the slots as runs inside kernel blocks (`slot_runs`)
+    tiles: list[slice]                        # token ranges relocated op by op (see `_SERIAL_ELEMENTS`)
+    k: torch.Tensor                # one layer's keys as stored: [H, D, N] (CPU_ATTN) or [N, H, D]
+    out: torch.Tensor              # [N, H, D] view, compute dtype: relocated (the cache rounds them once)
+    v: torch.Tensor | None         # [N, H, D]
+
+
+@dataclass
 class _Job:
     """One layer-independent placement: the chunks of one request's load, concatenated (each item
     with its own destination slots)."""
@@ -91,7 +112,7 @@ class _Job:
     src_pos: torch.Tensor  # [N], or [3, N] for M-RoPE
     dst_pos: torch.Tensor  # [N], or [3, N] for M-RoPE
     slots: torch.Tensor    # [N]
-    k_all: torch.Tensor | None = None  # CPU: every layer relocated in one call, [num_layers, N, H, D]
+    cpu: _CpuPlan | None = None
 
 
 class WorkerSide:
@@ -176,6 +197,7 @@ class WorkerSide:
         assert self.spec is not None
         strict = req.strict or self.cfg.policy.mode == "patched_or_exact"
         ks, vs, src, dst, slots = [], [], [], [], []
+        req_slots = block_slots(req.block_ids, self.spec.block_size, 0, req.end)  # [end]: sliced per item
         for n, item in enumerate(req.items):
             view = None
             if not (req.inject_failure and n == 0):
@@ -206,7 +228,7 @@ class WorkerSide:
             vs.append(view.v)
             src.append(src_pos)
             dst.append(dst_pos)
-            slots.append(block_slots(req.block_ids, self.spec.block_size, item.dst_start, item.dst_start + ntok))
+            slots.append(req_slots[item.dst_start:item.dst_start + ntok])
             with self._lock:
                 self._stats.claims[policy] = self._stats.claims.get(policy, 0) + 1
                 self._stats.reused_tokens += ntok
@@ -242,15 +264,22 @@ class WorkerSide:
         i = self.layers[layer_name]
         cache = self.caches[layer_name]
         for job in self._jobs:
-            v = torch.cat([x[i] for x in job.v]) if self.spec.has_v else None
             if cache.device.type == "cpu" and len({x.shape[0] for x in job.k}) == 1:
-                # On CPU the layers are placed one after another with nothing to overlap; one call for all
-                # layers builds the rotation table once instead of once per layer (about half the time).
-                if job.k_all is None:
-                    job.k_all = relocate(torch.cat(job.k, dim=1), job.src_pos, job.dst_pos, self.rope)
-                scatter_kv(cache, self.spec, job.k_all[i], v, job.slots)
+                # CPU: one layer at a time through reused buffers, in ops small enough to stay on this
+                # thread (`_cpu_plan`); the keys are relocated, then written by block runs.
+                plan = job.cpu or self._cpu_plan(job)
+                if self.spec.reading is Reading.CPU_ATTN:  # [H, D, N] buffer, read as [N, H, D]
+                    k = torch.cat([x[i].permute(1, 2, 0) for x in job.k], dim=-1, out=plan.k).permute(2, 0, 1)
+                else:
+                    k = torch.cat([x[i] for x in job.k], out=plan.k)
+                for t in plan.tiles:
+                    relocate_reference(k[t], job.src_pos, job.dst_pos, self.rope, out=plan.out[t],
+                                       table=(plan.table[0][t], plan.table[1][t]))
+                v = torch.cat([x[i] for x in job.v], out=plan.v) if plan.v is not None else None
+                scatter_kv_runs(cache, self.spec, plan.out, v, plan.runs)
             else:  # GPU: the fused relocate + scatter kernel, straight into the layer's cache
                 k = torch.cat([x[i] for x in job.k])  # [N, H, D]
+                v = torch.cat([x[i] for x in job.v]) if self.spec.has_v else None
                 place(cache, self.spec, k, v, job.src_pos, job.dst_pos, job.slots, self.rope)
         self._layers_done.add(layer_name)
         self._load_t += time.perf_counter() - t0
@@ -260,6 +289,29 @@ class WorkerSide:
                 self._stats.load_seconds.append(self._load_t)
                 self._load_obs = (self._load_obs[0] + self._load_t, self._load_obs[1] + ntok)
             self._jobs = []
+
+    def _cpu_plan(self, job: _Job) -> _CpuPlan:
+        """Shared by every layer of a CPU load.  Each op on more than `_SERIAL_ELEMENTS` elements
+        would wake PyTorch's OpenMP team, which costs more than a small op itself (~0.1 ms on a
+        2-core VM, dozens of ops a load): a load is relocated in token tiles under that size, and
+        concatenated item by item, so that it runs on the calling thread; a load of more than
+        `_MAX_TILES` tiles runs in whole-layer ops, big enough for the team to pay off."""
+        assert self.spec is not None
+        src, dst = check_positions_pair(self.rope, job.src_pos, job.dst_pos, job.slots.numel())
+        dtype = job.k[0].dtype
+        ct = compute_dtype(dtype)
+        table = delta_cos_sin(self.rope, src, dst, ct, source_table_dtype(dtype))  # [N, rotary_dim // 2]
+        n, (h, d) = job.slots.numel(), job.k[0].shape[2:]
+        tile = max(1, _SERIAL_ELEMENTS // (h * d))
+        tiles = [slice(t, t + tile) for t in range(0, n, tile)] if n <= _MAX_TILES * tile else [slice(0, n)]
+        if self.spec.reading is Reading.CPU_ATTN:
+            table = tuple(t.t().contiguous().t() for t in table)
+            k, out = torch.empty(h, d, n, dtype=dtype), torch.empty(h, d, n, dtype=ct).permute(2, 0, 1)
+        else:
+            k, out = torch.empty(n, h, d, dtype=dtype), torch.empty(n, h, d, dtype=ct)
+        v = torch.empty(n, h, d, dtype=job.v[0].dtype) if self.spec.has_v else None
+        job.cpu = _CpuPlan(table, slot_runs(self.spec, job.slots), tiles, k, out, v)
+        return job.cpu
 
     def finish_loads(self) -> None:
         """Place any layer whose attention did not call `wait_for_layer_load` (then nothing is lost)."""

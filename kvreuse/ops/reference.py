@@ -12,19 +12,29 @@ import torch
 from kvreuse.rope.spec import RopeSpec
 
 
-def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate each rotary pair of `x` by the angle whose cos/sin are given.
 
-    x: `[..., num_tokens, num_heads, rotary_dim]` (float); cos, sin: `[num_tokens, rotary_dim // 2]`.
+    x: `[..., num_tokens, num_heads, rotary_dim]` (float); cos, sin: `[num_tokens, rotary_dim // 2]`,
+    of x's dtype.  out: where to write (like x, of its dtype; may be a strided view), else a new tensor.
     NeoX pairs channel i with i + d/2; GPT-J pairs 2i with 2i + 1.
     """
     c = cos.unsqueeze(-2).to(x.dtype)  # [N, 1, half]
     s = sin.unsqueeze(-2).to(x.dtype)
+    out = torch.empty_like(x) if out is None else out
     if is_neox:
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+        (x1, x2), (o1, o2) = x.chunk(2, dim=-1), out.chunk(2, dim=-1)
+    else:
+        x1, x2, o1, o2 = x[..., 0::2], x[..., 1::2], out[..., 0::2], out[..., 1::2]
+    # o1 = x1 c - x2 s, o2 = x2 c + x1 s, one rounding per op (no fused multiply-add, as the kernels)
+    torch.mul(x1, c, out=o1)
+    t = x2 * s
+    o1.sub_(t)
+    torch.mul(x2, c, out=o2)
+    torch.mul(x1, s, out=t)
+    o2.add_(t)
+    return out
 
 
 def delta_cos_sin(rope: RopeSpec, src_pos: torch.Tensor, dst_pos: torch.Tensor,
@@ -84,21 +94,36 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def relocate_reference(k: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, rope: RopeSpec,
-                       delta_k: torch.Tensor | None = None) -> torch.Tensor:
+                       delta_k: torch.Tensor | None = None, *, table: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Move post-RoPE keys from `src_pos` to `dst_pos` (optionally adding a same-frame residue first).
 
     k: `[..., num_tokens, num_kv_heads, head_dim]`; delta_k: broadcastable to k, any float dtype.
-    Returns a new tensor of k's dtype: channels outside the rotary slice are copied unchanged.
+    table: `delta_cos_sin(rope, src_pos, dst_pos, compute_dtype(k.dtype), source_table_dtype(k.dtype))`
+    when the caller has it already (one table serves every layer of a load).
+    out: a tensor shaped like k to write into: of k's dtype, or of the compute dtype (then nothing is
+    rounded here: the caller rounds once, when it stores the keys).
+    Returns `out`, or a new tensor of k's dtype; channels outside the rotary slice are copied unchanged.
     """
     ct = compute_dtype(k.dtype)
-    cos, sin = delta_cos_sin(rope, src_pos.to(k.device), dst_pos.to(k.device), ct, source_table_dtype(k.dtype))
+    if table is None:
+        table = delta_cos_sin(rope, src_pos.to(k.device), dst_pos.to(k.device), ct, source_table_dtype(k.dtype))
+    cos, sin = table
     lo, hi = rope.rot_offset, rope.rot_offset + rope.rotary_dim
     x = k.to(ct)
     if delta_k is not None:
         x = x + delta_k.to(ct)
-    out = x.clone()
-    out[..., lo:hi] = rotate_pairs(x[..., lo:hi], cos.to(ct), sin.to(ct), rope.is_neox)
-    return out.to(k.dtype)
+    y = out if out is not None and out.dtype == ct else torch.empty(k.shape, dtype=ct, device=k.device)
+    if lo > 0:
+        y[..., :lo] = x[..., :lo]
+    if hi < k.shape[-1]:
+        y[..., hi:] = x[..., hi:]
+    rotate_pairs(x[..., lo:hi], cos.to(ct), sin.to(ct), rope.is_neox, out=y[..., lo:hi])
+    if out is None:
+        return y.to(k.dtype)
+    if y is not out:
+        out.copy_(y)
+    return out
 
 
 def apply_rope_reference(x: torch.Tensor, pos: torch.Tensor, rope: RopeSpec,

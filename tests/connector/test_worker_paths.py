@@ -15,13 +15,14 @@ from kvreuse.connector.claim import LoadItem, SaveItem, context_signature  # noq
 from kvreuse.connector.config import ConnectorConfig  # noqa: E402
 from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, ReqLoad, ReqSave  # noqa: E402
 from kvreuse.connector.stats import KVReuseConnectorStats, ReuseStats  # noqa: E402
+from kvreuse.connector import worker as worker_module  # noqa: E402
 from kvreuse.connector.worker import WorkerSide, detect_layout, layer_index  # noqa: E402
-from kvreuse.ops import relocate  # noqa: E402
+from kvreuse.ops import place, relocate  # noqa: E402
 from kvreuse.errors import KVReuseError  # noqa: E402
 from kvreuse.layout import Reading, allocate  # noqa: E402
 from kvreuse.paged import block_slots, gather_kv, scatter_kv  # noqa: E402
 from kvreuse.rope.spec import RopeSpec  # noqa: E402
-from kvreuse.store import ModelFingerprint, StoreConfig  # noqa: E402
+from kvreuse.store import ChunkKey, ModelFingerprint, StoreConfig  # noqa: E402
 from tests.support.redis_server import redis_server_or_skip  # noqa: E402
 
 L, H, D, BS, NB = 2, 2, 32, 16, 8
@@ -72,6 +73,40 @@ def test_save_then_load_relocated(backend):
     s = w.take_stats()
     assert s.claims == {"reorder": 1} and s.reused_tokens == n and s.saved_chunks == 1
     assert s.store_entries["device"] == 1
+    w.close()
+
+
+@pytest.mark.parametrize("tile", [None, 20, 5])   # one tile (the default at this size), 5 tiles, too many: whole
+@pytest.mark.parametrize("backend", ["CPU_ATTN", "FLASH_ATTN"])
+def test_cpu_load_of_many_chunks_writes_what_the_reference_places(backend, tile, monkeypatch):
+    """bf16 chunks of odd lengths, placed one after another across blocks out of order: the worker's CPU
+    path (one rotation table and one set of block runs for all layers, relocation in token tiles, tokens
+    innermost for CPU_ATTN's transposed keys) writes the cache bit for bit as the reference `place` does,
+    chunk by chunk."""
+    if tile is not None:
+        monkeypatch.setattr(worker_module, "_SERIAL_ELEMENTS", tile * H * D)
+    w = WorkerSide(ConnectorConfig(), ROPE, ModelFingerprint("Tiny", "w", "bfloat16"))
+    caches = make_caches(backend, torch.bfloat16)
+    w.register(caches, backend, H, D)
+    g = torch.Generator().manual_seed(3)
+    blocks, start, items, chunks = [6, 0, 3, 7, 2, 5], 9, [], []
+    for j, n in enumerate([7, 16, 23, 5, 30]):
+        key, toks, src0 = bytes([j + 1]) * 16, tuple(range(100 * j, 100 * j + n)), 3 * j
+        k, v = (torch.randn(L, n, H, D, generator=g).to(torch.bfloat16) for _ in range(2))
+        w.store.ingest(ChunkKey(key), torch.tensor(toks), torch.arange(src0, src0 + n), k, v, context_signature(()))
+        items.append(LoadItem(key, toks, 0, n, start, context_signature(()), "exact"))
+        chunks.append((k, v, torch.arange(src0, src0 + n), torch.arange(start, start + n)))
+        start += n
+    w.store.flush()
+    w.start_load(KVReuseMetadata(loads=[ReqLoad("r", blocks, items)]))
+    for name in caches:
+        w.load_layer(name)
+    assert not w.take_failed_blocks()
+    want = make_caches(backend, torch.bfloat16)
+    for k, v, src, dst in chunks:
+        place(list(want.values()), w.spec, k, v, src, dst, block_slots(blocks, BS, int(dst[0]), int(dst[-1]) + 1), ROPE)
+    for name in caches:
+        assert torch.equal(caches[name].view(torch.int16), want[name].view(torch.int16)), name
     w.close()
 
 
