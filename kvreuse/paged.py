@@ -30,10 +30,7 @@ def scatter_kv(kv_cache: torch.Tensor, layout: PagedLayout, k: torch.Tensor, v: 
     blk, off = layout.split_slots(slot_mapping.to(kv_cache.device))
     k = k.to(device=kv_cache.device, dtype=kv_cache.dtype)
     if layout.reading is Reading.CPU_ATTN_AMX:
-        kt, vt = layout.tiled_views(kv_cache)
-        t, h, d = k.shape
-        kt[blk, off // 16, off % 16] = k.reshape(t, h, d // 2, 2)
-        vt[blk, off // 2, off % 2] = v.to(dtype=kv_cache.dtype).reshape(t, h, d // 16, 16)
+        _scatter_tiled(kv_cache, layout, k, v, blk, off)
         return
     kv, vv = layout.views(kv_cache)
     kv[blk, off] = k
@@ -65,11 +62,26 @@ def scatter_kv_runs(kv_cache: torch.Tensor, layout: PagedLayout, k: torch.Tensor
     k: `[T, H, head_size]`, v: `[T, H, head_size_v]` (None for MLA), on the cache's device; values are
     cast to the cache dtype (one rounding where they differ).
     """
+    if layout.reading is Reading.CPU_ATTN_AMX:  # tokens are tiled: indexed writes
+        blk = torch.cat([torch.full((n,), b, dtype=torch.long) for b, _, _, n in runs])
+        off = torch.cat([torch.arange(o, o + n) for _, o, _, n in runs])
+        rows = torch.cat([torch.arange(t, t + n) for _, _, t, n in runs])
+        _scatter_tiled(kv_cache, layout, k[rows], v[rows], blk, off)
+        return
     kv, vv = layout.views(kv_cache)
     for b, o, t, n in runs:
         kv[b, o:o + n] = k[t:t + n]
         if vv is not None:
             vv[b, o:o + n] = v[t:t + n]
+
+
+def _scatter_tiled(kv_cache: torch.Tensor, layout: PagedLayout, k: torch.Tensor, v: torch.Tensor,
+                   blk: torch.Tensor, off: torch.Tensor) -> None:
+    """CPU_ATTN_AMX: write `k, v: [T, H, D]` at kernel blocks `blk`, offsets `off` through the tiled views."""
+    kt, vt = layout.tiled_views(kv_cache)
+    t, h, d = k.shape
+    kt[blk, off // 16, off % 16] = k.reshape(t, h, d // 2, 2).to(kv_cache.dtype)
+    vt[blk, off // 2, off % 2] = v.reshape(t, h, d // 16, 16).to(kv_cache.dtype)
 
 
 def gather_kv(kv_cache: torch.Tensor, layout: PagedLayout, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,3 +52,18 @@ def test_runs_split_at_kernel_blocks_and_refuse_slots_outside_the_cache():
     assert slot_runs(lay, block_slots([3], 16, 2, 16)) == [(6, 2, 0, 6), (7, 0, 6, 8)]
     with pytest.raises(ValueError, match="slot_mapping"):
         slot_runs(lay, torch.tensor([0, 12 * 8]))
+
+
+@pytest.mark.parametrize("slots", list(SLOT_MAPS))
+def test_runs_write_what_scatter_kv_writes_on_the_amx_page(slots):
+    views, lay = allocate("LBHNC", Reading.CPU_ATTN, num_layers=2, num_blocks=12, num_heads=2, block_size=32,
+                          head_size=16, dtype=torch.bfloat16)
+    lay = PagedLayout(Reading.CPU_ATTN_AMX, lay.num_blocks, lay.num_heads, lay.kernel_block_size, lay.head_size,
+                      lay.head_size_v, lay.strides, lay.dtype, 32, lay.backend, lay.kv_layout)
+    a, b = views
+    sm = SLOT_MAPS[slots](32)
+    g = torch.Generator().manual_seed(2)
+    k, v = (torch.randn(sm.numel(), 2, 16, generator=g) for _ in range(2))
+    scatter_kv(a, lay, k, v, sm)
+    scatter_kv_runs(b, lay, k, v, slot_runs(lay, sm))
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16))
