@@ -90,10 +90,11 @@ def gather_kv(kv_cache: torch.Tensor, layout: PagedLayout, slot_mapping: torch.T
     MLA caches have no V: `v` is then an empty `[T, 1, 0]` tensor.
     """
     blk, off = layout.split_slots(slot_mapping.to(kv_cache.device))
-    if layout.reading is Reading.CPU_ATTN_AMX:
+    if layout.reading is Reading.CPU_ATTN_AMX:  # untile each page touched once (whole-page copies), then pick
         kt, vt = layout.tiled_views(kv_cache)
-        t, h, d = off.shape[0], layout.num_heads, layout.head_size
-        return kt[blk, off // 16, off % 16].reshape(t, h, d), vt[blk, off // 2, off % 2].reshape(t, h, d)
+        pages, idx = torch.unique(blk, return_inverse=True)
+        shape = (pages.shape[0], layout.kernel_block_size, layout.num_heads, layout.head_size)
+        return kt[pages].reshape(shape)[idx, off], vt[pages].reshape(shape)[idx, off]
     kv, vv = layout.views(kv_cache)
     k = kv[blk, off]
     v = vv[blk, off] if vv is not None else k.new_empty(k.shape[0], layout.num_heads, 0)
