@@ -38,7 +38,7 @@ from kvreuse.connector.claim import Directory, chunk_keys  # noqa: E402
 from kvreuse.connector.config import ChunkingConfig, CostConfig  # noqa: E402
 from kvreuse.connector.costs import CostModel  # noqa: E402
 from kvreuse.connector.plan import plan_saves, plan_segments  # noqa: E402
-from kvreuse.connector.segment import segment  # noqa: E402
+from kvreuse.connector.segment import segment_prompt  # noqa: E402
 
 MODEL = b"offline-analysis"
 REASONS = ("new", "straddle", "resync", "under_min", "no_pay", "policy", "last")
@@ -53,6 +53,7 @@ class Turn:
     old: int                     # tokens inside an NGRAM of an earlier prompt: what reuse could serve at most
     gaps: Counter = field(default_factory=Counter)   # reason -> tokens
     placements: int = 0
+    policies: Counter = field(default_factory=Counter)  # policy -> chunks placed
 
 
 class Replay:
@@ -74,17 +75,18 @@ class Replay:
         return n
 
     def run(self, toks: list[int]) -> Turn:
-        chunks = segment(toks, self.chunking, boundary_ids=self.boundary_ids, end_ids=self.end_ids)
+        chunks, anchors = segment_prompt(toks, self.chunking, boundary_ids=self.boundary_ids, end_ids=self.end_ids)
         keys = chunk_keys(toks, chunks, MODEL, None)
         hit = self.prefix_hit(toks)
         cost = CostModel(**{**asdict(self.cost_cfg), "learn": False})
-        plan = plan_segments(toks, chunks, keys, self.directory, hit, self.mode, cost=cost)
-        free = plan_segments(toks, chunks, keys, self.directory, hit, self.mode)  # no cost model
+        plan = plan_segments(toks, chunks, keys, self.directory, hit, self.mode, cost=cost, anchors=anchors)
+        free = plan_segments(toks, chunks, keys, self.directory, hit, self.mode, anchors=anchors)  # no cost model
         placed_at = {it.dst_start for it in plan.items}
         free_runs = {it.dst_start: p.num_tokens for p in free.placements for it in p.items}
         old = [any(tuple(toks[s:s + NGRAM]) in self.ngrams for s in range(max(0, i - NGRAM + 1), i + 1))
                for i in range(len(toks))]
-        turn = Turn(len(toks), hit, plan.placed_tokens, sum(old), placements=len(plan.placements))
+        turn = Turn(len(toks), hit, plan.placed_tokens, sum(old), placements=len(plan.placements),
+                    policies=Counter(it.policy for it in plan.items))
         for c, k in zip(chunks, keys):
             start = max(c.start, hit)
             if c.end <= hit or start in placed_at:
@@ -107,7 +109,7 @@ class Replay:
             self.blocks.add(tuple(toks[:b]))
         placed = {it.key for it in plan.items}
         for it in plan_saves(toks, chunks, keys, self.directory, placed, True):
-            self.directory.record(it.key, it.end - it.start, it.context, it.recent)
+            self.directory.record(it.key, it.end - it.start, it.context, it.recent, (anchors, it.start))
         self.ngrams.update(tuple(toks[s:s + NGRAM]) for s in range(len(toks) - NGRAM + 1))
         self.history.append("," + ",".join(map(str, toks)) + ",")
         return turn
@@ -158,10 +160,11 @@ def replay(name: str, seed: int, tok, chunking: ChunkingConfig, cost: CostConfig
 def totals(turns: list[Turn]) -> dict:
     out = {"tokens": sum(t.tokens for t in turns), "placed": sum(t.placed for t in turns),
            "prefix_hit": sum(t.prefix_hit for t in turns), "old": sum(t.old for t in turns)}
-    g = Counter()
+    g, pol = Counter(), Counter()
     for t in turns:
         g.update(t.gaps)
-    return {**out, **{r: g[r] for r in REASONS}}
+        pol.update({"claims " + k: v for k, v in t.policies.items()})
+    return {**out, **{r: g[r] for r in REASONS}, **pol}
 
 
 def main() -> int:
@@ -191,6 +194,7 @@ def main() -> int:
             agg.update(tot)
             print(f"{seed:>6} {row(tot)}")
         print(f"{'all':>6} {row(agg)}")
+        print(f"{'':>6} claims by policy: " + ", ".join(f"{k[7:]} {v}" for k, v in sorted(agg.items()) if k.startswith("claims ")))
     return 0
 
 
