@@ -193,7 +193,8 @@ class WorkerSide:
         assert self.spec is not None
         strict = req.strict or self.cfg.policy.mode == "patched_or_exact"
         ks, vs, src, dst, slots = [], [], [], [], []
-        req_slots = block_slots(req.block_ids, self.spec.block_size, 0, req.end)  # [end]: sliced per item
+        bs = self.spec.block_size
+        held = block_slots(req.block_ids, bs, 0, min(req.end, len(req.block_ids) * bs))  # sliced per chunk
         for n, item in enumerate(req.items):
             view = None
             if not (req.inject_failure and n == 0):
@@ -223,7 +224,10 @@ class WorkerSide:
             vs.append(view.v)
             src.append(src_pos)
             dst.append(dst_pos)
-            slots.append(req_slots[item.dst_start:item.dst_start + ntok])
+            if item.dst_start + ntok > held.numel():
+                raise ValueError(f"tokens up to {item.dst_start + ntok} need {-(-(item.dst_start + ntok) // bs)} "
+                                 f"blocks, request {req.req_id} has {len(req.block_ids)}")
+            slots.append(held[item.dst_start:item.dst_start + ntok])
             with self._lock:
                 self._stats.claims[policy] = self._stats.claims.get(policy, 0) + 1
                 self._stats.reused_tokens += ntok
