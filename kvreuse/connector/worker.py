@@ -89,17 +89,16 @@ def detect_layout(kv_cache: torch.Tensor, backend_name: str | None, num_kv_heads
 class _CpuPlan:
     """What every layer of a CPU load shares, built at its first layer.
 
-    Buffers hold one layer at a time, `[N, H, D]` views; for CPU_ATTN (keys stored transposed, Kᵀ
-    `[D, N]` per block and head) the keys have tokens innermost, so that every op runs along
-    contiguous tokens and each block run's write is a plain strided copy.
+    A layer's keys are relocated into `out`; for CPU_ATTN (keys stored transposed, Kᵀ `[D, N]` per
+    block and head) with tokens innermost, so that every op runs along contiguous tokens and each
+    block run's write is a plain strided copy.
     """
 
     table: tuple[torch.Tensor, torch.Tensor]  # the delta rotation's cos, sin: [N, rotary_dim // 2]
     runs: list[tuple[int, int, int, int]]     # the slots as runs inside kernel blocks (`slot_runs`)
     tiles: list[slice]                        # token ranges relocated op by op (see `_SERIAL_ELEMENTS`)
-    k: torch.Tensor                # one layer's keys as stored: [H, D, N] (CPU_ATTN) or [N, H, D]
-    out: torch.Tensor              # [N, H, D] view, compute dtype: relocated (the cache rounds them once)
-    v: torch.Tensor | None         # [N, H, D]
+    pieces: list[tuple[int, slice]]           # (item, its token range): the items, split as the tiles are
+    out: torch.Tensor                         # [N, H, D] view, compute dtype (the cache rounds it once)
 
 
 @dataclass
@@ -197,7 +196,8 @@ class WorkerSide:
         assert self.spec is not None
         strict = req.strict or self.cfg.policy.mode == "patched_or_exact"
         ks, vs, src, dst, slots = [], [], [], [], []
-        req_slots = block_slots(req.block_ids, self.spec.block_size, 0, req.end)  # [end]: sliced per item
+        bs = self.spec.block_size
+        held = block_slots(req.block_ids, bs, 0, min(req.end, len(req.block_ids) * bs))  # sliced per chunk
         for n, item in enumerate(req.items):
             view = None
             if not (req.inject_failure and n == 0):
@@ -228,7 +228,10 @@ class WorkerSide:
             vs.append(view.v)
             src.append(src_pos)
             dst.append(dst_pos)
-            slots.append(req_slots[item.dst_start:item.dst_start + ntok])
+            if item.dst_start + ntok > held.numel():
+                raise ValueError(f"tokens up to {item.dst_start + ntok} need {-(-(item.dst_start + ntok) // bs)} "
+                                 f"blocks, request {req.req_id} has {len(req.block_ids)}")
+            slots.append(held[item.dst_start:item.dst_start + ntok])
             with self._lock:
                 self._stats.claims[policy] = self._stats.claims.get(policy, 0) + 1
                 self._stats.reused_tokens += ntok
@@ -265,17 +268,17 @@ class WorkerSide:
         cache = self.caches[layer_name]
         for job in self._jobs:
             if cache.device.type == "cpu" and len({x.shape[0] for x in job.k}) == 1:
-                # CPU: one layer at a time through reused buffers, in ops small enough to stay on this
+                # CPU: one layer at a time, in ops small enough to stay on this
                 # thread (`_cpu_plan`); the keys are relocated, then written by block runs.
                 plan = job.cpu or self._cpu_plan(job)
-                if self.spec.reading is Reading.CPU_ATTN:  # [H, D, N] buffer, read as [N, H, D]
-                    k = torch.cat([x[i].permute(1, 2, 0) for x in job.k], dim=-1, out=plan.k).permute(2, 0, 1)
+                if self.spec.reading is Reading.CPU_ATTN:  # [H, D, N], read as [N, H, D]
+                    k = torch.cat([job.k[j][i, r].permute(1, 2, 0) for j, r in plan.pieces], dim=-1).permute(2, 0, 1)
                 else:
-                    k = torch.cat([x[i] for x in job.k], out=plan.k)
+                    k = torch.cat([job.k[j][i, r] for j, r in plan.pieces])
                 for t in plan.tiles:
                     relocate_reference(k[t], job.src_pos, job.dst_pos, self.rope, out=plan.out[t],
                                        table=(plan.table[0][t], plan.table[1][t]))
-                v = torch.cat([x[i] for x in job.v], out=plan.v) if plan.v is not None else None
+                v = torch.cat([job.v[j][i, r] for j, r in plan.pieces]) if self.spec.has_v else None
                 scatter_kv_runs(cache, self.spec, plan.out, v, plan.runs)
             else:  # GPU: the fused relocate + scatter kernel, straight into the layer's cache
                 k = torch.cat([x[i] for x in job.k])  # [N, H, D]
@@ -293,9 +296,10 @@ class WorkerSide:
     def _cpu_plan(self, job: _Job) -> _CpuPlan:
         """Shared by every layer of a CPU load.  Each op on more than `_SERIAL_ELEMENTS` elements
         would wake PyTorch's OpenMP team, which costs more than a small op itself (~0.1 ms on a
-        2-core VM, dozens of ops a load): a load is relocated in token tiles under that size, and
-        concatenated item by item, so that it runs on the calling thread; a load of more than
-        `_MAX_TILES` tiles runs in whole-layer ops, big enough for the team to pay off."""
+        2-core VM with the other core idle, dozens of ops a load): a load is relocated in token tiles
+        under that size, concatenated in pieces and written in runs no longer than a tile (torch.cat
+        copies input by input), so that it runs on the calling thread; a load of more than `_MAX_TILES` tiles runs
+        in whole-layer ops, big enough for the team to pay off."""
         assert self.spec is not None
         src, dst = check_positions_pair(self.rope, job.src_pos, job.dst_pos, job.slots.numel())
         dtype = job.k[0].dtype
@@ -303,14 +307,18 @@ class WorkerSide:
         table = delta_cos_sin(self.rope, src, dst, ct, source_table_dtype(dtype))  # [N, rotary_dim // 2]
         n, (h, d) = job.slots.numel(), job.k[0].shape[2:]
         tile = max(1, _SERIAL_ELEMENTS // (h * d))
-        tiles = [slice(t, t + tile) for t in range(0, n, tile)] if n <= _MAX_TILES * tile else [slice(0, n)]
+        if n > _MAX_TILES * tile:
+            tile = n
+        tiles = [slice(t, t + tile) for t in range(0, n, tile)]
+        pieces = [(j, slice(t, t + tile)) for j, x in enumerate(job.k) for t in range(0, x.shape[1], tile)]
+        runs = [(b, o + a, t + a, min(tile, m - a)) for b, o, t, m in slot_runs(self.spec, job.slots)
+                for a in range(0, m, tile)]
         if self.spec.reading is Reading.CPU_ATTN:
             table = tuple(t.t().contiguous().t() for t in table)
-            k, out = torch.empty(h, d, n, dtype=dtype), torch.empty(h, d, n, dtype=ct).permute(2, 0, 1)
+            out = torch.empty(h, d, n, dtype=ct).permute(2, 0, 1)
         else:
-            k, out = torch.empty(n, h, d, dtype=dtype), torch.empty(n, h, d, dtype=ct)
-        v = torch.empty(n, h, d, dtype=job.v[0].dtype) if self.spec.has_v else None
-        job.cpu = _CpuPlan(table, slot_runs(self.spec, job.slots), tiles, k, out, v)
+            out = torch.empty(n, h, d, dtype=ct)
+        job.cpu = _CpuPlan(table, runs, tiles, pieces, out)
         return job.cpu
 
     def finish_loads(self) -> None:

@@ -54,9 +54,8 @@ def delta_cos_sin(rope: RopeSpec, src_pos: torch.Tensor, dst_pos: torch.Tensor,
     """
     rows = []
     for pos in (src_pos, dst_pos):
-        c, s = rope.cos_sin(pos, with_mscale=True)
-        if table_dtype is not None:  # the engine rotates 16-bit keys with its table rounded to that dtype
-            c, s = c.to(table_dtype), s.to(table_dtype)
+        # rounded to table_dtype: the engine rotates 16-bit keys with its table rounded to that dtype
+        c, s = rope.table_rows(pos, table_dtype)
         rows += [c.to(dtype), s.to(dtype)]
     cs, ss, cd, sd = rows
     norm = cs * cs + ss * ss

@@ -57,6 +57,7 @@ class RopeSpec:
     scaling: str = "default"
     base: float = 10000.0
     _axis_of_freq: torch.Tensor | None = field(default=None, repr=False)
+    _tables: dict = field(default_factory=dict, init=False, repr=False)  # (dtype, device) -> rows 0.. (`table_rows`)
 
     def __post_init__(self) -> None:
         if self.rotary_dim <= 0 or self.rotary_dim % 2:
@@ -161,6 +162,29 @@ class RopeSpec:
         if with_mscale and self.mscale != 1.0:
             cos, sin = cos * self.mscale, sin * self.mscale
         return cos, sin
+
+    def table_rows(self, pos: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The engine's table rows at `pos`: `cos_sin(pos, with_mscale=True)`, rounded to `dtype` when
+        given (as the engine casts its table to the activation dtype).  # each [N, rotary_dim // 2]
+
+        1-D positions read a table of rows `0..` built once (grown to a power of two past the highest
+        position asked, at most `max_position` rows: the size of the engine's own table).  cos and sin
+        are elementwise, so a row has the same bits in the table as computed alone, and a load reads
+        its rows instead of running cos/sin, which PyTorch spreads over its threads at ~2k elements.
+        """
+        pos = self.check_positions(pos)
+        if pos.dim() != 1 or pos.numel() == 0:
+            c, s = self.cos_sin(pos, with_mscale=True)
+            return (c, s) if dtype is None else (c.to(dtype), s.to(dtype))
+        need = int(pos.max()) + 1
+        tab = self._tables.get((dtype, pos.device))
+        if tab is None or tab[0].shape[0] < need:
+            n = 1 << (need - 1).bit_length()
+            if self.max_position is not None:
+                n = min(n, self.max_position)
+            c, s = self.cos_sin(torch.arange(n, device=pos.device), with_mscale=True)
+            tab = self._tables[(dtype, pos.device)] = (c, s) if dtype is None else (c.to(dtype), s.to(dtype))
+        return tab[0].index_select(0, pos), tab[1].index_select(0, pos)  # (indexing with [] goes parallel at 3k)
 
     def check_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Validate a position tensor's shape, dtype and range; returns it as int64."""

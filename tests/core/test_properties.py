@@ -104,3 +104,20 @@ def test_relocate_and_patch_rotates_the_patched_keys(dtype):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
     assert torch.allclose(k2.float(), want_k.float(), **tol)
     assert torch.allclose(v2.float(), (v.float() + dv), **tol)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16], ids=str)
+def test_table_rows_are_the_rows_computed_alone(dtype):
+    """The cached table (grown as higher positions are asked for) holds each row's own bits."""
+    spec = RopeSpec.from_hf_config({"hidden_size": 256, "num_attention_heads": 4, "rope_theta": 1e6,
+                                    "max_position_embeddings": 40000, "rope_scaling": {"rope_type": "yarn",
+                                    "factor": 4.0, "original_max_position_embeddings": 8192}})
+    g = torch.Generator().manual_seed(0)
+    for hi in (100, 3000, spec.max_position, 700):   # grows twice, capped at max_position, then reads inside
+        pos = torch.randint(0, hi, (257,), generator=g)
+        c, s = spec.cos_sin(pos, with_mscale=True)
+        want = (c, s) if dtype is None else (c.to(dtype), s.to(dtype))
+        got = spec.table_rows(pos, dtype)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="positions"):
+        spec.table_rows(torch.tensor([spec.max_position]))
