@@ -86,6 +86,21 @@ def vllm_argv(model: Path, port: int, *, kv: dict | None, dtype: str = "float32"
     return argv
 
 
+def running_pair(model: Path, logs: Path, name: str, kv: dict, *, on_extra: list[str] = (),
+                 off_extra: list[str] = (), dtype: str = "float32"):
+    """Yield (kvreuse on, vLLM alone) servers on `model`, both ready; both stopped afterwards (a fixture body)."""
+    p_on, p_off = free_port(), free_port()
+    on = Server(vllm_argv(model, p_on, kv=kv, dtype=dtype, extra=list(on_extra)), p_on, logs / f"{name}-on.log")
+    off = Server(vllm_argv(model, p_off, kv=None, dtype=dtype, extra=list(off_extra)), p_off, logs / f"{name}-off.log")
+    try:
+        on.wait_ready()
+        off.wait_ready()
+        yield on, off
+    finally:
+        on.stop()
+        off.stop()
+
+
 def start(argv: list[str], port: int, log: Path) -> Server:
     s = Server(argv, port, log)
     s.wait_ready()

