@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 
 # Upper bounds (seconds) of the latency buckets; the last bucket is open-ended (+Inf).
 LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
-    1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
+    1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 5e-3, 1e-2, 1.5e-2, 2e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 @dataclass
