@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -209,7 +209,7 @@ class GapText:
 
 
 def choose_policy(entry: DirEntry, sig: bytes, stored: Sequence[bytes], mode: str,
-                  gaps: Optional[GapText] = None) -> tuple[str, bytes] | None:
+                  gaps: GapText | None = None) -> tuple[str, bytes] | None:
     """(policy, recorded context signature to read) for a chunk; None = not claimed.
 
     `sig`: signature of every key before the chunk; `stored`: the stored chunks among them (the

@@ -200,14 +200,13 @@ class KVReuseConnector(KVConnectorBase_V1):
         from kvreuse.layout import Reading
         from kvreuse.paged import check_against_vllm
 
-        seen = set()
-        for name, lay in layouts.items():
-            if lay.reading not in (Reading.CPU_ATTN, Reading.CPU_ATTN_AMX) or (lay, isas.get(name)) in seen:
-                continue
-            seen.add((lay, isas.get(name)))
-            from vllm import _custom_ops as ops
+        kinds = {(lay, isas.get(name, "vec")) for name, lay in layouts.items()
+                 if lay.reading in (Reading.CPU_ATTN, Reading.CPU_ATTN_AMX)}
+        if not kinds:
+            return
+        from vllm import _custom_ops as ops
 
-            isa = isas.get(name, "vec")
+        for lay, isa in kinds:
             check_against_vllm(lay, lambda k, v, kc, vc, slots: ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa))
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
