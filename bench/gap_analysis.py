@@ -54,6 +54,7 @@ class Turn:
     gaps: Counter = field(default_factory=Counter)   # reason -> tokens
     placements: int = 0
     policies: Counter = field(default_factory=Counter)  # policy -> chunks placed
+    computed_segments: int = 0   # runs of computed tokens: each is one more engine step for the request
 
 
 class Replay:
@@ -81,17 +82,21 @@ class Replay:
         cost = CostModel(**{**asdict(self.cost_cfg), "learn": False})
         plan = plan_segments(toks, chunks, keys, self.directory, hit, self.mode, cost=cost, anchors=anchors)
         free = plan_segments(toks, chunks, keys, self.directory, hit, self.mode, anchors=anchors)  # no cost model
-        placed_at = {it.dst_start for it in plan.items}
+        covered = [False] * len(toks)  # positions the plan places (whole chunks and edge-filled pieces)
+        for it in plan.items:
+            covered[it.dst_start:it.dst_end] = [True] * it.num_tokens
         free_runs = {it.dst_start: p.num_tokens for p in free.placements for it in p.items}
         old = [any(tuple(toks[s:s + NGRAM]) in self.ngrams for s in range(max(0, i - NGRAM + 1), i + 1))
                for i in range(len(toks))]
         turn = Turn(len(toks), hit, plan.placed_tokens, sum(old), placements=len(plan.placements),
-                    policies=Counter(it.policy for it in plan.items))
+                    policies=Counter(it.policy for it in plan.items),
+                    computed_segments=sum(1 for i in range(hit, len(toks)) if not covered[i]
+                                          and (i == hit or covered[i - 1])))
         for c, k in zip(chunks, keys):
             start = max(c.start, hit)
-            if c.end <= hit or start in placed_at:
+            n = sum(1 for i in range(start, c.end) if not covered[i])
+            if c.end <= hit or n == 0:
                 continue
-            n = c.end - start
             if start in free_runs:
                 turn.gaps["under_min" if free_runs[start] < cost.min_tokens else "no_pay"] += n
             elif self.directory.get(k) is not None:
@@ -107,9 +112,9 @@ class Replay:
         upto = len(toks) if first is None else first
         for b in range(self.block_size, upto + 1, self.block_size):
             self.blocks.add(tuple(toks[:b]))
-        placed = {it.key for it in plan.items}
+        placed = {it.key for it in plan.items} | {k for it in plan.items for k in it.within}
         for it in plan_saves(toks, chunks, keys, self.directory, placed, True):
-            self.directory.record(it.key, it.end - it.start, it.context, it.recent, (anchors, it.start))
+            self.directory.record_save(it, anchors)
         self.ngrams.update(tuple(toks[s:s + NGRAM]) for s in range(len(toks) - NGRAM + 1))
         self.history.append("," + ",".join(map(str, toks)) + ",")
         return turn
@@ -159,7 +164,8 @@ def replay(name: str, seed: int, tok, chunking: ChunkingConfig, cost: CostConfig
 
 def totals(turns: list[Turn]) -> dict:
     out = {"tokens": sum(t.tokens for t in turns), "placed": sum(t.placed for t in turns),
-           "prefix_hit": sum(t.prefix_hit for t in turns), "old": sum(t.old for t in turns)}
+           "prefix_hit": sum(t.prefix_hit for t in turns), "old": sum(t.old for t in turns),
+           "turns": len(turns), "computed_segments": sum(t.computed_segments for t in turns)}
     g, pol = Counter(), Counter()
     for t in turns:
         g.update(t.gaps)
@@ -180,7 +186,7 @@ def main() -> int:
     cost = CostConfig(**json.loads(a.cost))
     tok = tokenizer()
     print(f"chunking {asdict(chunking)}\ncost {asdict(cost)}\nvLLM block size {a.block_size}")
-    hdr = f"{'tokens':>7} {'old':>6} {'placed':>7} {'pfx':>5} | " + " ".join(f"{r:>9}" for r in REASONS)
+    hdr = f"{'tokens':>7} {'old':>6} {'placed':>7} {'pfx':>5} {'steps':>5} | " + " ".join(f"{r:>9}" for r in REASONS)
     for name in a.trace or ["raw", "raw_fresh", "rag", "rag_space", "chat"]:
         print(f"\n{name} (from the 2nd prompt on; shares of prompt tokens)\n{'seed':>6} {hdr}")
         agg = Counter()
@@ -200,7 +206,8 @@ def main() -> int:
 
 def row(t: dict) -> str:
     n = t["tokens"]
-    return (f"{n:>7} {t['old'] / n:>6.1%} {t['placed'] / n:>7.1%} {t['prefix_hit'] / n:>5.0%} | "
+    return (f"{n:>7} {t['old'] / n:>6.1%} {t['placed'] / n:>7.1%} {t['prefix_hit'] / n:>5.0%} "
+            f"{t['computed_segments'] / t['turns']:>5.2f} | "
             + " ".join(f"{t[r] / n:>9.1%}" for r in REASONS))
 
 

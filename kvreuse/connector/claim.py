@@ -42,6 +42,7 @@ RECENT = 64        # preceding keys remembered per context
 MATCH = 16         # stored neighbours compared for survival / reorder (the nearest matter most)
 MAX_CONTEXTS = 8   # contexts remembered per chunk
 NEW_SPAN = _WINDOW + 4      # a run of unseen text this long is new content, not a change point's windows
+EDGE = 4  # tokens that key a stored chunk's first and last edge (edge fill, `Directory.head`): its shortest piece
 LOOKBACK = 2048             # gap text checked before a chunk, at most (tokens)
 ANCHOR_BYTES = 64 << 20     # the directory's budget for prompts' anchors
 
@@ -76,6 +77,7 @@ class DirEntry:
     _sets: dict[bytes, frozenset] = field(default_factory=dict, repr=False)
     # signature -> (anchors of the prompt the context was recorded in, the chunk's start there)
     anchors: dict[bytes, tuple[Anchors, int]] = field(default_factory=dict, repr=False)
+    tokens: np.ndarray | None = None  # a text chunk recorded here: its tokens (int32), for edge fill
 
     def add(self, sig: bytes, recent: tuple[bytes, ...], anchors: tuple[Anchors, int] | None = None) -> None:
         if anchors is not None:
@@ -103,7 +105,13 @@ class DirEntry:
 class Directory:
     """Keys the worker has stored, with their contexts (recorded when a save is planned, forgotten
     when the worker reports a key lost or evicted), and optionally a read-only local view of what
-    other instances stored in the shared tier (`remote.record`, a local read)."""
+    other instances stored in the shared tier (`remote.record`, a local read).
+
+    Text chunks recorded with their tokens are also found by their edges (`head`, `tail`): the
+    first and the last `EDGE` tokens, the most recently recorded chunk per edge.  That is what
+    fills the chunk straddling a change point (`plan.plan_segments`): its start is the start of the
+    chunk that followed the same text before, its end the end of the one that preceded it.
+    """
 
     def __init__(self, remote=None, anchor_bytes: int = ANCHOR_BYTES) -> None:
         self.entries: dict[bytes, DirEntry] = {}
@@ -111,6 +119,8 @@ class Directory:
         self.anchor_bytes = anchor_bytes
         self._prompts: "OrderedDict[int, Anchors]" = OrderedDict()  # anchors in use, least recently recorded first
         self._prompt_bytes = 0
+        self._heads: dict[bytes, bytes] = {}  # first EDGE tokens -> digest
+        self._tails: dict[bytes, bytes] = {}  # last EDGE tokens -> digest
 
     def __contains__(self, digest: bytes) -> bool:
         return self.get(digest) is not None
@@ -133,10 +143,55 @@ class Directory:
         `anchors`: the prompt's content anchors and the chunk's start in it)."""
         e = self.entries.get(digest)
         if e is None or e.num_tokens != num_tokens:
+            if e is not None:
+                self._unindex(digest, e)
             e = self.entries[digest] = DirEntry(num_tokens)
         e.add(context, tuple(recent[-RECENT:]), anchors)
         if anchors is not None:
             self._keep(anchors[0])
+
+    def record_save(self, item: "SaveItem", anchors: Anchors | None = None) -> None:
+        """`record` a planned save (`plan.plan_saves`); a text chunk is also indexed by its edges."""
+        self.record(item.key, item.end - item.start, item.context, item.recent,
+                    (anchors, item.start) if anchors is not None else None)
+        if item.text and item.end - item.start >= EDGE:
+            e = self.entries[item.key]
+            if e.tokens is None:
+                e.tokens = np.asarray(item.token_ids, dtype=np.int32)
+                self._heads[e.tokens[:EDGE].tobytes()] = item.key
+                self._tails[e.tokens[-EDGE:].tobytes()] = item.key
+
+    def head(self, tokens: np.ndarray, start: int, end: int) -> tuple[bytes, DirEntry, int] | None:
+        """A stored text chunk that starts as `tokens[start:end]` does: (digest, entry, tokens in common, ≥ 1).
+        Its key is the `EDGE` tokens from `start`, which may reach past `end`."""
+        if start + EDGE > tokens.shape[0]:
+            return None
+        digest = self._heads.get(tokens[start:start + EDGE].tobytes())
+        return self._common(digest, tokens[start:end], True)
+
+    def tail(self, tokens: np.ndarray, start: int, end: int) -> tuple[bytes, DirEntry, int] | None:
+        """A stored text chunk that ends as `tokens[start:end]` does: (digest, entry, tokens in common, ≥ 1).
+        Its key is the `EDGE` tokens before `end`, which may reach before `start`."""
+        if end < EDGE:
+            return None
+        digest = self._tails.get(tokens[end - EDGE:end].tobytes())
+        return self._common(digest, tokens[start:end], False)
+
+    def _common(self, digest: bytes | None, want: np.ndarray, first: bool) -> tuple[bytes, DirEntry, int] | None:
+        e = self.entries.get(digest) if digest is not None else None
+        if e is None or e.tokens is None or want.shape[0] == 0:
+            return None
+        n = min(e.tokens.shape[0], want.shape[0])
+        a, b = (e.tokens[:n], want[:n]) if first else (e.tokens[::-1][:n], want[::-1][:n])
+        diff = np.flatnonzero(a != b)
+        n = int(diff[0]) if diff.shape[0] else n
+        return (digest, e, n) if n else None
+
+    def _unindex(self, digest: bytes, e: DirEntry) -> None:
+        if e.tokens is not None:
+            for index, edge in ((self._heads, e.tokens[:EDGE]), (self._tails, e.tokens[-EDGE:])):
+                if index.get(edge.tobytes()) == digest:
+                    del index[edge.tobytes()]
 
     def _keep(self, a: Anchors) -> None:
         """Hold `a` under the anchor budget; the least recently recorded prompts' anchors are released."""
@@ -151,7 +206,9 @@ class Directory:
             old.release()
 
     def forget(self, digest: bytes) -> None:
-        self.entries.pop(digest, None)
+        e = self.entries.pop(digest, None)
+        if e is not None:
+            self._unindex(digest, e)
 
     def unrecord(self, digest: bytes, context: bytes) -> None:
         """Undo `record` of one context (its save was dropped); an entry left without contexts is forgotten."""
@@ -162,7 +219,7 @@ class Directory:
         e._sets.pop(context, None)
         e.anchors.pop(context, None)
         if not e.contexts:
-            del self.entries[digest]
+            self.forget(digest)
 
 
 def _is_subsequence(short: Sequence[bytes], long: tuple[bytes, ...]) -> bool:
@@ -247,6 +304,8 @@ class LoadItem:
     policy: str
     # M-RoPE models: the request's `[3, n]` positions of the loaded tokens (None: token indices)
     dst_pos: tuple[tuple[int, ...], ...] | None = None
+    # edge fill: the prompt's own chunks that pieces of other chunks cover whole (not saved as computed)
+    within: tuple[bytes, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -269,6 +328,7 @@ class SaveItem:
     is_new: bool    # False: the key is stored already; this is its KV in another context (patch capture)
     positions: tuple[tuple[int, ...], ...] | None = None  # M-RoPE: `[3, end - start]` (None: token indices)
     recent: tuple[bytes, ...] = ()  # the last `RECENT` keys before it (the directory's, and persisted with the entry)
+    text: bool = True  # no media item in it (only text chunks are indexed by their edges)
 
 
 def chunk_keys(token_ids: Sequence[int], chunks: Sequence[Chunk], model_digest: bytes,

@@ -181,33 +181,45 @@ class KVReuseConnector(KVConnectorBase_V1):
         backends = {name: ctx[name].get_attn_backend().get_name() for name in kv_caches
                     if name in ctx and hasattr(ctx[name], "get_attn_backend")}
         kv_layout = getattr(cc, "kv_cache_layout", None)
-        layouts = None
+        layouts, writers = None, {}
         if self._kv_cache_config is not None:
             # the CPU backend picks a kernel family per layer (`layer.isa`, set when its metadata builder was
             # made, before this call); "amx" tiles the page (kvreuse.layout.Reading.CPU_ATTN_AMX)
             isas = {name: ctx[name].isa for name in kv_caches if isinstance(getattr(ctx.get(name), "isa", None), str)}
             layouts = layouts_from_kv_cache_config(kv_caches, self._kv_cache_config, backends,
                                                    kv_cache_dtype=cc.cache_dtype, kv_layout=kv_layout, isas=isas)
-            self._check_cpu_layouts(layouts, isas)
+            writers = self._check_cpu_layouts(layouts, isas)
         self._worker.register(kv_caches, next(iter(backends.values()), None), heads, mc.get_head_size(),
                               layouts=layouts, block_size=cc.block_size, kv_cache_dtype=cc.cache_dtype,
-                              kv_layout=kv_layout)
+                              kv_layout=kv_layout, writers=writers)
 
     @staticmethod
-    def _check_cpu_layouts(layouts: dict, isas: dict[str, str]) -> None:
+    def _check_cpu_layouts(layouts: dict, isas: dict[str, str]) -> dict:
         """For the CPU backend, check kvreuse's reading against vLLM's own cache write (once per kind of
-        layer), so that a layout kvreuse misreads is refused at startup, never served."""
+        layer), so that a layout kvreuse misreads is refused at startup, never served.  Returns that
+        write per CPU layer (`WorkerSide.register`'s `writers`)."""
         from kvreuse.layout import Reading
         from kvreuse.paged import check_against_vllm
 
-        kinds = {(lay, isas.get(name, "vec")) for name, lay in layouts.items()
-                 if lay.reading in (Reading.CPU_ATTN, Reading.CPU_ATTN_AMX)}
-        if not kinds:
-            return
+        isa_of = {name: isas.get(name, "vec") for name, lay in layouts.items()
+                  if lay.reading in (Reading.CPU_ATTN, Reading.CPU_ATTN_AMX)}
+        if not isa_of:
+            return {}
         from vllm import _custom_ops as ops
 
-        for lay, isa in kinds:
-            check_against_vllm(lay, lambda k, v, kc, vc, slots: ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa))
+        def writer(isa: str):
+            def write_split(k, v, key_cache, value_cache, slots):  # as vLLM's CPU backend splits its page
+                ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+
+            def write(k, v, cache, slots):
+                nb, h, n, _ = cache.shape
+                write_split(k, v, *cache.view(nb, h, 2 * n, -1).chunk(2, dim=2), slots)
+            return write_split, write
+
+        made = {isa: writer(isa) for isa in set(isa_of.values())}
+        for lay, isa in {(layouts[name], isa) for name, isa in isa_of.items()}:
+            check_against_vllm(lay, made[isa][0])
+        return {name: made[isa][1] for name, isa in isa_of.items()}
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         """Fetch this step's claimed chunks; layers are written in `wait_for_layer_load`."""

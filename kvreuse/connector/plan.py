@@ -2,7 +2,8 @@
 
 A prompt after vLLM's own prefix hit becomes alternating segments: *placed* (KV written from the
 store) and *computed* (prefilled in place, attending to everything before it).  Every stored
-chunk anywhere in the prompt is a candidate; the cost model (`kvreuse.connector.costs`) drops a
+chunk anywhere in the prompt is a candidate, and so are the edges of stored chunks inside a chunk
+nobody stored (edge fill, below); the cost model (`kvreuse.connector.costs`) drops a
 placement that would not pay for itself (a tiny chunk, or one whose extra scheduler step costs
 more than the prefill it saves).  The last prompt token is always computed (vLLM samples from
 it).  A chunk that straddles the prefix hit is placed from its first uncomputed token.
@@ -10,18 +11,31 @@ it).  A chunk that straddles the prefix hit is placed from its first uncomputed 
 Without the segmented scheduler (`gaps=False`) only the placement that starts right at the
 prefix hit can be used (vLLM's connector API claims a prefix): the first chunk that is not
 placed ends the claim.  Planning is linear in the number of chunks.
+
+Edge fill.  Where passages meet in one text, content-defined chunking leaves one chunk that
+straddles the change point: the tail of one passage and the head of the next, a pair no earlier
+prompt had.  Its start is the start of a stored chunk (the one that followed the same tail before)
+and its end the end of another (the one that held the same head), so the planner places the common
+prefix of the first and the common suffix of the second (`Directory.head` / `tail`), and computes
+only what is left between them: nothing where the separator between the passages was seen before.
+The chunk no longer ends a placement, so the request needs no extra step for it.  The prefix keeps
+the policy its chunk would have there (exact after the same chunks); the suffix attended to other
+text before it, so it is never exact: survival, reorder or blind, as for a chunk after a gap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from kvreuse.connector.claim import (LOOKBACK, MATCH, RECENT, Directory, GapText, LoadItem, SaveItem, choose_policy,
-                                     prefix_signatures)
+import numpy as np
+
+from kvreuse.connector.claim import (LOOKBACK, MATCH, RECENT, DirEntry, Directory, GapText, LoadItem, SaveItem,
+                                     choose_policy, prefix_signatures)
 from kvreuse.connector.costs import CostModel
 from kvreuse.connector.mrope import as_tuple
 from kvreuse.connector.segment import Anchors, Chunk
@@ -88,6 +102,9 @@ class Plan:
         return [it for p in self.placements for it in p.items]
 
 
+_PIECES = 4  # stored chunks edge fill may chain on each side of one gap
+
+
 def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,
                   num_computed: int, mode: str = "any", positions: torch.Tensor | None = None,
                   cost: CostModel | None = None, gaps: bool = True, anchors: Anchors | None = None) -> Plan:
@@ -121,29 +138,53 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
                 plan.misses += len(run)
             run = []
 
+    tok: np.ndarray | None = None  # the prompt as an array, for edge fill (made at the first unstored chunk)
+    filled = num_computed  # end of the last placed token
+    max_chunk = max((c.num_tokens for c in chunks), default=0)
+    text_from = 0  # start of the text since the last media item
+
+    def policy(e: DirEntry, key: bytes, sig: bytes, hi: int) -> tuple[str, bytes] | None:
+        """`choose_policy` for KV of `key` placed at `hi` with the current stored neighbours (memoized)."""
+        if sig in e.contexts:
+            return "exact", sig
+        # the looser matches depend on the key, its stored neighbours and the gaps among them
+        lo = max(spans[0][0] if len(spans) == MATCH else 0, hi - LOOKBACK)
+        gap = anchors is not None and hi - lo > _sum_in(spans, lo, stored_tokens)
+        memo_key = (key, tuple(stored), (lo, hi) if gap else None)
+        if memo_key not in memo:
+            memo[memo_key] = choose_policy(e, sig, stored, mode, GapText(anchors, lo, hi, seen) if gap else None)
+        return memo[memo_key]
+
     for j, (c, sig) in enumerate(zip(chunks, prefix_signatures(keys))):
+        if c.mm_ids:
+            text_from = c.end
         e = directory.get(keys[j])
         ok = e is not None and e.num_tokens == c.num_tokens
         if c.end > num_computed and c.end <= limit and open_run:
-            pick = None
-            if ok:
-                if sig in e.contexts:
-                    pick = ("exact", sig)
-                else:  # the looser matches depend on the key, its stored neighbours and the gaps among them
-                    lo = max(spans[0][0] if len(spans) == MATCH else 0, c.start - LOOKBACK)
-                    gap = anchors is not None and c.start - lo > _sum_in(spans, lo, stored_tokens)
-                    memo_key = (keys[j], tuple(stored), (lo, c.start) if gap else None)
-                    pick = memo[memo_key] if memo_key in memo else memo.setdefault(
-                        memo_key, choose_policy(e, sig, stored, mode, GapText(anchors, lo, c.start, seen) if gap
-                                                else None))
-            if pick is None:
-                close()
+            pick = policy(e, keys[j], sig, c.start) if ok else None
+            edges: list[LoadItem] = []
+            if pick is None and gaps and not ok and not c.mm_ids and c.start >= num_computed:
+                if tok is None:
+                    tok = np.asarray(token_ids, dtype=np.int32)
+                # the computed text before it (unplaced, up to one longest chunk) may end in the same suffix
+                edges = _edge_fill(tok, c, max(filled, c.start - max_chunk, text_from), sig, directory, policy,
+                                   positions)
+            if edges:
+                for it in edges:
+                    if run and run[-1].dst_end != it.dst_start:
+                        close()
+                    run.append(it)
+                filled = edges[-1].dst_end
+                if sum(it.num_tokens for it in edges) < c.num_tokens:
+                    plan.misses += 1
+            elif pick is None:  # computed (the run it ends is closed by the next placement, or at the end)
                 plan.misses += 1
                 open_run = gaps
             else:
                 start = max(c.start, num_computed)
                 if run and run[-1].dst_end != start:
                     close()
+                filled = c.end
                 dst_pos = as_tuple(positions[:, start:c.end]) if positions is not None else None
                 run.append(LoadItem(keys[j], tuple(token_ids[c.start:c.end]), start - c.start, c.num_tokens, start,
                                     pick[1], pick[0], dst_pos))
@@ -158,7 +199,82 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
     close()
     if not gaps:
         plan.placements = plan.placements[:1] if plan.leading else []
+    _mark_filled(plan, chunks, keys, directory)
     return plan
+
+
+def _edge_fill(tok: np.ndarray, c: Chunk, back: int, sig: bytes, directory: Directory, policy,
+               positions: torch.Tensor | None) -> list[LoadItem]:
+    """Edge fill of chunk `c` (text nobody stored): the common prefix of the stored chunk that starts
+    as `c` does, placed at `c.start`, and the common suffix of the one that ends as the rest of `c`
+    does, placed to end at `c.end`, reaching back as far as `back` (computed text before `c`); each
+    only where its policy allows it.  A piece that is a whole stored chunk is followed (preceded) by
+    the next lookup, at most `_PIECES` pieces a side.  What is left between them is computed."""
+    heads: list[LoadItem] = []
+    start, end = c.start, c.end
+    while start < end and len(heads) < _PIECES:
+        found = directory.head(tok, start, end)
+        pick = policy(found[1], found[0], sig if start == c.start else b"", start) if found else None
+        if pick is None:
+            break
+        digest, e, n = found
+        heads.append(_piece(digest, e, 0, n, start, pick, positions))
+        start += n
+        if n < e.num_tokens:
+            break
+    if start == c.start:
+        start = back
+    tails: list[LoadItem] = []
+    while start < end and len(tails) < _PIECES:
+        found = directory.tail(tok, start, end)
+        pick = policy(found[1], found[0], b"", end - found[2]) if found else None  # never exact: other text before
+        if pick is None:
+            break
+        digest, e, n = found
+        tails.append(_piece(digest, e, e.num_tokens - n, e.num_tokens, end - n, pick, positions))
+        end -= n
+        if n < e.num_tokens:
+            break
+    return heads + tails[::-1]
+
+
+def _piece(digest: bytes, e: DirEntry, src_start: int, src_end: int, dst: int, pick: tuple[str, bytes],
+           positions: torch.Tensor | None) -> LoadItem:
+    assert e.tokens is not None
+    n = src_end - src_start
+    dst_pos = as_tuple(positions[:, dst:dst + n]) if positions is not None else None
+    return LoadItem(digest, tuple(e.tokens.tolist()), src_start, src_end, dst, pick[1], pick[0], dst_pos)
+
+
+def _mark_filled(plan: Plan, chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory) -> None:
+    """Name, on each edge-fill piece, the prompt's unstored chunks that pieces cover whole (`LoadItem.within`):
+    they hold only other chunks' KV, so they are not saved as computed (and are filled again next time).  A
+    chunk partly computed is saved: its computed tokens exist nowhere else."""
+    items = plan.items
+    if all(it.src_end - it.src_start == len(it.token_ids) for it in items):
+        return  # no pieces
+    within: dict[int, list[bytes]] = {}  # item index -> covered chunks
+    i = 0
+    for c, k in zip(chunks, keys):
+        while i < len(items) and items[i].dst_end <= c.start:
+            i += 1
+        if k in directory or i == len(items) or items[i].dst_start > c.start:
+            continue
+        j, pos = i, c.start
+        while j < len(items) and items[j].dst_start == pos and pos < c.end:
+            pos = items[j].dst_end
+            j += 1
+        if pos >= c.end:
+            for m in range(i, j):
+                within.setdefault(m, []).append(k)
+    if not within:
+        return
+    n = 0
+    for p_i, p in enumerate(plan.placements):
+        new = tuple(dataclasses.replace(it, within=tuple(within[n + m])) if n + m in within else it
+                    for m, it in enumerate(p.items))
+        n += len(p.items)
+        plan.placements[p_i] = Placement(new)
 
 
 def _sum_in(spans: deque, lo: int, total: int) -> int:
@@ -197,6 +313,7 @@ def plan_saves(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence
             e = directory.get(key)
             new = e is None
             if new or (capture_patches and not e.remote and sig not in e.contexts and e.num_tokens == c.num_tokens):
-                out.append(SaveItem(key, tuple(token_ids[c.start:c.end]), c.start, c.end, sig, new, pos, tuple(recent)))
+                out.append(SaveItem(key, tuple(token_ids[c.start:c.end]), c.start, c.end, sig, new, pos, tuple(recent),
+                                    not c.mm_ids))
         recent.append(key)
     return out

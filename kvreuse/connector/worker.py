@@ -30,6 +30,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -51,6 +52,9 @@ log = logging.getLogger("kvreuse.connector")
 _STORE_SNAPSHOT_PERIOD_S = 1.0  # the store's gauges and counters are read at most this often
 _SERIAL_ELEMENTS = 32768  # PyTorch runs an op on at most this many elements on the calling thread (GRAIN_SIZE)
 _MAX_TILES = 8            # a CPU load of more tokens than this many serial tiles is relocated a layer at a time
+
+
+CacheWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def layer_index(name: str) -> int:
@@ -144,11 +148,15 @@ class WorkerSide:
     # ---------------------------------------------------------------- setup
     def register(self, kv_caches: dict[str, torch.Tensor], backend_name: str | None, num_kv_heads: int,
                  head_size: int, *, layouts: dict[str, PagedLayout] | None = None, block_size: int | None = None,
-                 kv_cache_dtype: str | None = "auto", kv_layout: str | None = None) -> None:
+                 kv_cache_dtype: str | None = "auto", kv_layout: str | None = None,
+                 writers: dict[str, CacheWriter] | None = None) -> None:
         """Take vLLM's per-layer cache views; refuse (at startup) any kvreuse cannot address.
 
         layouts: each layer's layout as derived from vLLM's KVCacheConfig (`kvreuse.layout`); without
         it, every view is read as `backend_name`'s with the scheduler's `block_size`.
+        writers: per layer, vLLM's own cache write (`writer(k, v, cache, slots)`, `[T, H, D]` in the
+        cache's dtype), used for the CPU backend's AMX-tiled page, where it is one call a layer and
+        kvreuse's indexed writes are many; the connector checks it against kvreuse's reading at startup.
         """
         if layouts is None:
             layouts = {n: detect_layout(c, backend_name, num_kv_heads, head_size, block_size=block_size,
@@ -164,6 +172,7 @@ class WorkerSide:
         if odd:
             raise KVReuseError(f"layer {odd[0]!r} has cache layout {layouts[odd[0]]}, unlike {first}")
         self.caches = dict(kv_caches)
+        self.writers = dict(writers or {}) if first.kernel_block_size == first.block_size else {}
         self.layers = {n: layer_index(n) for n in kv_caches}
         if sorted(self.layers.values()) != list(range(len(self.layers))):
             # hybrid/odd models: fall back to registration order
@@ -279,7 +288,11 @@ class WorkerSide:
                     relocate_reference(k[t], job.src_pos, job.dst_pos, self.rope, out=plan.out[t],
                                        table=(plan.table[0][t], plan.table[1][t]))
                 v = torch.cat([job.v[j][i, r] for j, r in plan.pieces]) if self.spec.has_v else None
-                scatter_kv_runs(cache, self.spec, plan.out, v, plan.runs)
+                write = self.writers.get(layer_name) if self.spec.reading is Reading.CPU_ATTN_AMX else None
+                if write is not None and v is not None:
+                    write(plan.out.to(cache.dtype), v.to(cache.dtype), cache, job.slots)
+                else:
+                    scatter_kv_runs(cache, self.spec, plan.out, v, plan.runs)
             else:  # GPU: the fused relocate + scatter kernel, straight into the layer's cache
                 k = torch.cat([x[i] for x in job.k])  # [N, H, D]
                 v = torch.cat([x[i] for x in job.v]) if self.spec.has_v else None

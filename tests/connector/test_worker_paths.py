@@ -110,6 +110,59 @@ def test_cpu_load_of_many_chunks_writes_what_the_reference_places(backend, tile,
     w.close()
 
 
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="vLLM's AMX cache write needs AMX tiles")
+def test_amx_page_load_through_vllms_writer_is_what_kvreuses_own_writes_give():
+    """On the AMX-tiled page the worker writes a layer with vLLM's own `cpu_attn_reshape_and_cache` (one call,
+    as the connector wires it); the cache is bit for bit what kvreuse's indexed writes give."""
+    from vllm import _custom_ops as ops
+
+    from kvreuse.layout import PagedLayout
+
+    bs, d = 128, 64
+    calls = []
+
+    def write(k, v, cache, slots):
+        calls.append(slots.numel())
+        nb, h, n, _ = cache.shape
+        kc, vc = cache.view(nb, h, 2 * n, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, "amx")
+
+    rope = RopeSpec.from_hf_config({"hidden_size": 128, "num_attention_heads": 2, "head_dim": d,
+                                    "rope_theta": 10000.0, "max_position_embeddings": 4096, "model_type": "llama"})
+    g = torch.Generator().manual_seed(5)
+    chunks = [(bytes([j + 1]) * 16, tuple(range(100 * j, 100 * j + n)), 7 * j,
+               *(torch.randn(L, n, H, d, generator=g).to(torch.bfloat16) for _ in range(2)))
+              for j, n in enumerate([9, 130, 40])]
+    out = []
+    for writers in (None, "vllm"):
+        caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(4, H, bs, 2 * d, dtype=torch.bfloat16)
+                  for i in range(L)}
+        layouts = {n: PagedLayout(Reading.CPU_ATTN_AMX, 4, H, bs, d, d, tuple(c.stride()), torch.bfloat16, bs,
+                                  "CPU_ATTN") for n, c in caches.items()}
+        w = WorkerSide(ConnectorConfig(), rope, ModelFingerprint("Tiny", "w", "bfloat16"))
+        w.register(caches, "CPU_ATTN", H, d, layouts=layouts, writers={n: write for n in caches} if writers else None)
+        items, start = [], 50
+        for key, toks, src0, k, v in chunks:
+            n = len(toks)
+            w.store.ingest(ChunkKey(key), torch.tensor(toks), torch.arange(src0, src0 + n), k, v,
+                           context_signature(()))
+            items.append(LoadItem(key, toks, 0, n, start, context_signature(()), "exact"))
+            start += n
+        items[1] = LoadItem(items[1].key, items[1].token_ids, 30, 130, items[1].dst_start + 30, items[1].context,
+                            "exact")  # a piece of a chunk (edge fill)
+        w.store.flush()
+        w.start_load(KVReuseMetadata(loads=[ReqLoad("r", [3, 0, 2], items)]))
+        for name in caches:
+            w.load_layer(name)
+        assert not w.take_failed_blocks()
+        out.append(caches)
+        w.close()
+    assert calls == [9 + 100 + 40] * L  # one call a layer
+    for name in out[0]:
+        assert out[0][name].abs().sum() > 0
+        assert torch.equal(out[0][name].view(torch.int16), out[1][name].view(torch.int16)), name
+
+
 def test_failed_load_reports_blocks_and_lost_key():
     w = WorkerSide(ConnectorConfig(), ROPE, ModelFingerprint("Tiny", "w", "float32"))
     caches = make_caches("CPU_ATTN")
