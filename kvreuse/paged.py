@@ -101,6 +101,50 @@ def gather_kv(kv_cache: torch.Tensor, layout: PagedLayout, slot_mapping: torch.T
     return k, v
 
 
+def cpu_page_offsets(layout: PagedLayout, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU_ATTN / CPU_ATTN_AMX: element offsets, from a layer view's first element, of the keys and values
+    `[T, H, D]` at `slot_mapping: [T]` (shared by every layer with `layout`).
+
+    Each (block, head) page is the block's keys then its values, `N · D` elements each: keys transposed
+    (`[D, N]`) and values `[N, D]`, or on the AMX page keys in 16-token tiles with pairs of dims
+    innermost and values in 16-dim tiles with pairs of tokens innermost (`PagedLayout.tiled_views`).
+    """
+    assert layout.reading in (Reading.CPU_ATTN, Reading.CPU_ATTN_AMX)
+    blk, off = layout.split_slots(slot_mapping)
+    n, d = layout.kernel_block_size, layout.head_size
+    s_b, s_h = layout.strides[:2]
+    t, dim = off[:, None], torch.arange(d)[None, :]  # [T, 1], [1, D]
+    if layout.reading is Reading.CPU_ATTN_AMX:
+        k_in = (t // 16) * (16 * d) + (dim // 2) * 32 + (t % 16) * 2 + dim % 2
+        v_in = n * d + (dim // 16) * (16 * n) + (t // 2) * 32 + (dim % 16) * 2 + t % 2
+    else:
+        k_in = dim * n + t
+        v_in = n * d + t * d + dim
+    base = (blk * s_b)[:, None, None] + (torch.arange(layout.num_heads) * s_h)[None, :, None]  # [T, H, 1]
+    return base + k_in[:, None, :], base + v_in[:, None, :]
+
+
+def gather_cpu_pages(caches: list[torch.Tensor], layout: PagedLayout,
+                     slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gather_kv` of every layer at once on CPU_ATTN pages: `(k, v)`, each `[L, T, H, D]`.
+
+    One indexed read per layer and tensor, at offsets computed once (`cpu_page_offsets`): the page is
+    read in place, whatever its tiling.
+    """
+    ko, vo = cpu_page_offsets(layout, slot_mapping)
+    ko, vo = ko.reshape(-1), vo.reshape(-1)
+    span = int(max(int(ko.max()), int(vo.max()))) + 1 if ko.numel() else 0
+    shape = (len(caches), slot_mapping.shape[0], layout.num_heads, layout.head_size)
+    k = torch.empty(shape, dtype=layout.dtype)
+    v = torch.empty(shape, dtype=layout.dtype)
+    for i, c in enumerate(caches):
+        layout.check(c)
+        flat = c.as_strided((span,), (1,), c.storage_offset())
+        torch.index_select(flat, 0, ko, out=k[i].view(-1))
+        torch.index_select(flat, 0, vo, out=v[i].view(-1))
+    return k, v
+
+
 def block_slots(block_ids: list[int] | torch.Tensor, block_size: int, start: int, end: int) -> torch.Tensor:
     """Slots of token positions `[start, end)` of a request whose blocks are `block_ids`. # [end - start]"""
     ids = torch.as_tensor(block_ids, dtype=torch.long)

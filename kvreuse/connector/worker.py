@@ -380,9 +380,9 @@ class WorkerSide:
             off = 0
             for it in req.items:
                 n = it.end - it.start
-                # [L, n, H, D], owned by the store from here (gather made a copy; a slice of it is copied
-                # again so that each queued chunk holds only its own bytes)
-                ki, vi = (k, v) if len(req.items) == 1 else (k[:, off:off + n].clone(), v[:, off:off + n].clone())
+                # [L, n, H, D], owned by the store from here (gather made a copy; the store's background
+                # thread compacts each slice, so that each stored chunk holds only its own bytes)
+                ki, vi = k[:, off:off + n], v[:, off:off + n]
                 off += n
                 pos = self._frame(torch.tensor(it.positions, dtype=torch.int64) if it.positions is not None
                                   else torch.arange(it.start, it.end))

@@ -19,7 +19,7 @@ import torch
 from kvreuse.ops import backends
 from kvreuse.ops.reference import relocate_reference
 from kvreuse.ops.validate import check_kv, check_positions_pair
-from kvreuse.layout import PagedLayout
+from kvreuse.layout import PagedLayout, Reading
 from kvreuse.rope.spec import RopeSpec
 
 __all__ = ["gather", "place", "relocate"]
@@ -144,7 +144,12 @@ def gather(kv_cache: torch.Tensor | list[torch.Tensor], layout: PagedLayout, slo
         raise ValueError(f"slot_mapping entries must lie in [0, {layout.num_slots})")
     kernel_ok = layout.kernel_strides() is not None and layout.dtype in _KERNEL_DTYPES
     name = backends.choose(caches[0].device, backend, kernel_ok=kernel_ok)
-    if name == "reference":
+    if name == "reference" and caches[0].device.type == "cpu" and layout.reading in (Reading.CPU_ATTN,
+                                                                                     Reading.CPU_ATTN_AMX):
+        from kvreuse.paged import gather_cpu_pages
+
+        k, v = gather_cpu_pages(caches, layout, slot_mapping)  # the page read in place, all layers at once
+    elif name == "reference":
         from kvreuse.ops.paged_reference import gather_reference
 
         k, v = gather_reference(caches, layout, slot_mapping)

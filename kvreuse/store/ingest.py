@@ -77,6 +77,9 @@ class Ingester:
     def run(self, job: IngestJob) -> None:
         """Store ``job``'s chunk: a new entry, or a stored chunk's new context (see the module doc)."""
         t0 = time.perf_counter()
+        e = job.entry
+        if not (e.k.is_contiguous() and e.v.is_contiguous()):  # a slice of the saving step's buffer: own its bytes
+            e.k, e.v = e.k.contiguous(), e.v.contiguous()
         try:
             self._ingest(job)
         finally:

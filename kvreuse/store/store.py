@@ -136,7 +136,7 @@ class ChunkStore:
         """Hand over a chunk's KV computed in ``context``; returns at once (False: dropped, queue full).
 
         k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``, owned by the store from now on
-        (pass a copy); positions: ``[num_tokens]`` or ``[3, num_tokens]``, the frame k was rotated
+        (pass a copy; slices of one copy are fine: the background thread compacts each); positions: ``[num_tokens]`` or ``[3, num_tokens]``, the frame k was rotated
         at; preceding: the last chunk key digests before the chunk, in order (kept as the context's
         ``ChunkEntry.preceding`` and persisted, so a restarted or remote directory can match survival
         and reorder).  In the background: a new key becomes an entry; a stored key gets this

@@ -67,3 +67,27 @@ def test_runs_write_what_scatter_kv_writes_on_the_amx_page(slots):
     scatter_kv(a, lay, k, v, sm)
     scatter_kv_runs(b, lay, k, v, slot_runs(lay, sm))
     assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("slots", list(SLOT_MAPS))
+@pytest.mark.parametrize("amx", [False, True])
+def test_cpu_pages_gather_all_layers_as_gather_kv_reads_each(amx, slots):
+    """The save path's CPU read (`gather_cpu_pages`: offsets computed once, one indexed read per layer) returns
+    what the per-layer views read, on layers that are views into one allocation (nonzero storage offsets)."""
+    from kvreuse.paged import gather_cpu_pages, gather_kv
+
+    views, lay = allocate("LBHNC", Reading.CPU_ATTN, num_layers=3, num_blocks=12, num_heads=2, block_size=32,
+                          head_size=16, dtype=torch.bfloat16)
+    if amx:
+        lay = PagedLayout(Reading.CPU_ATTN_AMX, lay.num_blocks, lay.num_heads, lay.kernel_block_size, lay.head_size,
+                          lay.head_size_v, lay.strides, lay.dtype, 32, lay.backend, lay.kv_layout)
+    g = torch.Generator().manual_seed(3)
+    for c in views:
+        c.copy_(torch.randn(c.shape, generator=g))
+    assert views[1].storage_offset() > 0
+    sm = SLOT_MAPS[slots](32)
+    k, v = gather_cpu_pages(views, lay, sm)
+    assert k.shape == v.shape == (3, sm.numel(), 2, 16)
+    for i, c in enumerate(views):
+        rk, rv = gather_kv(c, lay, sm)
+        assert torch.equal(k[i], rk) and torch.equal(v[i], rv)
