@@ -8,6 +8,8 @@ for FlashAttention, Triton, FlashInfer, CPU_ATTN and MLA caches.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kvreuse.errors import KVReuseError
@@ -111,17 +113,23 @@ def cpu_page_offsets(layout: PagedLayout, slot_mapping: torch.Tensor) -> tuple[t
     """
     assert layout.reading in (Reading.CPU_ATTN, Reading.CPU_ATTN_AMX)
     blk, off = layout.split_slots(slot_mapping)
-    n, d = layout.kernel_block_size, layout.head_size
     s_b, s_h = layout.strides[:2]
-    t, dim = off[:, None], torch.arange(d)[None, :]  # [T, 1], [1, D]
-    if layout.reading is Reading.CPU_ATTN_AMX:
+    k_page, v_page = _page_tables(layout.reading, layout.kernel_block_size, layout.head_size)
+    base = (blk * s_b)[:, None, None] + (torch.arange(layout.num_heads) * s_h)[None, :, None]  # [T, H, 1]
+    return base + k_page[off][:, None, :], base + v_page[off][:, None, :]
+
+
+@functools.lru_cache(maxsize=16)
+def _page_tables(reading: Reading, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets within a (block, head) page of each token's `[D]` keys and values: `[N, D]` each."""
+    t, dim = torch.arange(n)[:, None], torch.arange(d)[None, :]
+    if reading is Reading.CPU_ATTN_AMX:
         k_in = (t // 16) * (16 * d) + (dim // 2) * 32 + (t % 16) * 2 + dim % 2
         v_in = n * d + (dim // 16) * (16 * n) + (t // 2) * 32 + (dim % 16) * 2 + t % 2
     else:
         k_in = dim * n + t
         v_in = n * d + t * d + dim
-    base = (blk * s_b)[:, None, None] + (torch.arange(layout.num_heads) * s_h)[None, :, None]  # [T, H, 1]
-    return base + k_in[:, None, :], base + v_in[:, None, :]
+    return k_in, v_in
 
 
 def gather_cpu_pages(caches: list[torch.Tensor], layout: PagedLayout,

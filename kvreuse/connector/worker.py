@@ -101,7 +101,8 @@ class _CpuPlan:
     table: tuple[torch.Tensor, torch.Tensor]  # the delta rotation's cos, sin: [N, rotary_dim // 2]
     runs: list[tuple[int, int, int, int]]     # the slots as runs inside kernel blocks (`slot_runs`)
     tiles: list[slice]                        # token ranges relocated op by op (see `_SERIAL_ELEMENTS`)
-    pieces: list[tuple[int, slice]]           # (item, its token range): the items, split as the tiles are
+    k: torch.Tensor                           # every item's keys, all layers: [L, N, H, D] ([L, H, D, N] CPU_ATTN)
+    v: torch.Tensor | None                    # [L, N, H, D] (None for MLA)
     out: torch.Tensor                         # [N, H, D] view, compute dtype (the cache rounds it once)
 
 
@@ -280,14 +281,12 @@ class WorkerSide:
                 # CPU: one layer at a time, in ops small enough to stay on this
                 # thread (`_cpu_plan`); the keys are relocated, then written by block runs.
                 plan = job.cpu or self._cpu_plan(job)
-                if self.spec.reading is Reading.CPU_ATTN:  # [H, D, N], read as [N, H, D]
-                    k = torch.cat([job.k[j][i, r].permute(1, 2, 0) for j, r in plan.pieces], dim=-1).permute(2, 0, 1)
-                else:
-                    k = torch.cat([job.k[j][i, r] for j, r in plan.pieces])
+                # CPU_ATTN: [H, D, N], read as [N, H, D]
+                k = plan.k[i].permute(2, 0, 1) if self.spec.reading is Reading.CPU_ATTN else plan.k[i]
                 for t in plan.tiles:
                     relocate_reference(k[t], job.src_pos, job.dst_pos, self.rope, out=plan.out[t],
                                        table=(plan.table[0][t], plan.table[1][t]))
-                v = torch.cat([job.v[j][i, r] for j, r in plan.pieces]) if self.spec.has_v else None
+                v = plan.v[i] if plan.v is not None else None
                 write = self.writers.get(layer_name) if self.spec.reading is Reading.CPU_ATTN_AMX else None
                 if write is not None and v is not None:
                     write(plan.out.to(cache.dtype), v.to(cache.dtype), cache, job.slots)
@@ -307,12 +306,13 @@ class WorkerSide:
             self._jobs = []
 
     def _cpu_plan(self, job: _Job) -> _CpuPlan:
-        """Shared by every layer of a CPU load.  Each op on more than `_SERIAL_ELEMENTS` elements
-        would wake PyTorch's OpenMP team, which costs more than a small op itself (~0.1 ms on a
-        2-core VM with the other core idle, dozens of ops a load): a load is relocated in token tiles
-        under that size, concatenated in pieces and written in runs no longer than a tile (torch.cat
-        copies input by input), so that it runs on the calling thread; a load of more than `_MAX_TILES` tiles runs
-        in whole-layer ops, big enough for the team to pay off."""
+        """Shared by every layer of a CPU load: the rotation table, the slot runs, and the items' KV
+        concatenated once for all layers (one copy a load; per item and layer it was ~100 small ops a
+        layer).  Each op on more than `_SERIAL_ELEMENTS` elements would wake PyTorch's OpenMP team,
+        which costs more than a small op itself (~0.1 ms on a 2-core VM with the other core idle,
+        dozens of ops a load): a layer is relocated in token tiles under that size and written in runs
+        no longer than a tile, so that it runs on the calling thread; a load of more than `_MAX_TILES`
+        tiles runs in whole-layer ops, big enough for the team to pay off."""
         assert self.spec is not None
         src, dst = check_positions_pair(self.rope, job.src_pos, job.dst_pos, job.slots.numel())
         dtype = job.k[0].dtype
@@ -323,7 +323,12 @@ class WorkerSide:
         if n > _MAX_TILES * tile:
             tile = n
         tiles = [slice(t, t + tile) for t in range(0, n, tile)]
-        pieces = [(j, slice(t, t + tile)) for j, x in enumerate(job.k) for t in range(0, x.shape[1], tile)]
+        # the items concatenated once for every layer (one copy a load, not one per item and layer)
+        if self.spec.reading is Reading.CPU_ATTN:  # tokens innermost, as the transposed keys are written
+            k = torch.cat([x.permute(0, 2, 3, 1) for x in job.k], dim=-1)
+        else:
+            k = torch.cat(job.k, dim=1)
+        v = torch.cat(job.v, dim=1) if self.spec.has_v else None
         runs = [(b, o + a, t + a, min(tile, m - a)) for b, o, t, m in slot_runs(self.spec, job.slots)
                 for a in range(0, m, tile)]
         if self.spec.reading is Reading.CPU_ATTN:
@@ -331,7 +336,7 @@ class WorkerSide:
             out = torch.empty(h, d, n, dtype=ct).permute(2, 0, 1)
         else:
             out = torch.empty(n, h, d, dtype=ct)
-        job.cpu = _CpuPlan(table, runs, tiles, pieces, out)
+        job.cpu = _CpuPlan(table, runs, tiles, k, v, out)
         return job.cpu
 
     def finish_loads(self) -> None:
@@ -374,20 +379,28 @@ class WorkerSide:
                 with self._lock:
                     self._unsaved.append(req.req_id)
                 continue
-            idx = torch.cat([torch.arange(it.start, it.end) for it in req.items])
+            # the items' token ranges, adjacent ones merged (a prompt's new chunks are mostly one run)
+            runs: list[list[int]] = []
+            for it in req.items:
+                if runs and runs[-1][1] == it.start:
+                    runs[-1][1] = it.end
+                else:
+                    runs.append([it.start, it.end])
+            idx = torch.cat([torch.arange(a, b) for a, b in runs])
             slots = block_slots(req.block_ids, self.spec.block_size, 0, int(idx.max()) + 1)[idx]
             k, v = gather([self.caches[n] for n in names], self.spec, slots)  # [L, N, H, D] (fused on GPU)
+            toks = torch.tensor([t for it in req.items for t in it.token_ids], dtype=torch.int64)
             off = 0
             for it in req.items:
                 n = it.end - it.start
                 # [L, n, H, D], owned by the store from here (gather made a copy; the store's background
                 # thread compacts each slice, so that each stored chunk holds only its own bytes)
                 ki, vi = k[:, off:off + n], v[:, off:off + n]
-                off += n
                 pos = self._frame(torch.tensor(it.positions, dtype=torch.int64) if it.positions is not None
-                                  else torch.arange(it.start, it.end))
-                ok = self.store.ingest(ChunkKey(it.key), torch.tensor(it.token_ids), pos, ki, vi, it.context,
+                                  else idx[off:off + n])
+                ok = self.store.ingest(ChunkKey(it.key), toks[off:off + n], pos, ki, vi, it.context,
                                        rope=self.rope, preceding=it.recent)
+                off += n
                 with self._lock:
                     if ok:
                         self._stats.saved_chunks += 1
