@@ -78,6 +78,7 @@ class DirEntry:
     # signature -> (anchors of the prompt the context was recorded in, the chunk's start there)
     anchors: dict[bytes, tuple[Anchors, int]] = field(default_factory=dict, repr=False)
     tokens: np.ndarray | None = None  # a text chunk recorded here: its tokens (int32), for edge fill
+    edges: tuple[bytes, bytes] = (b"", b"")  # its keys in the directory's head and tail indexes
 
     def add(self, sig: bytes, recent: tuple[bytes, ...], anchors: tuple[Anchors, int] | None = None) -> None:
         if anchors is not None:
@@ -150,31 +151,33 @@ class Directory:
         if anchors is not None:
             self._keep(anchors[0])
 
-    def record_save(self, item: "SaveItem", anchors: Anchors | None = None) -> None:
-        """`record` a planned save (`plan.plan_saves`); a text chunk is also indexed by its edges."""
+    def record_save(self, item: "SaveItem", anchors: Anchors | None = None, ns: bytes = b"") -> None:
+        """`record` a planned save (`plan.plan_saves`); a text chunk is also indexed by its edges, under the
+        request's namespace `ns` (`chunk_namespace`: model, cache salt, LoRA adapter, as its key is)."""
         self.record(item.key, item.end - item.start, item.context, item.recent,
                     (anchors, item.start) if anchors is not None else None)
         if item.text and item.end - item.start >= EDGE:
             e = self.entries[item.key]
             if e.tokens is None:
                 e.tokens = np.asarray(item.token_ids, dtype=np.int32)
-                self._heads[e.tokens[:EDGE].tobytes()] = item.key
-                self._tails[e.tokens[-EDGE:].tobytes()] = item.key
+                e.edges = (ns + e.tokens[:EDGE].tobytes(), ns + e.tokens[-EDGE:].tobytes())
+                self._heads[e.edges[0]] = item.key
+                self._tails[e.edges[1]] = item.key
 
-    def head(self, tokens: np.ndarray, start: int, end: int) -> tuple[bytes, DirEntry, int] | None:
-        """A stored text chunk that starts as `tokens[start:end]` does: (digest, entry, tokens in common, ≥ 1).
-        Its key is the `EDGE` tokens from `start`, which may reach past `end`."""
+    def head(self, tokens: np.ndarray, start: int, end: int, ns: bytes = b"") -> tuple[bytes, DirEntry, int] | None:
+        """A stored text chunk of namespace `ns` that starts as `tokens[start:end]` does: (digest, entry,
+        tokens in common, ≥ 1).  Its key is the `EDGE` tokens from `start`, which may reach past `end`."""
         if start + EDGE > tokens.shape[0]:
             return None
-        digest = self._heads.get(tokens[start:start + EDGE].tobytes())
+        digest = self._heads.get(ns + tokens[start:start + EDGE].tobytes())
         return self._common(digest, tokens[start:end], True)
 
-    def tail(self, tokens: np.ndarray, start: int, end: int) -> tuple[bytes, DirEntry, int] | None:
-        """A stored text chunk that ends as `tokens[start:end]` does: (digest, entry, tokens in common, ≥ 1).
-        Its key is the `EDGE` tokens before `end`, which may reach before `start`."""
+    def tail(self, tokens: np.ndarray, start: int, end: int, ns: bytes = b"") -> tuple[bytes, DirEntry, int] | None:
+        """A stored text chunk of namespace `ns` that ends as `tokens[start:end]` does: (digest, entry,
+        tokens in common, ≥ 1).  Its key is the `EDGE` tokens before `end`, which may reach before `start`."""
         if end < EDGE:
             return None
-        digest = self._tails.get(tokens[end - EDGE:end].tobytes())
+        digest = self._tails.get(ns + tokens[end - EDGE:end].tobytes())
         return self._common(digest, tokens[start:end], False)
 
     def _common(self, digest: bytes | None, want: np.ndarray, first: bool) -> tuple[bytes, DirEntry, int] | None:
@@ -189,9 +192,9 @@ class Directory:
 
     def _unindex(self, digest: bytes, e: DirEntry) -> None:
         if e.tokens is not None:
-            for index, edge in ((self._heads, e.tokens[:EDGE]), (self._tails, e.tokens[-EDGE:])):
-                if index.get(edge.tobytes()) == digest:
-                    del index[edge.tobytes()]
+            for index, edge in ((self._heads, e.edges[0]), (self._tails, e.edges[1])):
+                if index.get(edge) == digest:
+                    del index[edge]
 
     def _keep(self, a: Anchors) -> None:
         """Hold `a` under the anchor budget; the least recently recorded prompts' anchors are released."""
@@ -329,6 +332,12 @@ class SaveItem:
     positions: tuple[tuple[int, ...], ...] | None = None  # M-RoPE: `[3, end - start]` (None: token indices)
     recent: tuple[bytes, ...] = ()  # the last `RECENT` keys before it (the directory's, and persisted with the entry)
     text: bool = True  # no media item in it (only text chunks are indexed by their edges)
+
+
+def chunk_namespace(model_digest: bytes, cache_salt: str | None, lora: bytes | None = None) -> bytes:
+    """What separates chunk keys besides their content (model, cache salt, LoRA adapter), as 16 bytes: edge
+    fill only finds chunks of the request's own namespace, as an exact key lookup does."""
+    return ChunkKey.of(model_digest, [], cache_salt=cache_salt, lora=lora).digest
 
 
 def chunk_keys(token_ids: Sequence[int], chunks: Sequence[Chunk], model_digest: bytes,

@@ -235,11 +235,18 @@ class KVReuseConnector(KVConnectorBase_V1):
         return  # saves read every layer at once in wait_for_save, after the forward wrote them
 
     def wait_for_save(self) -> None:
-        """Copy new chunks out of the paged cache; the store put runs off the critical path."""
+        """Start copying new chunks out of the paged cache (on the worker's copy thread, overlapping the
+        step's sampling); the store put runs off the critical path."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVReuseMetadata)
         self._worker.finish_loads()
-        self._worker.save(meta)
+        self._worker.save(meta, wait=False)
+
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        """vLLM calls this at the start of every step, before it zeroes, copies or writes any block: the
+        previous step's copy-out finishes here, so no block it reads is reused under it."""
+        if self._worker is not None:
+            self._worker.settle_saves()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_blocks() if self._worker is not None else set()

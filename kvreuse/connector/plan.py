@@ -107,7 +107,8 @@ _PIECES = 4  # stored chunks edge fill may chain on each side of one gap
 
 def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,
                   num_computed: int, mode: str = "any", positions: torch.Tensor | None = None,
-                  cost: CostModel | None = None, gaps: bool = True, anchors: Anchors | None = None) -> Plan:
+                  cost: CostModel | None = None, gaps: bool = True, anchors: Anchors | None = None,
+                  ns: bytes = b"") -> Plan:
     """Placements of the stored chunks of a prompt (pure: nothing is recorded).
 
     `positions`: the request's `[3, N]` M-RoPE positions (`kvreuse.connector.mrope`); each item
@@ -115,6 +116,7 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
     is one chunk, so a placement never ends inside an image or video span.  `anchors`: the
     prompt's content anchors (`segment.segment_prompt`); with them, a chunk after gaps is survival
     or reorder only where a recorded context held the gaps' text (None: gaps are not checked).
+    `ns`: the request's chunk namespace (`claim.chunk_namespace`), for edge fill.
     """
     limit = len(token_ids) - 1  # vLLM must compute at least the last prompt token
     plan = Plan(num_computed)
@@ -168,7 +170,7 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
                     tok = np.asarray(token_ids, dtype=np.int32)
                 # the computed text before it (unplaced, up to one longest chunk) may end in the same suffix
                 edges = _edge_fill(tok, c, max(filled, c.start - max_chunk, text_from), sig, directory, policy,
-                                   positions)
+                                   positions, ns)
             if edges:
                 for it in edges:
                     if run and run[-1].dst_end != it.dst_start:
@@ -204,7 +206,7 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
 
 
 def _edge_fill(tok: np.ndarray, c: Chunk, back: int, sig: bytes, directory: Directory, policy,
-               positions: torch.Tensor | None) -> list[LoadItem]:
+               positions: torch.Tensor | None, ns: bytes) -> list[LoadItem]:
     """Edge fill of chunk `c` (text nobody stored): the common prefix of the stored chunk that starts
     as `c` does, placed at `c.start`, and the common suffix of the one that ends as the rest of `c`
     does, placed to end at `c.end`, reaching back as far as `back` (computed text before `c`); each
@@ -213,7 +215,7 @@ def _edge_fill(tok: np.ndarray, c: Chunk, back: int, sig: bytes, directory: Dire
     heads: list[LoadItem] = []
     start, end = c.start, c.end
     while start < end and len(heads) < _PIECES:
-        found = directory.head(tok, start, end)
+        found = directory.head(tok, start, end, ns)
         pick = policy(found[1], found[0], sig if start == c.start else b"", start) if found else None
         if pick is None:
             break
@@ -226,7 +228,7 @@ def _edge_fill(tok: np.ndarray, c: Chunk, back: int, sig: bytes, directory: Dire
         start = back
     tails: list[LoadItem] = []
     while start < end and len(tails) < _PIECES:
-        found = directory.tail(tok, start, end)
+        found = directory.tail(tok, start, end, ns)
         pick = policy(found[1], found[0], b"", end - found[2]) if found else None  # never exact: other text before
         if pick is None:
             break

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from kvreuse.connector.claim import Directory, chunk_keys
+from kvreuse.connector.claim import Directory, chunk_keys, chunk_namespace
 from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.costs import CostModel
 from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
@@ -73,6 +73,7 @@ class _Req:
     chunks: list[Chunk]
     keys: list[bytes]
     anchors: Anchors
+    ns: bytes                              # chunk namespace (model, salt, adapter): what edge fill may use
     positions: torch.Tensor | None = None  # M-RoPE: [3, N] from the model's get_mrope_input_positions
     disabled: bool = False                 # positions could not be computed: no reuse for this request
     plan: Plan | None = None
@@ -122,9 +123,10 @@ class SchedulerSide:
             chunks, anchors = segment_prompt(tokens, self.cfg.chunking, boundary_ids=self.boundary_ids,
                                              end_ids=self.end_ids, spans=mm_spans(getattr(request, "mm_features", None)))
             # besides content and model, the cache salt and the LoRA adapter (name, path, files) separate keys
-            keys = chunk_keys(tokens, chunks, self.model_digest, getattr(request, "cache_salt", None),
-                              self.adapters.of(getattr(request, "lora_request", None)))
-            st = self.reqs[request.request_id] = _Req(request, chunks, keys, anchors)
+            salt, lora = getattr(request, "cache_salt", None), self.adapters.of(getattr(request, "lora_request", None))
+            keys = chunk_keys(tokens, chunks, self.model_digest, salt, lora)
+            st = self.reqs[request.request_id] = _Req(request, chunks, keys, anchors,
+                                                      chunk_namespace(self.model_digest, salt, lora))
             if self.positions_fn is not None:
                 try:
                     st.positions = self.positions_fn(tokens, list(getattr(request, "mm_features", None) or []))
@@ -154,7 +156,7 @@ class SchedulerSide:
             return 0
         mode = "patched_or_exact" if asks_patched_or_exact(request.kv_transfer_params) else self.cfg.policy.mode
         plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
-                             mode, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors)
+                             mode, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors, ns=st.ns)
         # a (re)plan: a new request, or one resumed after preemption (its blocks are gone)
         st.plan, st.starts = plan, [p.start for p in plan.placements]
         st.next_seg, st.pending, st.placed, st.load_pending, st.used = 0, [], set(), False, []
@@ -282,7 +284,7 @@ class SchedulerSide:
             if items:
                 meta.saves.append(ReqSave(rid, list(block_ids_of(rid)), items))  # `recent` persists with the entry
                 for it in items:  # recorded now: the worker copies the KV out in this very step
-                    self.directory.record_save(it, st.anchors)
+                    self.directory.record_save(it, st.anchors, st.ns)
         return meta
 
     def _count_segments(self, st: _Req, prompt_len: int) -> None:

@@ -29,13 +29,14 @@ import logging
 import re
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from kvreuse.connector.config import ConnectorConfig
-from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, ReqLoad
+from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, ReqLoad, ReqSave
 from kvreuse.connector.mrope import chunk_shift
 from kvreuse.connector.stats import ReuseStats
 from kvreuse.errors import KVReuseError
@@ -144,6 +145,8 @@ class WorkerSide:
         self._lost: list[bytes] = []
         self._failed_loads: list[str] = []  # requests whose load failed (counted by the scheduler, once over ranks)
         self._load_t = 0.0
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-copy")  # save(wait=False)
+        self._copying: Future | None = None
         self._load_obs = (0.0, 0)  # (seconds, tokens) placed since the last report: the scheduler's cost model
 
     # ---------------------------------------------------------------- setup
@@ -186,6 +189,7 @@ class WorkerSide:
     # ---------------------------------------------------------------- load
     def start_load(self, meta: KVReuseMetadata) -> None:
         """Fetch every claimed chunk of this step (layers are placed in `load_layer`)."""
+        self.settle_saves()  # (already settled at the step's start; a caller outside vLLM may not have)
         self._jobs, self._layers_done, self._failed_reqs = [], set(), set()
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.cfg.load_timeout_seconds
@@ -367,18 +371,54 @@ class WorkerSide:
                                    unsaved, load_s, load_tokens, list(dict.fromkeys(failed)))
 
     # ---------------------------------------------------------------- save
-    def save(self, meta: KVReuseMetadata) -> None:
-        """Copy each new chunk's KV out of the paged cache and hand it to the store (which returns at once)."""
+    def save(self, meta: KVReuseMetadata, wait: bool = True) -> None:
+        """Copy each new chunk's KV out of the paged cache and hand it to the store (which returns at once).
+
+        `wait=False` (the connector, at the end of a step's forward): the copy runs on this worker's copy
+        thread, overlapping the step's sampling and output; `settle_saves` waits for it, and must run
+        before anything writes the cache again (the connector calls it in `handle_preemptions`, which
+        vLLM runs at the start of every step, before it zeroes, copies or writes any block).
+        """
         if not meta.saves:
             return
         assert self.spec is not None
-        t0 = time.perf_counter()
-        names = sorted(self.layers, key=self.layers.get)
+        reqs = []
         for req in meta.saves:
             if req.req_id in self._failed_reqs:  # computed over blocks a failed load never wrote
                 with self._lock:
                     self._unsaved.append(req.req_id)
-                continue
+            else:
+                reqs.append(req)
+        if not reqs:
+            return
+        self.settle_saves()
+        if wait:
+            self._copy_out(reqs)
+        else:
+            self._copying = self._copier.submit(self._copy_out, reqs)
+
+    def settle_saves(self) -> None:
+        """Wait for the copy `save(wait=False)` started, if any (it never raises: a failed copy is logged and
+        its chunks are counted as dropped saves, reported lost)."""
+        fut, self._copying = self._copying, None
+        if fut is not None:
+            fut.result()
+
+    def _copy_out(self, reqs: list[ReqSave]) -> None:
+        try:
+            self._copy_out_now(reqs)
+        except Exception:
+            log.exception("kvreuse: copying saved chunks out of the KV cache failed; they are not stored")
+            with self._lock:
+                for req in reqs:
+                    self._stats.dropped_saves += len(req.items)
+                    self._lost.extend(it.key for it in req.items)
+
+    def _copy_out_now(self, reqs: list[ReqSave]) -> None:
+        assert self.spec is not None
+        t0 = time.perf_counter()
+        names = sorted(self.layers, key=self.layers.get)
+        for req in reqs:
             # the items' token ranges, adjacent ones merged (a prompt's new chunks are mostly one run)
             runs: list[list[int]] = []
             for it in req.items:
@@ -449,4 +489,6 @@ class WorkerSide:
         return s.for_rank(self.tp_rank, self.tp_size)
 
     def close(self) -> None:
+        self.settle_saves()
+        self._copier.shutdown()
         self.store.close()

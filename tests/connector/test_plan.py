@@ -537,3 +537,28 @@ def test_media_chunks_are_never_edge_filled():
     toks = prompt(img, cap, [9, 9])  # the same placeholder tokens, another image
     plan, _ = _plan(d, toks, spans=[MMSpan("img-2", 0, 16)])
     assert all(it.dst_start >= 16 for it in plan.items)
+
+
+def test_edge_fill_finds_only_the_requests_own_namespace():
+    """Edges are indexed under the request's namespace (model, cache salt, adapter), as keys are: a tenant's
+    stored chunk never fills another tenant's prompt."""
+    from kvreuse.connector.claim import chunk_namespace
+
+    a, b, x, y = (message(420 + i, 90)[1:] for i in range(4))
+    toks = prompt(a, [9, 9, 9], b, [7, 7])
+
+    def planned(store_salt, plan_salt):
+        d = Directory()
+        for t in (prompt(a, [9, 9, 9], x, [8]), prompt(y, [9, 9, 9], b, [8])):
+            ch, anchors = segment_prompt(t, CFG, boundary_ids=frozenset({START}))
+            keys = chunk_keys(t, ch, MODEL, store_salt)
+            for it in plan_saves(t, ch, keys, d, set(), True):
+                d.record_save(it, anchors, chunk_namespace(MODEL, store_salt))
+        ch, anchors = segment_prompt(toks, CFG, boundary_ids=frozenset({START}))
+        plan = plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, plan_salt), d, 0, anchors=anchors,
+                             ns=chunk_namespace(MODEL, plan_salt))
+        return [it for it in plan.items if it.src_end - it.src_start < len(it.token_ids)]
+
+    assert planned("tenant-a", "tenant-a")         # pieces of its own chunks
+    assert not planned("tenant-a", "tenant-b")     # none of another tenant's
+    assert not planned("tenant-a", None)

@@ -210,3 +210,42 @@ def test_report_aggregates_over_workers():
     a = KVReuseWorkerReport([b"1"], [b"d"], ["r"])
     m = a.aggregate(KVReuseWorkerReport([b"2"], [], ["r", "q"]))
     assert (m.lost_keys, m.demoted_keys, m.unsaved_req_ids) == ([b"1", b"2"], [b"d"], ["r", "q"])
+
+
+def test_an_asynchronous_copy_out_is_settled_before_the_next_step_writes(monkeypatch):
+    """`save(wait=False)` (what the connector does at the end of a forward) returns before the copy; the next
+    step's `settle_saves` (the connector's `handle_preemptions`, before vLLM touches a block) and `start_load`
+    wait for it; what was saved is then served.  A copy that fails is counted and reported lost."""
+    import kvreuse.connector.worker as wm
+
+    w = worker()
+    a = chunk(30)
+    item = computed(w, [1, 2], 4, a, C0)
+    gate = threading.Event()
+    real = wm.gather
+
+    def slow_gather(*args, **kw):
+        assert gate.wait(30)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(wm, "gather", slow_gather)
+    t0 = time.perf_counter()
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", [1, 2], [item])]), wait=False)
+    assert time.perf_counter() - t0 < 1.0 and w.take_stats().saved_chunks == 0  # the copy waits on the gate
+    threading.Timer(0.2, gate.set).start()
+    load(w, ReqLoad("r2", [5, 6], [LoadItem(a[0], a[1], 0, N, 9, C0, "exact")]))  # settles, then loads
+    assert not w.take_failed_blocks()
+    assert w.take_stats().saved_chunks == 1
+    k, v = read(w, [5, 6], 9)
+    torch.testing.assert_close(k, relocate(a[2], torch.arange(N), torch.arange(9, 9 + N), ROPE), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, a[3])
+
+    def broken(*args, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(wm, "gather", broken)
+    b = chunk(31)
+    w.save(KVReuseMetadata(saves=[ReqSave("r3", [3, 4], [computed(w, [3, 4], 0, b, C0)])]), wait=False)
+    w.settle_saves()
+    assert w.take_stats().dropped_saves == 1 and b[0] in w.take_report().lost_keys
+    w.close()
