@@ -32,8 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.serve_common import (ARMS, arm_order, delta, fmt, median, ratio, reuse_summary, serve,  # noqa: E402
-                                settle, warm_seed, write_json)
+from bench.serve_common import (ARMS, arm_order, delta, fmt, median, print_spread, ratio, reuse_summary,  # noqa: E402
+                                serve, settle, turn_spread, warm_seed, write_json)
 from kvreuse.models.trace import image_data_url  # noqa: E402
 from server.demo import ttft  # noqa: E402
 from tests.support.encoder_count import encoded_items, encoder_count_args, encoder_count_env  # noqa: E402
@@ -165,6 +165,10 @@ def main() -> int:
         print(f"from turn 2: placed {placed:.1%} of prompt tokens (target >= 60%); kvreuse encoder runs per turn "
               f"at most {enc:.0f} (target 1: only the new picture); median TTFT ratio "
               f"{fmt(summary['median_ttft_ratio_from_turn2'])}")
+    summary["turn1"] = turn_spread(runs, range(0, 1))
+    summary["from_turn2"] = turn_spread(runs, range(1, a.turns))
+    print_spread("turn 1", summary["turn1"])
+    print_spread("from turn 2 (every request of every repeat)", summary["from_turn2"])
     write_json(a.out, {"bench": "caption", "args": vars(a), "model": spec.tag(), "turns": table, "summary": summary,
                        "runs": runs, "elapsed_s": elapsed, "server_commands": commands})
     return 0

@@ -31,8 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.serve_common import (ARMS, arm_order, bench_model_spec, delta, fmt, median, ratio,  # noqa: E402
-                                reuse_summary, serve, settle, stream_completion, warm_seed,
+from bench.serve_common import (ARMS, arm_order, bench_model_spec, delta, fmt, median, print_spread,  # noqa: E402
+                                ratio, reuse_summary, serve, settle, stream_completion, turn_spread, warm_seed,
                                 write_json)
 
 
@@ -173,6 +173,10 @@ def main() -> int:
         print(f"from turn 2: median TTFT ratio kvreuse / prefix {fmt(summary['median_ttft_ratio_from_turn2'])} "
               f"(target <= 0.40); placed {placed:.1%} of prompt tokens (target >= 70%); claims by policy "
               f"(all repeats): {claims}")
+    summary["turn1"] = turn_spread(runs, range(0, 1))
+    summary["from_turn2"] = turn_spread(runs, range(1, a.turns))
+    print_spread("turn 1", summary["turn1"])
+    print_spread("from turn 2 (every request of every repeat)", summary["from_turn2"])
     write_json(a.out, {"bench": "raw_agent", "args": vars(a), "model": spec.tag(), "turns": table, "summary": summary,
                        "runs": runs, "elapsed_s": elapsed, "server_commands": commands})
     return 0

@@ -308,6 +308,29 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def turn_spread(runs: dict[str, list[list[dict]]], turns: range) -> dict:
+    """TTFT over every (repeat, turn) of `turns`, per arm: mean, p50 and p99 in ms, and kvreuse / prefix of each
+    (the per-turn medians hide a slow outlier; this is what a user of the trace sees)."""
+    out: dict = {}
+    for arm, reps in runs.items():
+        xs = sorted(1e3 * r[t]["ttft_s"] for r in reps for t in turns if t < len(r))
+        if xs:
+            out[arm] = {"mean_ms": statistics.mean(xs), "p50_ms": statistics.median(xs),
+                        "p99_ms": xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))], "n": len(xs)}
+    if "kvreuse" in out and "prefix" in out:
+        out["ratio"] = {k: out["kvreuse"][k] / out["prefix"][k] for k in ("mean_ms", "p50_ms", "p99_ms")}
+    return out
+
+
+def print_spread(label: str, spread: dict) -> None:
+    r = spread.get("ratio")
+    if r:
+        print(f"{label}: TTFT kvreuse / prefix mean {r['mean_ms']:.2f}, p50 {r['p50_ms']:.2f}, p99 {r['p99_ms']:.2f} "
+              f"(kvreuse {spread['kvreuse']['mean_ms']:.1f} / {spread['kvreuse']['p99_ms']:.1f} ms mean / p99, "
+              f"prefix {spread['prefix']['mean_ms']:.1f} / {spread['prefix']['p99_ms']:.1f}; "
+              f"{spread['kvreuse']['n']} requests an arm)")
+
+
 def fmt(x, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 

@@ -421,6 +421,16 @@ def test_cuts_restart_at_media_and_paragraphs():
     assert any(c.end == 31 for c in e1), "a paragraph break ends a chunk"
 
 
+def _raw_window_turns(seed: int, turns: int = 4) -> list[list[int]]:
+    """A raw-text sliding window: a system text, the last 5 of 160-token frames joined by the same 3 separator
+    tokens, a new 16-token question; the oldest frame dropped and a new one added every turn."""
+    rng = random.Random(seed)
+    text = lambda n: [rng.randrange(10, 4000) for _ in range(n)]  # noqa: E731
+    system, sep = text(64), text(3)
+    frames = [text(160) for _ in range(turns + 5)]
+    return [system + [x for f in frames[t:t + 5] for x in sep + f] + sep + text(16) for t in range(turns)]
+
+
 def test_raw_text_change_point_costs_under_one_old_chunk():
     """A raw-text sliding window (no boundaries): each change point costs the chunk straddling it plus the
     hash's resync, ~16 tokens with the default cuts (8-token hash window, chunks of 8 / ~16 tokens); the
@@ -428,13 +438,8 @@ def test_raw_text_change_point_costs_under_one_old_chunk():
     cfg = ChunkingConfig()
     lost = change_points = 0
     for seed in range(8):
-        rng = random.Random(seed)
-        text = lambda n: [rng.randrange(10, 4000) for _ in range(n)]  # noqa: E731
-        system, sep = text(64), text(3)
-        frames = [text(160) for _ in range(9)]
         d = Directory()
-        for t in range(4):
-            toks = system + [x for f in frames[t:t + 5] for x in sep + f] + sep + text(16)
+        for t, toks in enumerate(_raw_window_turns(seed)):
             ch = segment(toks, cfg)
             keys = chunk_keys(toks, ch, MODEL, None)
             plan = plan_segments(toks, ch, keys, d, 0)
@@ -461,13 +466,8 @@ def test_edge_fill_places_the_chunks_straddling_change_points():
     cfg = ChunkingConfig()
     lost = extra_steps = 0
     for seed in range(8):
-        rng = random.Random(seed)
-        text = lambda n: [rng.randrange(10, 4000) for _ in range(n)]  # noqa: E731
-        system, sep = text(64), text(3)
-        frames = [text(160) for _ in range(9)]
         d = Directory()
-        for t in range(4):
-            toks = system + [x for f in frames[t:t + 5] for x in sep + f] + sep + text(16)
+        for t, toks in enumerate(_raw_window_turns(seed)):
             ch, anchors = segment_prompt(toks, cfg)
             keys = chunk_keys(toks, ch, MODEL, None)
             plan = plan_segments(toks, ch, keys, d, 0, anchors=anchors)
