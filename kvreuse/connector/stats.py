@@ -83,8 +83,12 @@ class ReuseStats:
             return replace(self, **gauges)
         return ReuseStats(**{f: getattr(self, f) for f in self.PER_RANK}, **gauges)
 
+    def counters_empty(self) -> bool:
+        """Nothing happened since the last report (gauges aside): checked every step, so without copies."""
+        return not any(getattr(self, n) for n in _COUNTERS)
+
     def is_empty(self) -> bool:
-        return self == ReuseStats()
+        return self.counters_empty() and not any(getattr(self, n) for n in self.GAUGES)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,3 +117,6 @@ class KVReuseConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return ReuseStats.from_dict(self.data).is_empty()
+
+
+_COUNTERS = tuple(f.name for f in fields(ReuseStats) if f.name not in ReuseStats.GAUGES)

@@ -190,6 +190,8 @@ class WorkerSide:
     def start_load(self, meta: KVReuseMetadata) -> None:
         """Fetch every claimed chunk of this step (layers are placed in `load_layer`)."""
         self.settle_saves()  # (already settled at the step's start; a caller outside vLLM may not have)
+        if not meta.loads and not self._jobs and not self._layers_done and not self._failed_reqs:
+            return  # a step without loads (every decode step): nothing to reset
         self._jobs, self._layers_done, self._failed_reqs = [], set(), set()
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.cfg.load_timeout_seconds
@@ -345,6 +347,8 @@ class WorkerSide:
 
     def finish_loads(self) -> None:
         """Place any layer whose attention did not call `wait_for_layer_load` (then nothing is lost)."""
+        if not self._jobs:
+            return
         for name in list(self.layers):
             if self._jobs:
                 self.load_layer(name)
