@@ -378,10 +378,13 @@ class WorkerSide:
     def save(self, meta: KVReuseMetadata, wait: bool = True) -> None:
         """Copy each new chunk's KV out of the paged cache and hand it to the store (which returns at once).
 
-        `wait=False` (the connector, at the end of a step's forward): the copy runs on this worker's copy
-        thread, overlapping the step's sampling and output; `settle_saves` waits for it, and must run
-        before anything writes the cache again (the connector calls it in `handle_preemptions`, which
-        vLLM runs at the start of every step, before it zeroes, copies or writes any block).
+        `wait=False` (the connector, at the end of a step's forward): on CPU caches the copy runs on this
+        worker's copy thread, overlapping the step's sampling and output; `settle_saves` waits for it,
+        and must run before anything writes the cache again (the connector calls it in
+        `handle_preemptions`, which vLLM runs at the start of every step, before it zeroes, copies or
+        writes any block).  On a GPU the copy is one fused kernel launched here, on the forward's stream
+        (launched from a thread of its own it would go to another stream, unordered with the forward's
+        writes).
         """
         if not meta.saves:
             return
@@ -396,7 +399,7 @@ class WorkerSide:
         if not reqs:
             return
         self.settle_saves()
-        if wait:
+        if wait or next(iter(self.caches.values())).device.type != "cpu":
             self._copy_out(reqs)
         else:
             self._copying = self._copier.submit(self._copy_out, reqs)
