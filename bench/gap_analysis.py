@@ -112,8 +112,7 @@ class Replay:
         upto = len(toks) if first is None else first
         for b in range(self.block_size, upto + 1, self.block_size):
             self.blocks.add(tuple(toks[:b]))
-        placed = {it.key for it in plan.items} | {k for it in plan.items for k in it.within}
-        for it in plan_saves(toks, chunks, keys, self.directory, placed, True):
+        for it in plan_saves(toks, chunks, keys, self.directory, plan.placed_keys, True):
             self.directory.record_save(it, anchors)
         self.ngrams.update(tuple(toks[s:s + NGRAM]) for s in range(len(toks) - NGRAM + 1))
         self.history.append("," + ",".join(map(str, toks)) + ",")

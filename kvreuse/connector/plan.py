@@ -63,6 +63,12 @@ class Placement:
     def exact(self) -> bool:
         return all(it.policy == "exact" for it in self.items)
 
+    @property
+    def keys(self) -> set[bytes]:
+        """Chunks this placement fills: its items' keys, and the prompt's own chunks that edge fill covered
+        whole (`LoadItem.within`: never saved as computed, what they hold was placed)."""
+        return {it.key for it in self.items} | {k for it in self.items for k in it.within}
+
 
 @dataclass
 class Plan:
@@ -100,6 +106,11 @@ class Plan:
     @property
     def items(self) -> list[LoadItem]:
         return [it for p in self.placements for it in p.items]
+
+    @property
+    def placed_keys(self) -> set[bytes]:
+        """`Placement.keys` of every placement: what `plan_saves` must not save as computed."""
+        return {k for p in self.placements for k in p.keys}
 
 
 _PIECES = 4  # stored chunks edge fill may chain on each side of one gap

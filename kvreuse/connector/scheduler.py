@@ -61,12 +61,6 @@ def asks_patched_or_exact(kv_transfer_params: dict[str, Any] | None) -> bool:
     return isinstance(v, dict) and v.get("mode") == "patched_or_exact"
 
 
-def _placed_keys(p: Placement) -> set[bytes]:
-    """Chunks a placement fills: its items' keys, and the prompt's own chunks that edge fill placed into
-    (never saved as computed: what they hold was placed)."""
-    return {it.key for it in p.items} | {k for it in p.items for k in it.within}
-
-
 @dataclass
 class _Req:
     request: Any
@@ -194,7 +188,7 @@ class SchedulerSide:
             assert plan.leading == num_external, "claim changed since it was offered"
             st.load_pending = True
             lead = plan.placements[0]
-            st.placed |= _placed_keys(lead)
+            st.placed |= lead.keys
             st.next_seg = 1
             st.used.append(lead)
             self._count_mm_reused(request, lead.start, lead.end)
@@ -230,7 +224,7 @@ class SchedulerSide:
         if n >= len(request.prompt_token_ids or ()) or p.end >= len(request.prompt_token_ids):
             return 0
         st.pending.append(p)
-        st.placed |= _placed_keys(p)
+        st.placed |= p.keys
         st.used.append(p)
         self._count_mm_reused(request, p.start, p.end)
         return p.num_tokens
@@ -330,7 +324,7 @@ class SchedulerSide:
             n = st.request.num_computed_tokens
             keep = [Placement(tuple(it for it in p.items if it.dst_end <= n)) for p in st.used if p.start < n]
             st.used = [p for p in keep if p.items]
-            st.placed = {k for p in st.used for k in _placed_keys(p)}
+            st.placed = {k for p in st.used for k in p.keys}
 
     def unsaved(self, req_ids: list[str]) -> None:
         """Requests whose save was dropped because a load failed in that step: what the directory recorded

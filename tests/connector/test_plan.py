@@ -483,8 +483,7 @@ def test_edge_fill_places_the_chunks_straddling_change_points():
                 assert plan.placements[0].start == 0
                 extra_steps += _computed_runs(plan, len(toks)) - 1
                 assert {it.policy for it in plan.items} <= {"exact", "survival"}
-            placed = {i.key for i in plan.items} | {k for i in plan.items for k in i.within}
-            for it in plan_saves(toks, ch, keys, d, placed, True):
+            for it in plan_saves(toks, ch, keys, d, plan.placed_keys, True):
                 d.record_save(it, anchors)
     # rarely, a cut right after the separator is new (its hash window saw the other passage) and no stored chunk
     # ends there: a few tokens stay computed, one more step for that turn
@@ -524,8 +523,7 @@ def _setup_into_saving(d, toks):
     ch, anchors = segment_prompt(toks, CFG, boundary_ids=frozenset({START}))
     keys = chunk_keys(toks, ch, MODEL, None)
     plan = plan_segments(toks, ch, keys, d, 0, anchors=anchors)
-    placed = {i.key for i in plan.items} | {k for i in plan.items for k in i.within}
-    for it in plan_saves(toks, ch, keys, d, placed, True):
+    for it in plan_saves(toks, ch, keys, d, plan.placed_keys, True):
         d.record_save(it, anchors)
 
 
