@@ -167,7 +167,8 @@ def check_against_vllm(layout: PagedLayout, write, *, seed: int = 0) -> None:
 
     `write(key, value, key_cache, value_cache, slot_mapping)`: vLLM's write (for the CPU backend,
     `cpu_attn_reshape_and_cache` with the layer's isa).  Random K/V go into block 1 of a scratch
-    cache shaped like the layer's page through `write`; `gather_kv` must return them bit for bit.
+    cache shaped like the layer's page through `write`; `gather_kv` and the save path's reader
+    (`gather_cpu_pages`, for CPU pages) must return them bit for bit.
     """
     n, h, d = layout.kernel_block_size, layout.num_heads, layout.head_size
     scratch = torch.zeros(2, h, n, 2 * d, dtype=layout.dtype)
@@ -178,8 +179,10 @@ def check_against_vllm(layout: PagedLayout, write, *, seed: int = 0) -> None:
     key_cache, value_cache = kv.chunk(2, dim=2)
     slots = torch.arange(n, 2 * n)
     write(key, value, key_cache, value_cache, slots)
-    k, v = gather_kv(scratch, lay, slots)
-    if not (torch.equal(k, key) and torch.equal(v, value)):
+    reads = [gather_kv(scratch, lay, slots)]
+    if lay.reading in (Reading.CPU_ATTN, Reading.CPU_ATTN_AMX):
+        reads.append(tuple(x[0] for x in gather_cpu_pages([scratch], lay, slots)))
+    if not all(torch.equal(k, key) and torch.equal(v, value) for k, v in reads):
         raise KVReuseError(f"kvreuse's reading {layout.reading.value} of backend {layout.backend!r} does not match "
                            f"what vLLM wrote (block size {n}, head size {d}, {layout.dtype}); kvreuse cannot "
                            "address this cache")

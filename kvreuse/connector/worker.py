@@ -176,7 +176,11 @@ class WorkerSide:
         if odd:
             raise KVReuseError(f"layer {odd[0]!r} has cache layout {layouts[odd[0]]}, unlike {first}")
         self.caches = dict(kv_caches)
-        self.writers = dict(writers or {}) if first.kernel_block_size == first.block_size else {}
+        # used on the AMX page only, for every layer or none (a load's slots are in scheduler blocks,
+        # vLLM's write takes them in kernel blocks: the two must be the same)
+        writers = writers or {}
+        self.writers = dict(writers) if (first.reading is Reading.CPU_ATTN_AMX and set(writers) >= set(kv_caches)
+                                         and first.kernel_block_size == first.block_size) else {}
         self.layers = {n: layer_index(n) for n in kv_caches}
         if sorted(self.layers.values()) != list(range(len(self.layers))):
             # hybrid/odd models: fall back to registration order
@@ -293,8 +297,8 @@ class WorkerSide:
                     relocate_reference(k[t], job.src_pos, job.dst_pos, self.rope, out=plan.out[t],
                                        table=(plan.table[0][t], plan.table[1][t]))
                 v = plan.v[i] if plan.v is not None else None
-                write = self.writers.get(layer_name) if self.spec.reading is Reading.CPU_ATTN_AMX else None
-                if write is not None and v is not None:
+                write = self.writers.get(layer_name)
+                if write is not None:
                     write(plan.out.to(cache.dtype), v.to(cache.dtype), cache, job.slots)
                 else:
                     scatter_kv_runs(cache, self.spec, plan.out, v, plan.runs)
@@ -335,8 +339,10 @@ class WorkerSide:
         else:
             k = torch.cat(job.k, dim=1)
         v = torch.cat(job.v, dim=1) if self.spec.has_v else None
-        runs = [(b, o + a, t + a, min(tile, m - a)) for b, o, t, m in slot_runs(self.spec, job.slots)
-                for a in range(0, m, tile)]
+        # block runs for kvreuse's own writes (none needed where vLLM's write takes the AMX page)
+        runs = [] if self.writers else \
+            [(b, o + a, t + a, min(tile, m - a)) for b, o, t, m in slot_runs(self.spec, job.slots)
+             for a in range(0, m, tile)]
         if self.spec.reading is Reading.CPU_ATTN:
             table = tuple(t.t().contiguous().t() for t in table)
             out = torch.empty(h, d, n, dtype=ct).permute(2, 0, 1)
