@@ -159,6 +159,10 @@ def drive(url: str, model: str, trace: Trace, clients: int, duration: float) -> 
     return outs
 
 
+def log_tail(path: str, lines: int = 40) -> str:
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
 def log_errors(path: str) -> list[str]:
     return [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if LOG_ERROR.search(ln)]
 
@@ -340,8 +344,17 @@ def main(argv: list[str] | None = None) -> int:
                 drive(off.url, name, trace, a.clients, dur)
                 base.stop()
                 r["rss_vllm_alone"] = base.rss_report(min(warmup, dur / 2))
-            r["replay"] = compare(off.url, outs, a.tol)
             r["replay_server_command"] = off.command()
+            try:
+                r["replay"] = compare(off.url, outs, a.tol)
+            except httpx.TransportError as e:  # the reference server went away: say why, replay on a fresh one
+                print(f"vLLM alone failed during the replay ({e!r}; process "
+                      f"{'exited ' + str(off.proc.poll()) if off.proc.poll() is not None else 'alive'}); "
+                      f"its log ends:\n{log_tail(off.log)}", flush=True)
+                r["replay_restarts"] = 1
+        if r.get("replay_restarts"):
+            with serve("prefix", model, log_dir=str(root), env=env, dtype=a.dtype, extra=extra) as off:
+                r["replay"] = compare(off.url, outs, a.tol)
     exact = a.model_layers == 1 and a.dtype == "float32" and not a.no_replay
     r["checks"] = checks(r, exact, a.rss_slope, a.rss_margin)
     print_report(r)

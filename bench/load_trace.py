@@ -201,6 +201,15 @@ def replay(http: httpx.Client, out: Outcome) -> tuple[str, list[float], list[str
     logprobs per position (to tell a near tie from a wrong answer)."""
     chat = out.endpoint.endswith("chat/completions")
     body = {**out.body, **({"top_logprobs": 2} if chat else {"logprobs": 2})}
-    r = http.post(out.endpoint, json=body)
+    for attempt in range(3):
+        try:
+            r = http.post(out.endpoint, json=body)
+            break
+        except (httpx.RemoteProtocolError, httpx.ConnectError):
+            # a pooled keep-alive connection the server closed just as it was reused (uvicorn drops idle
+            # connections after 5 s): a new connection, once the server is back; persistent errors raise
+            if attempt == 2:
+                raise
+            time.sleep(1.0 + attempt)
     r.raise_for_status()
     return text_and_logprobs(r.json()["choices"][0], chat, delta=False)
