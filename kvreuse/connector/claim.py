@@ -244,6 +244,13 @@ class GapText:
     def __init__(self, anchors: Anchors, lo: int, hi: int, seen: dict) -> None:
         self.anchors, self.lo, self.hi, self.seen = anchors, lo, hi, seen
 
+    @property
+    def evidence(self) -> bool:
+        """The span holds anchors at all (no anchor: nothing to tell old text from new)."""
+        a = self.anchors
+        i, j = np.searchsorted(a.pos, (self.lo, self.hi))
+        return bool(j > i)
+
     def was_there(self, recorded: tuple[Anchors, int] | None) -> bool:
         if recorded is None or not recorded[0].known:
             return False  # nothing to verify against
@@ -269,23 +276,36 @@ class GapText:
 
 
 def choose_policy(entry: DirEntry, sig: bytes, stored: Sequence[bytes], mode: str,
-                  gaps: GapText | None = None) -> tuple[str, bytes] | None:
+                  gaps: GapText | None = None, text: GapText | None = None) -> tuple[str, bytes] | None:
     """(policy, recorded context signature to read) for a chunk; None = not claimed.
 
     `sig`: signature of every key before the chunk; `stored`: the stored chunks among them (the
-    last `MATCH`, in order; gaps left out); `gaps`: the gap text among them (None: no gaps).
+    last `MATCH`, in order; gaps left out); `gaps`: the gap text among them (None: no gaps);
+    `text`: all the text they span, gaps or not (None: no anchors).
     Among the recorded contexts that contain every stored neighbour (and held the gaps' text), the
-    one with the fewest extra keys wins, survival (same order) first.
+    one with the fewest extra keys wins, survival (same order) first.  A context that lacks some
+    stored neighbours as keys still fits when it held their text (`text`): a chunk first stored
+    where a change point moved the content-defined cuts (the chunk straddling it, saved later, in
+    another prompt) is new as a key but old as text, and the chunks after it are as they were.
     """
     if sig in entry.contexts:
         return "exact", sig
     # a context with no recorded keys is the isolated one, except on a remote entry saved without them
     have = frozenset(stored)
-    fits = sorted((len(rec) - len(have), s) for s, rec in entry.contexts.items()
-                  if (rec or not (have or entry.remote)) and have <= entry.key_set(s)
-                  and (gaps is None or gaps.was_there(entry.anchors.get(s))))
-    for _, s in fits:
-        if _is_subsequence(stored, entry.contexts[s]):
+    fits = []
+    for s, rec in entry.contexts.items():
+        if not (rec or not (have or entry.remote)):
+            continue
+        keys = entry.key_set(s)
+        if have <= keys:
+            if gaps is None or gaps.was_there(entry.anchors.get(s)):
+                fits.append((len(rec) - len(have), s, stored))
+        elif text is not None and text.evidence and text.was_there(entry.anchors.get(s)):
+            held = [k for k in stored if k in keys]
+            fits.append((len(rec) - len(held), s, held))
+    fits.sort(key=lambda f: (f[0], f[1]))
+    for _, s, held in fits:
+        if _is_subsequence(held, entry.contexts[s]):
             return "survival", s
     if fits:
         return "reorder", fits[0][1]

@@ -163,9 +163,10 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
         # the looser matches depend on the key, its stored neighbours and the gaps among them
         lo = max(spans[0][0] if len(spans) == MATCH else 0, hi - LOOKBACK)
         gap = anchors is not None and hi - lo > _sum_in(spans, lo, stored_tokens)
-        memo_key = (key, tuple(stored), (lo, hi) if gap else None)
+        memo_key = (key, tuple(stored), (lo, hi) if anchors is not None else None)
         if memo_key not in memo:
-            memo[memo_key] = choose_policy(e, sig, stored, mode, GapText(anchors, lo, hi, seen) if gap else None)
+            text = GapText(anchors, lo, hi, seen) if anchors is not None else None
+            memo[memo_key] = choose_policy(e, sig, stored, mode, text if gap else None, text)
         return memo[memo_key]
 
     for j, (c, sig) in enumerate(zip(chunks, prefix_signatures(keys))):

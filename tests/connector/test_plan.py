@@ -560,3 +560,27 @@ def test_edge_fill_finds_only_the_requests_own_namespace():
     assert planned("tenant-a", "tenant-a")         # pieces of its own chunks
     assert not planned("tenant-a", "tenant-b")     # none of another tenant's
     assert not planned("tenant-a", None)
+
+
+def test_a_neighbour_first_stored_at_a_change_point_keeps_the_chunks_after_it_survival():
+    # [c1 c2 c3 q] primed; then twice a prompt that starts inside c2 after one new token.  The first of
+    # them computes (in part) and saves its first chunk, cut otherwise than in the primed prompt; in the
+    # second that chunk is a stored neighbour the primed context lacks as a key, but held as text
+    c1, c2, c3 = (message(600 + i, 90)[1:] for i in range(3))
+    d = Directory()
+    _setup_into_saving(d, prompt(c1, c2, c3, message(610, 12)[1:]))
+    _setup_into_saving(d, prompt([7], c2[5:], c3, message(611, 12)[1:]))
+    toks = prompt([7], c2[5:], c3, message(612, 12)[1:])
+    plan, ch = _plan(d, toks)
+    first = ch[0]
+    assert d.get(chunk_keys(toks, [first], MODEL, None)[0]) is not None  # stored by the prompt before
+    after = _policies_after(plan, first.end)
+    assert after and "blind" not in after and "survival" in after
+    strict, _ = _plan(d, toks, mode="patched_or_exact")
+    assert strict.placed_tokens == plan.placed_tokens
+    # a stored neighbour whose text the context never held still leaves the chunks after it blind
+    new = message(620, 60)[1:]
+    _setup_into_saving(d, prompt(new, [9, 9]))
+    toks2 = prompt(c1, new, c2, c3, [9, 9])
+    plan2, _ = _plan(d, toks2)
+    assert _policies_after(plan2, len(prompt(c1, new)) + 40) == {"blind"}
