@@ -48,6 +48,7 @@ from kvreuse.paged import block_slots, scatter_kv_runs, slot_runs
 from kvreuse.patch import fit_patch
 from kvreuse.rope.spec import RopeSpec
 from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint
+from kvreuse.threads import enter_background
 
 log = logging.getLogger("kvreuse.connector")
 _STORE_SNAPSHOT_PERIOD_S = 1.0  # the store's gauges and counters are read at most this often
@@ -145,7 +146,7 @@ class WorkerSide:
         self._lost: list[bytes] = []
         self._failed_loads: list[str] = []  # requests whose load failed (counted by the scheduler, once over ranks)
         self._load_t = 0.0
-        self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-copy")  # save(wait=False)
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-copy", initializer=enter_background)  # save(wait=False)
         self._copying: Future | None = None
         self._load_obs = (0.0, 0)  # (seconds, tokens) placed since the last report: the scheduler's cost model
 

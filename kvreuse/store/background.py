@@ -20,10 +20,11 @@ the forward pass wins them.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import deque
 from typing import Any, Callable
+
+from kvreuse.threads import enter_background
 
 log = logging.getLogger("kvreuse.store")
 
@@ -81,11 +82,7 @@ class Background:
                 self._cv.wait()
 
     def _loop(self) -> None:
-        if self._nice:
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)  # this thread only
-            except (OSError, AttributeError):
-                pass  # not Linux, or not permitted: run at the process' priority
+        enter_background(self._nice)  # off the forward's cores (kvreuse.threads), at a lower priority
         while True:
             nxt = self._next()
             if nxt is None:

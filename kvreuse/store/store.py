@@ -64,6 +64,7 @@ from kvreuse.store.spill import DiskWriter
 from kvreuse.store.stats import StoreStats
 from kvreuse.store.tiers import DiskTier, MemoryTier, RedisTier, device_tier, host_tier
 from kvreuse.store.writethrough import RedisWriteThrough
+from kvreuse.threads import enter_background
 
 Tokens = Sequence[int] | torch.Tensor
 log = logging.getLogger("kvreuse.store")
@@ -123,7 +124,8 @@ class ChunkStore:
                                if redis_write_through and self.redis is not None else None)
         self._inflight: dict[ChunkKey, Rehydration] = {}
         self._ingester = Ingester(self, self._lock, self.tiers, self.stats, capture_patches)
-        self._loads = ThreadPoolExecutor(io_threads, thread_name_prefix="kvreuse-load")
+        self._loads = ThreadPoolExecutor(io_threads, thread_name_prefix="kvreuse-load",
+                                         initializer=enter_background)
         self._redis_usage: tuple[int, int] = (0, 0)  # Redis' (bytes, entries), as of the last read
         self._usage_read: Future | None = None
         self._bg = Background(self._run_background, ingest_items=ingest_items, ingest_bytes=ingest_bytes,

@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from kvreuse.store.entry import ChunkEntry
+from kvreuse.threads import enter_background
 from kvreuse.store.keys import ChunkKey
 from kvreuse.store.persist import encode
 from kvreuse.store.stats import StoreStats
@@ -29,7 +30,7 @@ class RedisWriteThrough:
         self.pending_limit, self.pending_bytes = pending_limit, 0
         self._futures: set[Future] = set()
         self._replacing: dict[ChunkKey, ChunkEntry] = {}  # newest snapshot of each key whose replace waits
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-redis")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-redis", initializer=enter_background)
 
     def publish(self, e: ChunkEntry, *, replace: bool = False) -> bool:
         """Queue ``e`` (a :meth:`ChunkEntry.shallow_copy` taken under the lock); False if refused.

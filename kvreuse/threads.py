@@ -1,0 +1,84 @@
+"""Where kvreuse's background threads run.
+
+On vLLM's CPU backend each worker process is bound to its OpenMP cores (`VLLM_CPU_OMP_THREADS_BIND`),
+and every thread it starts inherits that binding: kvreuse's store thread (ingest, patch fits,
+demotion), its copy-out thread and its I/O threads would share the forward's cores, and every
+millisecond they run is taken from a prefill.  vLLM keeps other cores for the engine core and the
+API server (`reserved_cpus` in its binding log), which wait while the worker computes; kvreuse's
+threads run there (`set_background_cpus`, called by the connector before it starts any thread).
+Without a binding (a GPU server, `nobind`) nothing is changed.
+
+Each background thread calls `enter_background` first (a `ThreadPoolExecutor` initializer or the
+first line of a thread's target); on Linux `os.sched_setaffinity(0, ...)` and `setpriority` act
+on the calling thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Iterable
+
+log = logging.getLogger("kvreuse")
+
+_cpus: frozenset[int] | None = None
+
+
+def set_background_cpus(cpus: Iterable[int] | None) -> None:
+    """The CPUs kvreuse's background threads started from now on run on (None: where they are started)."""
+    global _cpus
+    _cpus = frozenset(cpus) if cpus else None
+
+
+def background_cpus() -> frozenset[int] | None:
+    return _cpus
+
+
+def enter_background(nice: int = 0) -> None:
+    """Move the calling thread to the background CPUs, and lower its priority by `nice` (never fails)."""
+    tid = threading.get_native_id()
+    if _cpus:
+        try:
+            os.sched_setaffinity(0, _cpus)  # Linux: the calling thread
+        except (OSError, AttributeError, ValueError):
+            pass
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)  # this thread only
+        except (OSError, AttributeError):
+            pass
+
+
+def vllm_background_cpus(vllm_config: Any) -> frozenset[int] | None:
+    """CPUs of this host that vLLM's CPU backend binds no worker's OpenMP threads to: its reserved CPUs
+    (from vLLM's own `OMPProcessManager`, as it computed them at startup), or every allowed CPU outside
+    the workers' lists.  None: not the CPU backend, no binding (`nobind`), or no CPU left over."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return None
+        from vllm.utils.ompmultiprocessing import OMPProcessManager
+    except Exception:  # an older or other vLLM: leave threads where they start
+        return None
+    quiet = logging.getLogger("vllm.utils.ompmultiprocessing")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it logs its binding (and a reserved-CPU warning) once already, at startup
+    try:
+        m = OMPProcessManager(vllm_config)
+    except Exception as e:
+        log.debug("kvreuse: cannot read vLLM's CPU binding (%s); background threads stay with the worker", e)
+        return None
+    finally:
+        quiet.setLevel(level)
+    if getattr(m, "skip_setup", True):
+        return None
+    bound = {c for cpus in getattr(m, "cpu_lists", []) for c in cpus}
+    try:
+        allowed = os.sched_getaffinity(os.getppid())  # the engine core: not bound
+    except (OSError, AttributeError):
+        allowed = set(range(os.cpu_count() or 1))
+    reserved = set(getattr(m, "reserved_cpu_list", []) or []) & allowed
+    out = (reserved or (allowed - bound)) - bound
+    return frozenset(out) or None

@@ -1,0 +1,69 @@
+"""kvreuse's background threads leave the worker's OpenMP cores (`kvreuse.threads`).
+
+A thread that calls `enter_background` runs on the CPUs set with `set_background_cpus` (Linux:
+per thread), and the thread that started it keeps its own; the CPUs come from vLLM's own binding
+(`OMPProcessManager`): its reserved CPUs, never a worker's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from kvreuse import threads
+from kvreuse.models import TinySpec, build_tiny_model
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread affinity is Linux's")
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    yield
+    threads.set_background_cpus(None)
+
+
+@linux
+def test_background_threads_move_and_the_starter_stays():
+    mine = os.sched_getaffinity(0)
+    one = {min(mine)}
+    threads.set_background_cpus(one)
+    seen = {}
+
+    def body():
+        threads.enter_background()
+        seen["cpus"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen["cpus"] == one
+    assert os.sched_getaffinity(0) == mine
+    with ThreadPoolExecutor(1, initializer=threads.enter_background) as pool:  # as the copy / load pools do
+        assert pool.submit(os.sched_getaffinity, 0).result() == one
+    threads.set_background_cpus(None)  # nothing set: threads stay where they start
+    with ThreadPoolExecutor(1, initializer=threads.enter_background) as pool:
+        assert pool.submit(os.sched_getaffinity, 0).result() == mine
+
+
+@linux
+def test_vllm_binding_gives_the_reserved_cpus(tmp_path, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    d = build_tiny_model(tmp_path / "m", TinySpec(num_layers=1, hidden_size=64, num_heads=2, num_kv_heads=1,
+                                                  head_dim=32))
+    cfg = EngineArgs(model=str(d), dtype="float32", enforce_eager=True, max_model_len=256).create_engine_config()
+    cpus = sorted(os.sched_getaffinity(os.getppid()))
+    if len(cpus) < 2:
+        pytest.skip("one CPU: nothing to move to")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", str(cpus[0]))  # the worker on the first CPU, as vLLM binds it
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    got = threads.vllm_background_cpus(cfg)
+    assert got and cpus[0] not in got and got <= set(cpus)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # no binding: threads stay
+    assert threads.vllm_background_cpus(cfg) is None
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))  # workers on every CPU: none left
+    assert threads.vllm_background_cpus(cfg) is None
