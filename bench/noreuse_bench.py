@@ -11,18 +11,23 @@ of consecutive ids of one cyclic sequence over the vocabulary (`allowed_tokens[(
 % len]`), so on a 4k vocabulary two 1,024-token prompts share a long run of tokens at another offset
 about half the time; kvreuse places those runs, which is reuse, not its overhead.
 
-One server at a time (`bench/serve_common.py`): each repeat starts a fresh server per arm, in
-alternating order, warms it up with two unrelated random prompts and runs the client on the repeat's
-prompts (the same for both arms).  Reported (medians over repeats): mean / median / p99 TTFT per arm and
-ratio, throughput ratio, and the share of prompt tokens kvreuse placed (0 expected).
+Both servers are started once and stay up; only one is driven at a time.  Each repeat runs the
+client on the repeat's prompts (the same for both arms) against one arm and then the other, in
+alternating order, each warmed up first with two unrelated random prompts.  The host's speed drifts
+by ±20% over minutes here, so the two arms of a repeat run back to back and the headline ratios are
+*paired*: the median over repeats of kvreuse / vLLM alone within each repeat (the per-arm medians and
+their ratios are printed too).  `--fresh-servers`: a fresh server per arm and repeat instead (one server
+at a time, as the other benches run).  Reported: mean / median / p99 TTFT per arm and ratio,
+throughput ratio, and the share of prompt tokens kvreuse placed (0 expected).
 
-    python bench/noreuse_bench.py [--prompts 40 --input-len 1024 --concurrency 2 --repeats 3 --out FILE]
+    python bench/noreuse_bench.py [--prompts 40 --input-len 1024 --concurrency 2 --repeats 6 --out FILE]
     python bench/noreuse_bench.py --quick            # smoke test: 12 prompts, 1 repeat
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -33,7 +38,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.serve_common import (ARMS, arm_order, bench_model_spec, client_medians, client_run, fmt,  # noqa: E402
-                                print_client_table, serve, warm_seed, write_json)
+                                paired_ratios, print_client_table, serve, warm_seed, write_json)
 
 
 def random_prompts(n: int, length: int, *, seed: int, words: list[str]) -> list[str]:
@@ -50,7 +55,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--dataset", choices=["words", "random"], default="words",
                     help="words: independent random words (custom JSONL); random: vLLM's random dataset")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--fresh-servers", action="store_true", help="a fresh server per arm and repeat")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kvreuse-config", default=None, help="JSON for the kvreuse arm (default: serve_common's)")
     ap.add_argument("--prefix-args", default="", help="extra vLLM arguments for vLLM alone only, e.g. "
@@ -71,6 +77,10 @@ def main() -> int:
     runs = {arm: [] for arm in ARMS}
     commands: dict[str, str] = {}
     t0 = time.time()
+    stack = contextlib.ExitStack()
+    servers = {} if a.fresh_servers else {
+        arm: stack.enter_context(serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp,
+                                       prefix_extra=a.prefix_args.split())) for arm in ARMS}
     for rep in range(a.repeats):
         seed = 1000 * (a.seed + 1) + rep
         common = ["--num-prompts", str(a.prompts), "--max-concurrency", str(a.concurrency), "--request-rate", "inf",
@@ -87,19 +97,31 @@ def main() -> int:
                     str(a.output_len), "--random-range-ratio", "0", *common]
         warm = random_prompts(2, a.input_len, seed=warm_seed(seed), words=words)
         for arm in arm_order(rep):
-            with serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp, prefix_extra=a.prefix_args.split()) as srv:
+            with (contextlib.nullcontext(servers[arm]) if arm in servers else
+                  serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp, prefix_extra=a.prefix_args.split())) as srv:
                 runs[arm].append(client_run(srv, model_dir, args, warm))
                 commands[arm] = srv.command()
+    stack.close()
     elapsed = time.time() - t0
 
-    m, ratios = client_medians(runs)
-    summary = {**ratios, "placed_share": m["kvreuse"]["placed_share"],
+    m, of_medians = client_medians(runs)
+    paired = paired_ratios(runs)
+    ratios = {k: paired.get(k, of_medians[k]) for k in of_medians}  # the table's ratio row: paired
+    ratios["output_throughput_ratio"] = paired["throughput_ratio"]  # (every request generates the same tokens)
+    summary = {**ratios, "ratios_of_medians": of_medians, "paired_each": {k: v for k, v in paired.items() if
+                                                                          k.endswith("_each")},
+               "placed_share": m["kvreuse"]["placed_share"],
                "targets": {"mean_ttft_ratio": "<= 1.05", "throughput_ratio": ">= 0.95"}}
+    how = "one server at a time" if a.fresh_servers else "both servers up, driven in turn"
     print(f"\nnothing reusable via vllm.benchmarks.serve ({a.dataset} dataset, /v1/completions): {a.prompts} prompts "
           f"of {a.input_len} tokens, {a.concurrency} concurrent, {a.output_len} output tokens; model: tiny llama "
-          f"8 layers, hidden 512, bf16; medians of {a.repeats} repeats (one server at a time); CPU "
-          f"({os.cpu_count()} cores); {elapsed:.0f} s")
+          f"8 layers, hidden 512, bf16; {a.repeats} repeats ({how}); CPU ({os.cpu_count()} cores); {elapsed:.0f} s")
     print_client_table(m, ratios, runs)
+    print("ratio row: medians over repeats of each repeat's kvreuse / vLLM alone; ratios of the arms' medians: "
+          + ", ".join(f"{k} {fmt(v)}" for k, v in of_medians.items()))
+    for k, v in paired.items():
+        if k.endswith("_each"):
+            print(f"  {k[:-5]} per repeat: " + " ".join(fmt(x) for x in v))
     print(f"targets: mean TTFT <= 1.05x (got {fmt(ratios['mean_ttft_ratio'])}), throughput >= 0.95x "
           f"(got {fmt(ratios['throughput_ratio'])}); p99 ratio {fmt(ratios['p99_ttft_ratio'])}")
     write_json(a.out, {"bench": "noreuse", "args": vars(a), "model": spec.tag(), "medians": m, "summary": summary,

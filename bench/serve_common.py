@@ -256,6 +256,17 @@ def client_medians(runs: dict[str, list[dict]]) -> tuple[dict, dict]:
     return m, ratios
 
 
+def paired_ratios(runs: dict[str, list[dict]]) -> dict:
+    """Per figure, the median over repeats of kvreuse / vLLM alone *within* each repeat (the two arms of a
+    repeat run back to back, so a slow spell of the host weighs on both)."""
+    out = {}
+    for name, fig in (("mean_ttft_ratio", "mean_ttft_ms"), ("median_ttft_ratio", "median_ttft_ms"),
+                      ("p99_ttft_ratio", "p99_ttft_ms"), ("throughput_ratio", "request_throughput")):
+        out[name] = median(ratio(k[fig], p[fig]) for k, p in zip(runs["kvreuse"], runs["prefix"]))
+        out[name + "_each"] = [ratio(k[fig], p[fig]) for k, p in zip(runs["kvreuse"], runs["prefix"])]
+    return out
+
+
 def print_client_table(m: dict, ratios: dict, runs: dict[str, list[dict]]) -> None:
     """Both arms' medians, the ratio row, and kvreuse's counters of every repeat."""
     print(f"{'arm':>8} | {'TTFT ms mean':>12} {'median':>8} {'p99':>8} | {'req/s':>6} {'out tok/s':>9} | "

@@ -20,7 +20,10 @@ Everything else is vLLM's own: the prefix hit and the connector's claim at the s
 prefill and the token budget, preemption (a resumed request is re-planned by the connector),
 aborts, failed loads (rolled back by `get_block_ids_with_load_errors`), several requests per step.
 Asynchronous scheduling is refused at startup: pass `--no-async-scheduling` (`kvreuse serve`
-does).  Select it with `--scheduler-cls kvreuse.connector.segmented.SegmentedScheduler`.
+does).  On vLLM's CPU backend this changes nothing (the CPU platform turns asynchronous scheduling
+off for every server, vLLM alone included); on a GPU it gives up the overlap of scheduling with the
+forward that vLLM's `AsyncScheduler` brings.  Select it with
+`--scheduler-cls kvreuse.connector.segmented.SegmentedScheduler`.
 """
 
 from __future__ import annotations
