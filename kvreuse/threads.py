@@ -50,6 +50,24 @@ def enter_background(nice: int = 0) -> None:
             pass
 
 
+def configured_background_cpus(vllm_config: Any, env: str | None = None) -> frozenset[int] | None:
+    """`KVREUSE_BACKGROUND_CPUS`: unset or `auto`: `vllm_background_cpus`; `off`: threads stay where
+    they start (with the worker); a list (`1,3` or `2-5`): those CPUs."""
+    val = (os.environ.get("KVREUSE_BACKGROUND_CPUS", "auto") if env is None else env).strip().lower()
+    if val in ("", "auto"):
+        return vllm_background_cpus(vllm_config)
+    if val in ("off", "none", "no"):
+        return None
+    cpus: set[int] = set()
+    try:
+        for part in val.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"KVREUSE_BACKGROUND_CPUS: expected auto, off or a CPU list such as 1,3 or 2-5, got {val!r}")
+    return frozenset(cpus) or None
+
+
 def vllm_background_cpus(vllm_config: Any) -> frozenset[int] | None:
     """CPUs of this host that vLLM's CPU backend binds no worker's OpenMP threads to: its reserved CPUs
     (from vLLM's own `OMPProcessManager`, as it computed them at startup), or every allowed CPU outside

@@ -29,7 +29,7 @@ from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport
 from kvreuse.connector.stats import KVReuseConnectorStats, ReuseStats
 from kvreuse.rope.spec import RopeSpec
 from kvreuse.store import ModelFingerprint
-from kvreuse.threads import set_background_cpus, vllm_background_cpus
+from kvreuse.threads import configured_background_cpus, set_background_cpus
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -163,7 +163,7 @@ class KVReuseConnector(KVConnectorBase_V1):
             except Exception:  # no distributed state (single process)
                 rank, pp_rank = 0, 0
             rope = RopeSpec.from_hf_config(vllm_config.model_config.hf_text_config)
-            cpus = vllm_background_cpus(vllm_config)  # before any kvreuse thread starts
+            cpus = configured_background_cpus(vllm_config)  # before any kvreuse thread starts
             set_background_cpus(cpus)
             if cpus:
                 log.info("kvreuse: background threads on CPUs %s (off the worker's OpenMP cores)", sorted(cpus))

@@ -67,3 +67,11 @@ def test_vllm_binding_gives_the_reserved_cpus(tmp_path, monkeypatch):
     assert threads.vllm_background_cpus(cfg) is None
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))  # workers on every CPU: none left
     assert threads.vllm_background_cpus(cfg) is None
+
+
+def test_the_environment_chooses_the_cpus():
+    assert threads.configured_background_cpus(None, "off") is None
+    assert threads.configured_background_cpus(None, "1,3") == {1, 3}
+    assert threads.configured_background_cpus(None, "2-4, 7") == {2, 3, 4, 7}
+    with pytest.raises(ValueError, match="KVREUSE_BACKGROUND_CPUS"):
+        threads.configured_background_cpus(None, "one")
