@@ -38,6 +38,7 @@ def background_cpus() -> frozenset[int] | None:
 def enter_background(nice: int = 0) -> None:
     """Move the calling thread to the background CPUs, and lower its priority by `nice` (never fails)."""
     tid = threading.get_native_id()
+    nice = int(os.environ.get("KVREUSE_BACKGROUND_NICE", nice))
     if _cpus:
         try:
             os.sched_setaffinity(0, _cpus)  # Linux: the calling thread

@@ -478,8 +478,10 @@ class WorkerSide:
         now = time.monotonic() if now is None else now
         if now - self._last_store_t < _STORE_SNAPSHOT_PERIOD_S:
             return s.for_rank(self.tp_rank, self.tp_size)
+        snap = self.store.snapshot_stats(blocking=False)  # between two steps: never wait for the store's lock
+        if snap is None:
+            return s.for_rank(self.tp_rank, self.tp_size)  # read at the next step
         self._last_store_t = now
-        snap = self.store.snapshot_stats()
         last = self._last_store
         for name, t in snap.tiers.items():
             s.store_bytes[name], s.store_budget_bytes[name], s.store_entries[name] = \

@@ -613,16 +613,23 @@ class ChunkStore:
 
     def take_events(self) -> StoreEvents:
         """Keys evicted from this store and keys demoted since the last call (for the scheduler's directory)."""
+        if not (self.tiers.lost or self.tiers.demoted):
+            # every step calls this: without events it never waits for the lock (the background thread may
+            # hold it); a key appended meanwhile is taken at the next call
+            return StoreEvents([], [])
         with self._lock:
             out = StoreEvents(list(self.tiers.lost), list(self.tiers.demoted))
             self.tiers.lost.clear()
             self.tiers.demoted.clear()
         return out
 
-    def snapshot_stats(self) -> StoreStats:
+    def snapshot_stats(self, blocking: bool = True) -> StoreStats | None:
         """A copy of the stats with the tier gauges (bytes, budgets, entries) filled in; Redis' come from
-        the last background read that finished (each call starts the next one)."""
-        with self._lock:
+        the last background read that finished (each call starts the next one).  ``blocking=False``:
+        None when another thread holds the store's lock (a caller between two engine steps)."""
+        if not self._lock.acquire(blocking=blocking):
+            return None
+        try:
             s = self.stats.copy()
             for t in self.memory:
                 ts = s.tier(t.name)
@@ -632,6 +639,8 @@ class ChunkStore:
                 ts.used_bytes, ts.budget_bytes, ts.entries = self.disk.used_bytes, self.disk.budget_bytes, len(self.disk)
                 ts.dropped_corrupt = self.disk.dropped_corrupt
             usage = self._read_redis_usage() if self.redis is not None else None
+        finally:
+            self._lock.release()
         if self.redis is not None:
             ts = s.tier("redis")
             ts.used_bytes, ts.entries = usage

@@ -204,6 +204,36 @@ def test_store_stats_are_read_at_most_once_a_second():
     w.close()
 
 
+def test_per_step_calls_never_wait_for_the_store_lock():
+    # the store's background thread holds its lock while it stores a chunk; a worker between two steps
+    # (stats, report) must not wait for it: gauges are read at a later step, events when there are some
+    w = worker()
+    a = chunk(11)
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", [3, 1], [computed(w, [3, 1], 5, a, C0)])]))
+    w.store.flush()
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with w.store._lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(10)
+        t0 = time.perf_counter()
+        s = w.take_stats(now=200.0)
+        assert w.take_report() is None
+        assert time.perf_counter() - t0 < 0.5
+        assert s.store_entries == {} and s.saved_chunks == 1  # counters now, gauges later
+    finally:
+        release.set()
+        t.join()
+    assert w.take_stats(now=200.1).store_entries == {"device": 1}  # the next step reads them
+    w.close()
+
+
 def test_report_aggregates_over_workers():
     from kvreuse.connector.metadata import KVReuseWorkerReport
 
