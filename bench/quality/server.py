@@ -75,9 +75,11 @@ EXPECTED_CLAIMS = {"full": {}, "blind": {"exact": 1, "blind": 2}, "patch": {"exa
 # claims of each context's priming requests (the capturing request places c1)
 PRIMING_CLAIMS = {"patch": {"exact": 1}}
 # raw text: the policies each condition's placements may have (inside c1: exact or blind; inside c2
-# and c3: what the aligned condition gives them); anything else is reported as not expected
+# and c3: what the aligned condition gives them; anywhere: exact, for the chunks an earlier question of
+# the same context saved, e.g. the one that now starts the prompt, cut otherwise than in the primed
+# prompt); anything else is reported as not expected
 RAW_POLICIES = {"full": set(), "blind": {"exact", "blind"}, "patch": {"exact", "recall"},
-                "survival": {"survival"}, "reorder": {"survival", "blind", "reorder"}}
+                "survival": {"exact", "survival"}, "reorder": {"exact", "survival", "blind", "reorder"}}
 
 
 def classify(q: task.Question) -> str:

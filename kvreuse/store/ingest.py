@@ -89,6 +89,8 @@ class Ingester:
 
     def _ingest(self, job: IngestJob) -> None:
         e = job.entry
+        if self.store.put_new(e) is not None:  # a key stored nowhere yet: the fast path
+            return
         with self.lock:
             base = next((t.entries[e.key] for t in self.tiers.memory if e.key in t), None)
         if base is None and self.store.contains(e.key) not in (None, "ingest"):

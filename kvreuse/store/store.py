@@ -248,6 +248,28 @@ class ChunkStore:
         self.stats.put_seconds.observe(time.perf_counter() - t0)
         return stored
 
+    def put_new(self, entry: ChunkEntry) -> bool | None:
+        """``put`` for a key this store holds nowhere (the common case of a save): the check and the put
+        under one hold of the lock (a save costs the forward's thread the GIL for as long as it runs
+        Python).  None when the key is held somewhere, or with a Redis tier: the caller takes the
+        general path."""
+        if self.redis is not None:
+            return None
+        t0 = time.perf_counter()
+        key = entry.key
+        with self._lock:
+            if (any(key in t for t in self.memory) or key in self.tiers.spilling or key in self._inflight
+                    or (self.disk is not None and key in self.disk)):
+                return None
+            self._put_locked(entry)
+            stored = any(key in t for t in self.memory) or (self.disk is not None and key in self.disk)
+            if stored:
+                self.stats.ingested_entries += 1
+        if self.tiers.work:
+            self._drain()
+        self.stats.put_seconds.observe(time.perf_counter() - t0)
+        return stored
+
     def _put_locked(self, entry: ChunkEntry) -> None:
         for i, t in enumerate(self.memory):
             if entry.key in t:
