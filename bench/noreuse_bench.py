@@ -59,8 +59,8 @@ def main() -> int:
     ap.add_argument("--fresh-servers", action="store_true", help="a fresh server per arm and repeat")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kvreuse-config", default=None, help="JSON for the kvreuse arm (default: serve_common's)")
-    ap.add_argument("--prefix-args", default="", help="extra vLLM arguments for vLLM alone only, e.g. "
-                    "'--no-async-scheduling' (kvreuse serve sets it: this isolates its share of the difference)")
+    ap.add_argument("--prefix-args", default="", help="extra vLLM arguments for vLLM alone only (e.g. "
+                    "'--no-async-scheduling', which kvreuse serve sets; on vLLM's CPU backend it changes nothing)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 12 prompts, 1 repeat")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
