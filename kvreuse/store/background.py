@@ -12,9 +12,9 @@ Each lane is bounded by items and by bytes; an item's bytes count from the offer
 ends, so the memory held here never exceeds the bounds.  An offer to a full lane returns False at
 once (the caller counts the drop): callers never wait for this thread.
 
-The thread runs at a lower CPU priority (``nice``, Linux: per thread, inherited by the threads
-it starts, e.g. an SVD's OpenMP team) so that, where the engine computes on the same cores,
-the forward pass wins them.
+Where the thread shares the engine's cores it runs at a lower CPU priority (``nice``, Linux: per
+thread, inherited by the threads it starts, e.g. an SVD's OpenMP team) so that the forward pass wins
+them; moved to CPUs of its own (``kvreuse.threads``) it keeps the process' priority.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class Background:
                 self._cv.wait()
 
     def _loop(self) -> None:
-        enter_background(self._nice)  # off the forward's cores (kvreuse.threads), at a lower priority
+        enter_background(self._nice)  # off the forward's cores (kvreuse.threads), or at a lower priority
         while True:
             nxt = self._next()
             if nxt is None:

@@ -75,3 +75,26 @@ def test_the_environment_chooses_the_cpus():
     assert threads.configured_background_cpus(None, "2-4, 7") == {2, 3, 4, 7}
     with pytest.raises(ValueError, match="KVREUSE_BACKGROUND_CPUS"):
         threads.configured_background_cpus(None, "one")
+
+
+@linux
+def test_a_moved_thread_keeps_its_priority_one_left_with_the_forward_yields(monkeypatch):
+    monkeypatch.delenv("KVREUSE_BACKGROUND_NICE", raising=False)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+
+    def prio_after(nice):
+        out = {}
+
+        def body():
+            threads.enter_background(nice)
+            out["p"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        t = threading.Thread(target=body)
+        t.start()
+        t.join()
+        return out["p"]
+
+    threads.set_background_cpus({min(os.sched_getaffinity(0))})
+    assert prio_after(5) == base                 # on CPUs of its own: no lower priority (GIL inversion)
+    threads.set_background_cpus(None)
+    assert prio_after(5) == min(base + 5, 19)    # sharing the forward's cores: the forward wins them
