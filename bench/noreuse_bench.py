@@ -11,14 +11,15 @@ of consecutive ids of one cyclic sequence over the vocabulary (`allowed_tokens[(
 % len]`), so on a 4k vocabulary two 1,024-token prompts share a long run of tokens at another offset
 about half the time; kvreuse places those runs, which is reuse, not its overhead.
 
-Both servers are started once and stay up; only one is driven at a time.  Each repeat runs the
-client on the repeat's prompts (the same for both arms) against one arm and then the other, in
-alternating order, each warmed up first with two unrelated random prompts.  The host's speed drifts
-by ±20% over minutes here, so the two arms of a repeat run back to back and the headline ratios are
-*paired*: the median over repeats of kvreuse / vLLM alone within each repeat (the per-arm medians and
-their ratios are printed too).  `--fresh-servers`: a fresh server per arm and repeat instead (one server
-at a time, as the other benches run).  Reported: mean / median / p99 TTFT per arm and ratio,
-throughput ratio, and the share of prompt tokens kvreuse placed (0 expected).
+Each repeat starts a fresh server per arm, one at a time, in alternating order, warms it up with two
+unrelated random prompts and runs the client on the repeat's prompts (the same for both arms).  The
+headline ratios are *paired*: the median over repeats of kvreuse / vLLM alone within each repeat (the
+per-arm medians and their ratios are printed too).  `--same-servers` starts both servers once and
+drives them in turn; beware: on this host a server *instance* can be 15-30% faster or slower than the
+next one for its whole life (vLLM alone alone measured 201 to 281 ms mean TTFT in such runs, minutes
+apart), so a run with the same two instances carries one such draw in every repeat, where fresh
+servers draw anew each repeat.  Reported: mean / median / p99 TTFT per arm and ratio, throughput
+ratio, and the share of prompt tokens kvreuse placed (0 expected).
 
     python bench/noreuse_bench.py [--prompts 40 --input-len 1024 --concurrency 2 --repeats 6 --out FILE]
     python bench/noreuse_bench.py --quick            # smoke test: 12 prompts, 1 repeat
@@ -56,7 +57,7 @@ def main() -> int:
     ap.add_argument("--dataset", choices=["words", "random"], default="words",
                     help="words: independent random words (custom JSONL); random: vLLM's random dataset")
     ap.add_argument("--repeats", type=int, default=6)
-    ap.add_argument("--fresh-servers", action="store_true", help="a fresh server per arm and repeat")
+    ap.add_argument("--same-servers", action="store_true", help="both servers up for the whole run, driven in turn")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kvreuse-config", default=None, help="JSON for the kvreuse arm (default: serve_common's)")
     ap.add_argument("--prefix-args", default="", help="extra vLLM arguments for vLLM alone only (e.g. "
@@ -78,7 +79,7 @@ def main() -> int:
     commands: dict[str, str] = {}
     t0 = time.time()
     stack = contextlib.ExitStack()
-    servers = {} if a.fresh_servers else {
+    servers = {} if not a.same_servers else {
         arm: stack.enter_context(serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp,
                                        prefix_extra=a.prefix_args.split())) for arm in ARMS}
     for rep in range(a.repeats):
@@ -112,7 +113,7 @@ def main() -> int:
                                                                           k.endswith("_each")},
                "placed_share": m["kvreuse"]["placed_share"],
                "targets": {"mean_ttft_ratio": "<= 1.05", "throughput_ratio": ">= 0.95"}}
-    how = "one server at a time" if a.fresh_servers else "both servers up, driven in turn"
+    how = "both servers up, driven in turn" if a.same_servers else "a fresh server per arm and repeat"
     print(f"\nnothing reusable via vllm.benchmarks.serve ({a.dataset} dataset, /v1/completions): {a.prompts} prompts "
           f"of {a.input_len} tokens, {a.concurrency} concurrent, {a.output_len} output tokens; model: tiny llama "
           f"8 layers, hidden 512, bf16; {a.repeats} repeats ({how}); CPU ({os.cpu_count()} cores); {elapsed:.0f} s")
