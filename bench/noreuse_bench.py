@@ -16,7 +16,7 @@ unrelated random prompts and runs the client on the repeat's prompts (the same f
 headline ratios are *paired*: the median over repeats of kvreuse / vLLM alone within each repeat (the
 per-arm medians and their ratios are printed too).  `--same-servers` starts both servers once and
 drives them in turn; beware: on this host a server *instance* can be 15-30% faster or slower than the
-next one for its whole life (vLLM alone alone measured 201 to 281 ms mean TTFT in such runs, minutes
+next one for its whole life (vLLM alone measured 201 to 281 ms mean TTFT in such runs, minutes
 apart), so a run with the same two instances carries one such draw in every repeat, where fresh
 servers draw anew each repeat.  Reported: mean / median / p99 TTFT per arm and ratio, throughput
 ratio, and the share of prompt tokens kvreuse placed (0 expected).
