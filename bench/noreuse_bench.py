@@ -78,31 +78,31 @@ def main() -> int:
     runs = {arm: [] for arm in ARMS}
     commands: dict[str, str] = {}
     t0 = time.time()
-    stack = contextlib.ExitStack()
-    servers = {} if not a.same_servers else {
-        arm: stack.enter_context(serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp,
-                                       prefix_extra=a.prefix_args.split())) for arm in ARMS}
-    for rep in range(a.repeats):
-        seed = 1000 * (a.seed + 1) + rep
-        common = ["--num-prompts", str(a.prompts), "--max-concurrency", str(a.concurrency), "--request-rate", "inf",
-                  "--ignore-eos", "--seed", str(seed)]
-        if a.dataset == "words":
-            dataset = os.path.join(tmp, f"noreuse-{rep}.jsonl")
-            with open(dataset, "w") as f:
-                for p in random_prompts(a.prompts, a.input_len, seed=seed, words=words):
-                    f.write(json.dumps({"prompt": p, "output_tokens": a.output_len}) + "\n")
-            args = ["--dataset-name", "custom", "--dataset-path", dataset, "--custom-output-len", str(a.output_len),
-                    "--skip-chat-template", "--disable-shuffle", *common]
-        else:
-            args = ["--dataset-name", "random", "--random-input-len", str(a.input_len), "--random-output-len",
-                    str(a.output_len), "--random-range-ratio", "0", *common]
-        warm = random_prompts(2, a.input_len, seed=warm_seed(seed), words=words)
-        for arm in arm_order(rep):
-            with (contextlib.nullcontext(servers[arm]) if arm in servers else
-                  serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp, prefix_extra=a.prefix_args.split())) as srv:
-                runs[arm].append(client_run(srv, model_dir, args, warm))
-                commands[arm] = srv.command()
-    stack.close()
+
+    def serve_arm(arm: str):
+        return serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp, prefix_extra=a.prefix_args.split())
+
+    with contextlib.ExitStack() as stack:  # --same-servers: both up for the run (stopped on any error too)
+        servers = {arm: stack.enter_context(serve_arm(arm)) for arm in ARMS} if a.same_servers else {}
+        for rep in range(a.repeats):
+            seed = 1000 * (a.seed + 1) + rep
+            common = ["--num-prompts", str(a.prompts), "--max-concurrency", str(a.concurrency), "--request-rate", "inf",
+                      "--ignore-eos", "--seed", str(seed)]
+            if a.dataset == "words":
+                dataset = os.path.join(tmp, f"noreuse-{rep}.jsonl")
+                with open(dataset, "w") as f:
+                    for p in random_prompts(a.prompts, a.input_len, seed=seed, words=words):
+                        f.write(json.dumps({"prompt": p, "output_tokens": a.output_len}) + "\n")
+                args = ["--dataset-name", "custom", "--dataset-path", dataset, "--custom-output-len", str(a.output_len),
+                        "--skip-chat-template", "--disable-shuffle", *common]
+            else:
+                args = ["--dataset-name", "random", "--random-input-len", str(a.input_len), "--random-output-len",
+                        str(a.output_len), "--random-range-ratio", "0", *common]
+            warm = random_prompts(2, a.input_len, seed=warm_seed(seed), words=words)
+            for arm in arm_order(rep):
+                with contextlib.nullcontext(servers[arm]) if arm in servers else serve_arm(arm) as srv:
+                    runs[arm].append(client_run(srv, model_dir, args, warm))
+                    commands[arm] = srv.command()
     elapsed = time.time() - t0
 
     m, of_medians = client_medians(runs)

@@ -31,10 +31,6 @@ def set_background_cpus(cpus: Iterable[int] | None) -> None:
     _cpus = frozenset(cpus) if cpus else None
 
 
-def background_cpus() -> frozenset[int] | None:
-    return _cpus
-
-
 def enter_background(nice: int = 0) -> None:
     """Move the calling thread to the background CPUs; where it stays on the cores it started on (no
     background CPUs), lower its priority by `nice`, so that the forward computing there wins them.

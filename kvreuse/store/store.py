@@ -172,6 +172,10 @@ class ChunkStore:
         stored) and ``"work"`` (spills, demoted contexts' patch fits); all 0: everything handed over is done."""
         return {lane: self._bg.held_bytes(lane) for lane in ("ingest", "work")}
 
+    def _kept(self, key: ChunkKey) -> bool:
+        """With the lock held: whether a memory tier or the disk holds ``key`` (what a put achieved)."""
+        return any(key in t for t in self.memory) or (self.disk is not None and key in self.disk)
+
     def _held(self, key: ChunkKey) -> bool:
         """With the lock held: whether this store keeps ``key`` locally (memory, on its way to disk, disk)."""
         return (any(key in t for t in self.memory) or key in self.tiers.spilling or key in self._ingester.pending
@@ -242,7 +246,7 @@ class ChunkStore:
             snap = entry.shallow_copy() if self._write_through else None
         self._drain()
         with self._lock:
-            stored = any(entry.key in t for t in self.memory) or (self.disk is not None and entry.key in self.disk)
+            stored = self._kept(entry.key)
         if snap is not None:
             stored = self._write_through.publish(snap) or stored
         self.stats.put_seconds.observe(time.perf_counter() - t0)
@@ -262,7 +266,7 @@ class ChunkStore:
                     or (self.disk is not None and key in self.disk)):
                 return None
             self._put_locked(entry)
-            stored = any(key in t for t in self.memory) or (self.disk is not None and key in self.disk)
+            stored = self._kept(key)
             if stored:
                 self.stats.ingested_entries += 1
         if self.tiers.work:

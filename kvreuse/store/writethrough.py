@@ -13,12 +13,12 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from kvreuse.store.entry import ChunkEntry
-from kvreuse.threads import enter_background
 from kvreuse.store.keys import ChunkKey
 from kvreuse.store.persist import encode
 from kvreuse.store.stats import StoreStats
 from kvreuse.store.tiers import RedisTier
 from kvreuse.store.tiers.redis import MAX_VALUE_BYTES
+from kvreuse.threads import enter_background
 
 
 class RedisWriteThrough:
