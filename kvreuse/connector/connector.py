@@ -248,10 +248,12 @@ class KVReuseConnector(KVConnectorBase_V1):
         self._worker.save(meta, wait=False)
 
     def handle_preemptions(self, kv_connector_metadata: Any) -> None:
-        """vLLM calls this at the start of every step, before it zeroes, copies or writes any block: the
-        previous step's copy-out finishes here, so no block it reads is reused under it."""
+        """vLLM calls this at the start of every step, before it zeroes, copies or writes any block: a
+        copy-out still reading a block this step allocates anew finishes here, so no block it reads is
+        reused under it (copies of other blocks go on, overlapping the forward)."""
         if self._worker is not None:
-            self._worker.settle_saves()
+            meta = kv_connector_metadata if isinstance(kv_connector_metadata, KVReuseMetadata) else None
+            self._worker.settle_saves(meta.fresh_blocks if meta is not None else None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_blocks() if self._worker is not None else set()

@@ -43,8 +43,14 @@ class ReqSave:
 
 @dataclass
 class KVReuseMetadata(KVConnectorMetadata):
+    """One step's loads and saves.  `fresh_blocks`: the blocks this step allocates (new requests' and new
+    blocks of running ones: the only blocks vLLM zeroes or writes beyond their unwritten slots), so that
+    a copy-out still reading older blocks need not be waited for; None (built outside vLLM's scheduler):
+    unknown, every copy-out is waited for."""
+
     loads: list[ReqLoad] = field(default_factory=list)
     saves: list[ReqSave] = field(default_factory=list)
+    fresh_blocks: list[int] | None = None
 
 
 @dataclass

@@ -61,6 +61,22 @@ def asks_patched_or_exact(kv_transfer_params: dict[str, Any] | None) -> bool:
     return isinstance(v, dict) and v.get("mode") == "patched_or_exact"
 
 
+def fresh_blocks(sched_out: Any) -> list[int]:
+    """Blocks allocated to requests in this step (every KV cache group): new requests' blocks, running or
+    resumed requests' new blocks, and whatever vLLM zeroes.  A block freed by a finished or preempted
+    request is written again only once it is allocated anew, so it shows up here first."""
+    out: set[int] = set()
+    for r in getattr(sched_out, "scheduled_new_reqs", None) or ():
+        for ids in getattr(r, "block_ids", None) or ():
+            out.update(ids)
+    cached = getattr(sched_out, "scheduled_cached_reqs", None)
+    for groups in getattr(cached, "new_block_ids", None) or ():
+        for ids in groups or ():
+            out.update(ids)
+    out.update(getattr(sched_out, "new_block_ids_to_zero", None) or ())
+    return sorted(out)
+
+
 @dataclass
 class _Req:
     request: Any
@@ -241,7 +257,7 @@ class SchedulerSide:
 
     # ---------------------------------------------------------------- step metadata
     def build_meta(self, sched_out: Any, block_ids_of) -> KVReuseMetadata:
-        meta = KVReuseMetadata()
+        meta = KVReuseMetadata(fresh_blocks=fresh_blocks(sched_out))
         self._count_encoder_inputs(sched_out)
         scheduled = sched_out.num_scheduled_tokens
         for rid, st in self.reqs.items():

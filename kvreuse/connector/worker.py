@@ -48,12 +48,14 @@ from kvreuse.paged import block_slots, scatter_kv_runs, slot_runs
 from kvreuse.patch import fit_patch
 from kvreuse.rope.spec import RopeSpec
 from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint
+from kvreuse.store.ingest import IngestChunk
 from kvreuse.threads import enter_background
 
 log = logging.getLogger("kvreuse.connector")
 _STORE_SNAPSHOT_PERIOD_S = 1.0  # the store's gauges and counters are read at most this often
 _SERIAL_ELEMENTS = 32768  # PyTorch runs an op on at most this many elements on the calling thread (GRAIN_SIZE)
 _MAX_TILES = 8            # a CPU load of more tokens than this many serial tiles is relocated a layer at a time
+_MAX_COPIES_IN_FLIGHT = 8  # copy-outs queued on the copy thread before a save waits for them
 
 
 CacheWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -147,7 +149,8 @@ class WorkerSide:
         self._failed_loads: list[str] = []  # requests whose load failed (counted by the scheduler, once over ranks)
         self._load_t = 0.0
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-copy", initializer=enter_background)  # save(wait=False)
-        self._copying: Future | None = None
+        self._copying: list[tuple[Future, frozenset[int], frozenset[bytes]]] = []  # copy-outs in flight, in
+        # order, with the blocks they read and the chunk keys they save
         self._load_obs = (0.0, 0)  # (seconds, tokens) placed since the last report: the scheduler's cost model
 
     # ---------------------------------------------------------------- setup
@@ -194,7 +197,9 @@ class WorkerSide:
     # ---------------------------------------------------------------- load
     def start_load(self, meta: KVReuseMetadata) -> None:
         """Fetch every claimed chunk of this step (layers are placed in `load_layer`)."""
-        self.settle_saves()  # (already settled at the step's start; a caller outside vLLM may not have)
+        # a copy reading blocks this step allocates is waited for at the step's start already (a caller outside
+        # vLLM may not have done so); one still copying a chunk this step loads is waited for here: its own bytes
+        self.settle_saves(meta.fresh_blocks, {it.key for req in meta.loads for it in req.items})
         if not meta.loads and not self._jobs and not self._layers_done and not self._failed_reqs:
             return  # a step without loads (every decode step): nothing to reset
         self._jobs, self._layers_done, self._failed_reqs = [], set(), set()
@@ -386,10 +391,12 @@ class WorkerSide:
         """Copy each new chunk's KV out of the paged cache and hand it to the store (which returns at once).
 
         `wait=False` (the connector, at the end of a step's forward): on CPU caches the copy runs on this
-        worker's copy thread, overlapping the step's sampling and output; `settle_saves` waits for it,
-        and must run before anything writes the cache again (the connector calls it in
+        worker's copy thread, overlapping the step's sampling and output and the next steps' forwards;
+        `settle_saves` must run before anything writes the cache again (the connector calls it in
         `handle_preemptions`, which vLLM runs at the start of every step, before it zeroes, copies or
-        writes any block).  On a GPU the copy is one fused kernel launched here, on the forward's stream
+        writes any block, with the blocks that step allocates: only a copy reading one of those is
+        waited for; a finished or preempted request's blocks are written again only once they are
+        allocated anew).  On a GPU the copy is one fused kernel launched here, on the forward's stream
         (launched from a thread of its own it would go to another stream, unordered with the forward's
         writes).
         """
@@ -405,18 +412,34 @@ class WorkerSide:
                 reqs.append(req)
         if not reqs:
             return
-        self.settle_saves()
         if wait or next(iter(self.caches.values())).device.type != "cpu":
+            self.settle_saves()
             self._copy_out(reqs)
-        else:
-            self._copying = self._copier.submit(self._copy_out, reqs)
+            return
+        if len(self._copying) >= _MAX_COPIES_IN_FLIGHT:
+            self.settle_saves()
+        blocks = frozenset(b for r in reqs for b in r.block_ids)
+        keys = frozenset(it.key for r in reqs for it in r.items)
+        self._copying.append((self._copier.submit(self._copy_out, reqs), blocks, keys))
 
-    def settle_saves(self) -> None:
-        """Wait for the copy `save(wait=False)` started, if any (it never raises: a failed copy is logged and
-        its chunks are counted as dropped saves, reported lost)."""
-        fut, self._copying = self._copying, None
-        if fut is not None:
+    def settle_saves(self, fresh: list[int] | None = None, keys: set[bytes] | None = None) -> None:
+        """Wait for the copies `save(wait=False)` started: every one, or (`fresh`: the blocks a step is about
+        to allocate anew, see `KVReuseMetadata.fresh_blocks`; `keys`: chunks it loads) each one reading any
+        of those blocks or saving any of those chunks, and every copy queued before it.  The rest go on
+        reading blocks nothing writes: a block is zeroed or written whole only once it is allocated again,
+        and a running request's blocks only gain tokens in slots the copy does not read.  Never raises: a
+        failed copy is logged and its chunks are counted as dropped saves, reported lost."""
+        if not self._copying:
+            return
+        if fresh is None:
+            last = len(self._copying)
+        else:
+            new, want = set(fresh), keys or set()
+            last = max((i + 1 for i, (_, blocks, saved) in enumerate(self._copying)
+                        if not blocks.isdisjoint(new) or not saved.isdisjoint(want)), default=0)
+        for fut, _, _ in self._copying[:last]:
             fut.result()
+        self._copying = [c for c in self._copying[last:] if not c[0].done()]
 
     def _copy_out(self, reqs: list[ReqSave]) -> None:
         try:
@@ -444,22 +467,20 @@ class WorkerSide:
             slots = block_slots(req.block_ids, self.spec.block_size, 0, int(idx.max()) + 1)[idx]
             k, v = gather([self.caches[n] for n in names], self.spec, slots)  # [L, N, H, D] (fused on GPU)
             toks = torch.tensor([t for it in req.items for t in it.token_ids], dtype=torch.int64)
-            off = 0
+            chunks, off = [], 0
             for it in req.items:
                 n = it.end - it.start
                 # [L, n, H, D], owned by the store from here (gather made a copy; the store's background
                 # thread compacts each slice, so that each stored chunk holds only its own bytes)
-                ki, vi = k[:, off:off + n], v[:, off:off + n]
                 pos = self._frame(torch.tensor(it.positions, dtype=torch.int64) if it.positions is not None
                                   else idx[off:off + n])
-                ok = self.store.ingest(ChunkKey(it.key), toks[off:off + n], pos, ki, vi, it.context,
-                                       rope=self.rope, preceding=it.recent)
+                chunks.append(IngestChunk(ChunkKey(it.key), toks[off:off + n], pos, k[:, off:off + n],
+                                          v[:, off:off + n], it.context, it.recent))
                 off += n
-                with self._lock:
-                    if ok:
-                        self._stats.saved_chunks += 1
-                    else:
-                        self._stats.dropped_saves += 1
+            queued = sum(self.store.ingest_many(chunks, rope=self.rope))  # one hand-over per request
+            with self._lock:
+                self._stats.saved_chunks += queued
+                self._stats.dropped_saves += len(chunks) - queued
         with self._lock:
             self._stats.save_seconds.append(time.perf_counter() - t0)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
 
@@ -43,6 +43,27 @@ class IngestJob:
     @property
     def nbytes(self) -> int:
         return self.entry.k.numel() * self.entry.k.element_size() * 2
+
+
+@dataclass
+class IngestBatch:
+    """Chunks handed over together (one request's new chunks): one queue item, one wake-up of the store's
+    thread, run one after the other."""
+
+    jobs: list[IngestJob]
+
+
+class IngestChunk(NamedTuple):
+    """One chunk of :meth:`ChunkStore.ingest_many` (the arguments of :meth:`ChunkStore.ingest`)."""
+
+    key: ChunkKey
+    token_ids: Any
+    positions: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    context: bytes | str
+    preceding: Sequence[bytes] = ()
+    recompute_cost: float = 0.0
 
 
 class Ingester:

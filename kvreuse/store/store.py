@@ -54,7 +54,7 @@ import torch
 from kvreuse.store.background import Background
 from kvreuse.store.config import StoreConfig
 from kvreuse.store.entry import ISOLATED, ChunkEntry, ChunkView, as_signature
-from kvreuse.store.ingest import Ingester, IngestJob
+from kvreuse.store.ingest import Ingester, IngestBatch, IngestChunk, IngestJob
 from kvreuse.store.keys import ChunkKey, ModelFingerprint, token_bytes
 from kvreuse.store.persist import EntryCorrupt
 from kvreuse.store.placement import _AUTO, FitJob, SpillJob, TierStack
@@ -146,22 +146,42 @@ class ChunkStore:
         and its patch.  Until then, a lookup of a new key, or of the stored key in ``context``, is
         served from these very tensors.
         """
-        ctx = as_signature(context)
-        job = IngestJob(ChunkEntry(key=key, token_ids=token_ids, positions=positions, k=k, v=v, context=ctx,
-                                   recompute_cost=recompute_cost,
-                                   preceding={ctx: tuple(bytes(d) for d in preceding)} if preceding else {}), rope)
+        return self.ingest_many([IngestChunk(key, token_ids, positions, k, v, context, preceding, recompute_cost)],
+                                rope=rope)[0]
+
+    def ingest_many(self, chunks: Sequence[IngestChunk], *, rope: Any = None) -> list[bool]:
+        """:meth:`ingest` of several chunks (one request's) at once: one queue item while they fit the
+        ingest queue's bounds together, else each chunk on its own (those that do not fit are dropped
+        and counted, as by :meth:`ingest`).  Returns, per chunk, whether it was queued."""
+        jobs = []
+        for c in chunks:
+            ctx = as_signature(c.context)
+            jobs.append(IngestJob(ChunkEntry(key=c.key, token_ids=c.token_ids, positions=c.positions, k=c.k, v=c.v,
+                                             context=ctx, recompute_cost=c.recompute_cost,
+                                             preceding={ctx: tuple(bytes(d) for d in c.preceding)} if c.preceding
+                                             else {}), rope))
+        if not jobs:
+            return []
         with self._lock:
-            self._ingester.register(job)
-        if self._bg.offer("ingest", job, job.nbytes):
+            for job in jobs:
+                self._ingester.register(job)
+        sizes = [job.nbytes for job in jobs]
+        if self._bg.offer("ingest", IngestBatch(jobs) if len(jobs) > 1 else jobs[0], sum(sizes)):
             with self._lock:
-                self.stats.ingests += 1
-            return True
+                self.stats.ingests += len(jobs)
+            return [True] * len(jobs)
+        ok = [False] * len(jobs) if len(jobs) == 1 else \
+            [self._bg.offer("ingest", job, n) for job, n in zip(jobs, sizes)]  # what fits alone
         with self._lock:
-            self._ingester.unregister(job)
-            self.stats.dropped_ingests += 1
-            if not self._held(key):
-                self.tiers.lost.append(key)
-        return False
+            for job, queued in zip(jobs, ok):
+                if queued:
+                    self.stats.ingests += 1
+                    continue
+                self._ingester.unregister(job)
+                self.stats.dropped_ingests += 1
+                if not self._held(job.entry.key):
+                    self.tiers.lost.append(job.entry.key)
+        return ok
 
     def pending_ingest_bytes(self) -> int:
         """Bytes of KV queued or being ingested (bounded by ``ingest_bytes``)."""
@@ -182,19 +202,24 @@ class ChunkStore:
                 or (self.disk is not None and key in self.disk))
 
     def _run_background(self, item: Any) -> None:
-        if isinstance(item, IngestJob):
-            try:
-                self._ingester.run(item)
-            except Exception:  # a failed save is a future miss, never a failed request
-                log.exception("kvreuse: ingesting chunk %s failed", item.entry.key.hex()[:12])
-                with self._lock:
-                    self.stats.failed_ingests += 1
-            with self._lock:
-                if not self._held(item.entry.key) and self.redis is None:
-                    self.tiers.lost.append(item.entry.key)
+        if isinstance(item, (IngestJob, IngestBatch)):
+            for job in item.jobs if isinstance(item, IngestBatch) else (item,):
+                self._run_ingest(job)
+                self._drain()
         else:
             self._run_work(item)
-        self._drain()
+            self._drain()
+
+    def _run_ingest(self, job: IngestJob) -> None:
+        try:
+            self._ingester.run(job)
+        except Exception:  # a failed save is a future miss, never a failed request
+            log.exception("kvreuse: ingesting chunk %s failed", job.entry.key.hex()[:12])
+            with self._lock:
+                self.stats.failed_ingests += 1
+        with self._lock:
+            if not self._held(job.entry.key) and self.redis is None:
+                self.tiers.lost.append(job.entry.key)
 
     def _run_work(self, w: FitJob | SpillJob) -> None:
         if isinstance(w, FitJob):

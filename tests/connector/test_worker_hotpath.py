@@ -279,3 +279,55 @@ def test_an_asynchronous_copy_out_is_settled_before_the_next_step_writes(monkeyp
     w.settle_saves()
     assert w.take_stats().dropped_saves == 1 and b[0] in w.take_report().lost_keys
     w.close()
+
+
+def test_a_step_waits_only_for_copy_outs_reading_the_blocks_it_allocates(monkeypatch):
+    """A copy-out still running at the next step's start is waited for only when that step allocates one of
+    the blocks it reads (vLLM zeroes and writes those whole); a step that allocates other blocks goes on
+    while it runs, and what it copied is then stored."""
+    import kvreuse.connector.worker as wm
+
+    w = worker()
+    a = chunk(40)
+    gate = threading.Event()
+    real = wm.gather
+
+    def slow_gather(*args, **kw):
+        assert gate.wait(30)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(wm, "gather", slow_gather)
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", [1, 2], [computed(w, [1, 2], 4, a, C0)])]), wait=False)
+    t0 = time.perf_counter()
+    w.settle_saves([3, 7])  # a step allocating blocks 3 and 7: the copy of blocks 1, 2 goes on
+    w.start_load(KVReuseMetadata(fresh_blocks=[5, 6]))
+    assert time.perf_counter() - t0 < 1.0 and not gate.is_set()
+    assert w.take_stats().saved_chunks == 0
+    threading.Timer(0.3, gate.set).start()
+    w.settle_saves([9, 2])  # block 2 allocated anew: waits for the copy
+    assert gate.is_set() and w.take_stats().saved_chunks == 1
+    gate.clear()
+    b = chunk(41)
+    w.save(KVReuseMetadata(saves=[ReqSave("r2", [3, 4], [computed(w, [3, 4], 0, b, C0)])]), wait=False)
+    threading.Timer(0.3, gate.set).start()
+    # a step loading the chunk still being copied waits for its own bytes (other blocks allocated)
+    w.start_load(KVReuseMetadata(loads=[ReqLoad("r3", [5, 6], [LoadItem(b[0], b[1], 0, N, 9, C0, "exact")])],
+                                 fresh_blocks=[5, 6]))
+    assert gate.is_set()
+    w.finish_loads()
+    assert not w.take_failed_blocks()
+    k, v = read(w, [5, 6], 9)
+    torch.testing.assert_close(v, b[3])
+    w.close()
+
+
+def test_fresh_blocks_are_every_block_a_step_allocates():
+    from types import SimpleNamespace
+
+    from kvreuse.connector.scheduler import fresh_blocks
+
+    out = SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(block_ids=([4, 5], [9]))],
+                          scheduled_cached_reqs=SimpleNamespace(new_block_ids=[None, ([7],), ([],)]),
+                          new_block_ids_to_zero=[11])
+    assert fresh_blocks(out) == [4, 5, 7, 9, 11]
+    assert fresh_blocks(SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=None)) == []

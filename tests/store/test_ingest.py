@@ -212,3 +212,39 @@ def test_evicted_keys_are_reported_spilled_keys_are_not(tmp_path):
             assert _ingest(st, e, k=e.k)
         st.flush()
         assert st.take_events().evicted == [] and st.contains(es[0].key) == "disk"
+
+
+def test_ingest_many_queues_a_request_at_once_and_splits_what_does_not_fit_together():
+    """One request's chunks go over as one queue item; when they do not fit the ingest bound together, each
+    chunk that fits alone is queued and the rest are dropped, counted and reported lost."""
+    from kvreuse.store.ingest import IngestChunk
+
+    bound = 5 << 20
+    fit = GatedFit()
+    with ChunkStore(StoreConfig(device_bytes=64 << 20), FP, fit_patch=fit, ingest_bytes=bound) as st:
+
+        def chunks(base: int, n: int) -> list[IngestChunk]:
+            out = []
+            for i in range(base, base + n):  # 2 MiB of KV each
+                k = torch.full((4, 256, 4, 64), float(i))
+                ids = torch.arange(256) + 1000 * i
+                out.append(IngestChunk(ChunkKey.of(FP, ids), ids, torch.arange(256), k, k.clone(), b"isolated"))
+            return out
+
+        assert st.ingest_many(chunks(0, 2), rope=ROPE) == [True, True]  # 4 MiB: one item
+        st.flush()
+        assert st.snapshot_stats().ingested_entries == 2
+        first = make_entry(4, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32)
+        assert _ingest(st, first)
+        st.flush()
+        assert _ingest(st, first, context=b"ctx")  # the ingest thread waits in this fit from here
+        assert fit.started.wait(10)
+        try:
+            ok = st.ingest_many(chunks(10, 3), rope=ROPE)  # 6 MiB > the bound: two fit alone, one does not
+        finally:
+            fit.release.set()
+        assert ok == [True, True, False]
+        st.flush()
+        s = st.snapshot_stats()
+        assert s.dropped_ingests == 1 and s.ingested_entries == 2 + 1 + 2
+        assert [k.digest for k in st.take_events().evicted] == [chunks(12, 1)[0].key.digest]
