@@ -18,11 +18,16 @@ setup: system-deps $(VENV)/.kvreuse-setup
 # Programs the tests start for real: `command:Debian package`.  Missing ones are installed with
 # apt-get (as root, or through sudo); without either, setup stops and names what to install.
 SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools prometheus:prometheus
+# Libraries, `soname:Debian package`: tcmalloc, which vLLM's CPU guide preloads and bench/ preloads in both arms.
+SYSTEM_LIBS := libtcmalloc_minimal.so.4:libtcmalloc-minimal4
 
 system-deps:
 	@missing=""; \
 	for dep in $(SYSTEM_DEPS); do \
 	  command -v $${dep%%:*} >/dev/null 2>&1 || missing="$$missing $${dep#*:}"; \
+	done; \
+	for dep in $(SYSTEM_LIBS); do \
+	  /sbin/ldconfig -p 2>/dev/null | grep -q "$${dep%%:*}" || missing="$$missing $${dep#*:}"; \
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \

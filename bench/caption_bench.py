@@ -32,8 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.serve_common import (ARMS, arm_order, delta, fmt, median, print_spread, ratio, reuse_summary,  # noqa: E402
-                                serve, settle, turn_spread, warm_seed, write_json)
+from bench.serve_common import (ARMS, arm_order, delta, fmt, host_label, median, print_spread,  # noqa: E402
+                                ratio, reuse_summary, serve, settle, turn_spread, warm_seed, write_json)
 from kvreuse.models.trace import image_data_url  # noqa: E402
 from server.demo import ttft  # noqa: E402
 from tests.support.encoder_count import encoded_items, encoder_count_args, encoder_count_env  # noqa: E402
@@ -134,7 +134,7 @@ def main() -> int:
     print(f"\ncaptioned screenshot agent (one user message: image, caption, ...), tiny qwen2_vl {a.layers} layers, "
           f"hidden {a.hidden}, bf16 checkpoint served as {a.dtype}; {a.pixels}x{a.pixels} px "
           f"({(a.pixels // 28) ** 2} tokens each), captions {a.caption_words} words, window {a.window}, "
-          f"{a.turns} turns; medians of {a.repeats} repeats (one server at a time); CPU ({os.cpu_count()} cores); "
+          f"{a.turns} turns; medians of {a.repeats} repeats (one server at a time); {host_label()}; "
           f"{elapsed:.0f} s")
     print(f"{'turn':>4} {'prompt':>6} | {'TTFT ms kvreuse':>15} {'prefix':>8} {'ratio':>6} | {'placed':>6} | "
           f"{'encoder runs kvreuse':>20} {'prefix':>6} | {'segs p/c':>8} | claims by policy")

@@ -38,8 +38,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.serve_common import (ARMS, arm_order, bench_model_spec, client_medians, client_run, fmt,  # noqa: E402
-                                paired_ratios, print_client_table, serve, warm_seed, write_json)
+from bench.serve_common import (ARMS, arm_order, bench_model_spec, client_medians, client_run,  # noqa: E402
+                                fmt, host_label, paired_ratios, print_client_table, serve, warm_seed, write_json)
 
 
 def random_prompts(n: int, length: int, *, seed: int, words: list[str]) -> list[str]:
@@ -116,7 +116,7 @@ def main() -> int:
     how = "both servers up, driven in turn" if a.same_servers else "a fresh server per arm and repeat"
     print(f"\nnothing reusable via vllm.benchmarks.serve ({a.dataset} dataset, /v1/completions): {a.prompts} prompts "
           f"of {a.input_len} tokens, {a.concurrency} concurrent, {a.output_len} output tokens; model: tiny llama "
-          f"8 layers, hidden 512, bf16; {a.repeats} repeats ({how}); CPU ({os.cpu_count()} cores); {elapsed:.0f} s")
+          f"8 layers, hidden 512, bf16; {a.repeats} repeats ({how}); {host_label()}; {elapsed:.0f} s")
     print_client_table(m, ratios, runs)
     print("ratio row: medians over repeats of each repeat's kvreuse / vLLM alone; ratios of the arms' medians: "
           + ", ".join(f"{k} {fmt(v)}" for k, v in of_medians.items()))
@@ -125,7 +125,7 @@ def main() -> int:
             print(f"  {k[:-5]} per repeat: " + " ".join(fmt(x) for x in v))
     print(f"targets: mean TTFT <= 1.05x (got {fmt(ratios['mean_ttft_ratio'])}), throughput >= 0.95x "
           f"(got {fmt(ratios['throughput_ratio'])}); p99 ratio {fmt(ratios['p99_ttft_ratio'])}")
-    write_json(a.out, {"bench": "noreuse", "args": vars(a), "model": spec.tag(), "medians": m, "summary": summary,
+    write_json(a.out, {"bench": "noreuse", "args": vars(a), "model": spec.tag(), "host": host_label(), "medians": m, "summary": summary,
                        "runs": runs, "elapsed_s": elapsed, "server_commands": commands, "client_args": args})
     return 0
 

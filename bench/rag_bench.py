@@ -32,8 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.serve_common import (ARMS, arm_order, bench_model_spec, client_medians, client_run, fmt,  # noqa: E402
-                                print_client_table, serve, warm_seed, write_json)
+from bench.serve_common import (ARMS, arm_order, bench_model_spec, client_medians, client_run,  # noqa: E402
+                                fmt, host_label, print_client_table, serve, warm_seed, write_json)
 
 
 def rag_prompts(n: int, *, passages: int, per_prompt: int, joiner: str, question_words: int, seed: int,
@@ -101,7 +101,7 @@ def main() -> int:
     print(f"\nRAG via vllm.benchmarks.serve (custom JSONL, /v1/completions): {a.per_prompt} of {a.passages} passages "
           f"per prompt, random order, joined by {json.dumps(a.joiner)}, {a.prompts} prompts, {a.concurrency} "
           f"concurrent, {a.output_len} output tokens; model: tiny llama 8 layers, hidden 512, bf16; medians of "
-          f"{a.repeats} repeats (one server at a time); CPU ({os.cpu_count()} cores); {elapsed:.0f} s")
+          f"{a.repeats} repeats (one server at a time); {host_label()}; {elapsed:.0f} s")
     print_client_table(m, ratios, runs)
     print(f"targets: placed >= 65% (got {fmt(k['placed_share'], '.1%')}), mean TTFT <= 0.50x "
           f"(got {fmt(ratios['mean_ttft_ratio'])}), p99 <= 1.00x (got {fmt(ratios['p99_ttft_ratio'])}), "

@@ -31,9 +31,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.serve_common import (ARMS, arm_order, bench_model_spec, delta, fmt, median, print_spread,  # noqa: E402
-                                ratio, reuse_summary, serve, settle, stream_completion, turn_spread, warm_seed,
-                                write_json)
+from bench.serve_common import (ARMS, arm_order, bench_model_spec, delta, fmt, host_label,  # noqa: E402
+                                median, print_spread, ratio, reuse_summary, serve, settle, stream_completion,
+                                turn_spread, warm_seed, write_json)
 
 
 def raw_agent_trace(turns: int, *, window: int, frame_words: int, sep_words: int, system_words: int,
@@ -136,7 +136,7 @@ def main() -> int:
     print(f"\nraw-text sliding-window agent, /v1/completions; model: tiny llama 8 layers, hidden 512, bf16 checkpoint "
           f"served as {a.dtype}; window {a.window} x {a.frame_words} words, {a.sep_words} {a.separators} separator "
           f"words per frame, {a.turns} turns; medians of {a.repeats} repeats (one server at a time); "
-          f"CPU ({os.cpu_count()} cores); {elapsed:.0f} s")
+          f"{host_label()}; {elapsed:.0f} s")
     print(f"{'turn':>4} {'prompt':>6} {'reusable':>8} | {'TTFT ms kvreuse':>15} {'prefix':>8} {'ratio':>6} | "
           f"{'placed':>6} {'cached kvr':>10} {'cached pfx':>10} | {'segs p/c':>8} {'gap tok':>7} | claims by policy")
     table = []

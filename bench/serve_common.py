@@ -57,6 +57,42 @@ def warm_seed(seed: int) -> int:
     return 10**9 + seed
 
 
+# Both arms run with the memory allocator vLLM's CPU installation guide recommends: tcmalloc, preloaded.  With
+# glibc's malloc a vLLM CPU worker's page faults vary several-fold from one server instance to the next
+# (measured on this bench's nothing-reusable run, vLLM alone: 0.27M minor faults and mean TTFT 218 ms in one
+# instance, 1.31M and 285 ms in the next; kvreuse alike), which swamps a few percent of difference between
+# the arms; with tcmalloc, ~10k faults each time.  KVREUSE_BENCH_MALLOC=system runs glibc's malloc instead.
+_TCMALLOC = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def allocator() -> str | None:
+    """Path of the allocator both arms preload (tcmalloc where installed), or None: glibc's malloc."""
+    if os.environ.get("KVREUSE_BENCH_MALLOC", "tcmalloc").strip().lower() in ("system", "glibc", "off", "none"):
+        return None
+    for d in _LIB_DIRS:
+        for name in _TCMALLOC:
+            path = os.path.join(d, name)
+            if os.path.exists(path):
+                return path
+    return None
+
+
+def allocator_env() -> dict[str, str]:
+    """`LD_PRELOAD` for `allocator()` (kept in front of any preload already set); {} for glibc's malloc."""
+    lib = allocator()
+    if lib is None:
+        return {}
+    pre = os.environ.get("LD_PRELOAD", "")
+    return {"LD_PRELOAD": lib if lib in pre.split(":") else ":".join(x for x in (lib, pre) if x)}
+
+
+def host_label() -> str:
+    """The host as the benches' headers name it: CPU cores and the allocator both arms ran with."""
+    lib = allocator()
+    return f"CPU ({os.cpu_count()} cores), malloc {os.path.basename(lib).split('.so')[0][3:] if lib else 'glibc'}"
+
+
 def arm_order(rep: int) -> tuple[str, ...]:
     """Arms in the order repeat `rep` runs them: alternating, so neither always goes first."""
     return ARMS if rep % 2 == 0 else ARMS[::-1]
@@ -107,7 +143,8 @@ def serve(arm: str, model_dir: str | os.PathLike, *, log_dir: str | None = None,
     # (for NIXL), so on a 2-core host the kvreuse arm's worker got both cores (2 OMP threads) and vLLM alone one:
     # ~1.35x faster prefill with nothing reused when idle, far slower under contention.  One reserved core for both.
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-                "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"), **(env or {})}
+                "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"),
+                **allocator_env(), **(env or {})}
     print(f"[{time.strftime('%H:%M:%S')}] starting {arm} server (log {log})", flush=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
