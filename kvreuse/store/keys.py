@@ -194,6 +194,9 @@ class ChunkKey:
         if not isinstance(self.digest, bytes) or len(self.digest) != _DIGEST_BYTES:
             raise ValueError(f"digest: expected {_DIGEST_BYTES} bytes, got {self.digest!r}")
 
+    def __hash__(self) -> int:  # the digest's own (the dataclass' builds a tuple: the store hashes keys a lot)
+        return hash(self.digest)
+
     @classmethod
     def of(cls, model: bytes | ModelFingerprint, token_ids: Sequence[int] | np.ndarray | torch.Tensor,
            *, cache_salt: str | bytes | None = None, mm_ids: Sequence[str | bytes] = (),

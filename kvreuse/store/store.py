@@ -308,7 +308,7 @@ class ChunkStore:
         for i, t in enumerate(self.memory):
             if n <= t.budget_bytes and self.tiers.make_room(i, n):
                 stored = t.adopt(entry)
-                t.insert(stored)
+                t.insert(stored, n)
                 ts = self.stats.tier(t.name)
                 ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + n
                 if self.disk is not None:  # write-behind: every stored chunk reaches disk (restart-warm)

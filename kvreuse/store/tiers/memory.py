@@ -38,10 +38,11 @@ class MemoryTier:
             return entry
         return entry.to(self.device, pin=self.pin)
 
-    def insert(self, entry: ChunkEntry) -> None:
-        """Insert an entry already on this device; the caller has made room (or reserved it)."""
+    def insert(self, entry: ChunkEntry, nbytes: int | None = None) -> None:
+        """Insert an entry already on this device; the caller has made room (or reserved it).  ``nbytes``:
+        ``entry.nbytes``, where the caller has it."""
         assert entry.key not in self.entries
-        n = entry.nbytes
+        n = entry.nbytes if nbytes is None else nbytes
         self.used_bytes -= self.reserved.pop(entry.key, 0)
         assert self.used_bytes + n <= self.budget_bytes, (self.name, self.used_bytes, n, self.budget_bytes)
         self.entries[entry.key] = entry
