@@ -242,23 +242,30 @@ def test_report_aggregates_over_workers():
     assert (m.lost_keys, m.demoted_keys, m.unsaved_req_ids) == ([b"1", b"2"], [b"d"], ["r", "q"])
 
 
-def test_an_asynchronous_copy_out_is_settled_before_the_next_step_writes(monkeypatch):
-    """`save(wait=False)` (what the connector does at the end of a forward) returns before the copy; the next
-    step's `settle_saves` (the connector's `handle_preemptions`, before vLLM touches a block) and `start_load`
-    wait for it; what was saved is then served.  A copy that fails is counted and reported lost."""
+def gated_gather(monkeypatch) -> threading.Event:
+    """Make the worker's copy-out wait for the returned event before it reads the cache."""
     import kvreuse.connector.worker as wm
 
-    w = worker()
-    a = chunk(30)
-    item = computed(w, [1, 2], 4, a, C0)
-    gate = threading.Event()
-    real = wm.gather
+    gate, real = threading.Event(), wm.gather
 
     def slow_gather(*args, **kw):
         assert gate.wait(30)
         return real(*args, **kw)
 
     monkeypatch.setattr(wm, "gather", slow_gather)
+    return gate
+
+
+def test_an_asynchronous_copy_out_is_settled_before_the_next_step_writes(monkeypatch):
+    """`save(wait=False)` (what the connector does at the end of a forward) returns before the copy; a step
+    whose allocated blocks are unknown (metadata built outside vLLM's scheduler) waits for it in `start_load`;
+    what was saved is then served.  A copy that fails is counted and reported lost."""
+    import kvreuse.connector.worker as wm
+
+    w = worker()
+    a = chunk(30)
+    item = computed(w, [1, 2], 4, a, C0)
+    gate = gated_gather(monkeypatch)
     t0 = time.perf_counter()
     w.save(KVReuseMetadata(saves=[ReqSave("r1", [1, 2], [item])]), wait=False)
     assert time.perf_counter() - t0 < 1.0 and w.take_stats().saved_chunks == 0  # the copy waits on the gate
@@ -285,18 +292,9 @@ def test_a_step_waits_only_for_copy_outs_reading_the_blocks_it_allocates(monkeyp
     """A copy-out still running at the next step's start is waited for only when that step allocates one of
     the blocks it reads (vLLM zeroes and writes those whole); a step that allocates other blocks goes on
     while it runs, and what it copied is then stored."""
-    import kvreuse.connector.worker as wm
-
     w = worker()
     a = chunk(40)
-    gate = threading.Event()
-    real = wm.gather
-
-    def slow_gather(*args, **kw):
-        assert gate.wait(30)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(wm, "gather", slow_gather)
+    gate = gated_gather(monkeypatch)
     w.save(KVReuseMetadata(saves=[ReqSave("r1", [1, 2], [computed(w, [1, 2], 4, a, C0)])]), wait=False)
     t0 = time.perf_counter()
     w.settle_saves([3, 7])  # a step allocating blocks 3 and 7: the copy of blocks 1, 2 goes on
