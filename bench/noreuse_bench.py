@@ -125,8 +125,9 @@ def main() -> int:
             print(f"  {k[:-5]} per repeat: " + " ".join(fmt(x) for x in v))
     print(f"targets: mean TTFT <= 1.05x (got {fmt(ratios['mean_ttft_ratio'])}), throughput >= 0.95x "
           f"(got {fmt(ratios['throughput_ratio'])}); p99 ratio {fmt(ratios['p99_ttft_ratio'])}")
-    write_json(a.out, {"bench": "noreuse", "args": vars(a), "model": spec.tag(), "host": host_label(), "medians": m, "summary": summary,
-                       "runs": runs, "elapsed_s": elapsed, "server_commands": commands, "client_args": args})
+    write_json(a.out, {"bench": "noreuse", "args": vars(a), "model": spec.tag(), "host": host_label(), "medians": m,
+                       "summary": summary, "runs": runs, "elapsed_s": elapsed, "server_commands": commands,
+                       "client_args": args})
     return 0
 
 

@@ -84,7 +84,7 @@ def allocator_env() -> dict[str, str]:
     if lib is None:
         return {}
     pre = os.environ.get("LD_PRELOAD", "")
-    return {"LD_PRELOAD": lib if lib in pre.split(":") else ":".join(x for x in (lib, pre) if x)}
+    return {"LD_PRELOAD": pre if lib in pre.split(":") else ":".join(x for x in (lib, pre) if x)}
 
 
 def host_label() -> str:

@@ -287,8 +287,7 @@ class ChunkStore:
         t0 = time.perf_counter()
         key = entry.key
         with self._lock:
-            if (any(key in t for t in self.memory) or key in self.tiers.spilling or key in self._inflight
-                    or (self.disk is not None and key in self.disk)):
+            if self._kept(key) or key in self.tiers.spilling or key in self._inflight:
                 return None
             self._put_locked(entry)
             stored = self._kept(key)
