@@ -35,7 +35,7 @@ import numpy as np
 import xxhash
 
 from kvreuse.connector.segment import _WINDOW, Anchors, Chunk
-from kvreuse.store.keys import ChunkKey
+from kvreuse.store.keys import ChunkKey, token_bytes
 
 POLICIES = ("exact", "survival", "reorder", "recall", "blind")
 RECENT = 64        # preceding keys remembered per context
@@ -366,5 +366,6 @@ def chunk_keys(token_ids: Sequence[int], chunks: Sequence[Chunk], model_digest: 
 
     `lora`: the request's adapter identity (`kvreuse.store.keys.AdapterKeys.of`), None for the base model.
     """
-    return [ChunkKey.of(model_digest, list(token_ids[c.start:c.end]), cache_salt=cache_salt, mm_ids=c.mm_ids,
-                        lora=lora).digest for c in chunks]
+    base = ChunkKey.namespace_hasher(model_digest, cache_salt=cache_salt, lora=lora)
+    tb = token_bytes(token_ids)  # 8 bytes a token: each chunk hashes a slice (as `ChunkKey.of` its own tokens)
+    return [ChunkKey.finish(base.copy(), tb[8 * c.start:8 * c.end], c.mm_ids) for c in chunks]

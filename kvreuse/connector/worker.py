@@ -56,6 +56,7 @@ _STORE_SNAPSHOT_PERIOD_S = 1.0  # the store's gauges and counters are read at mo
 _SERIAL_ELEMENTS = 32768  # PyTorch runs an op on at most this many elements on the calling thread (GRAIN_SIZE)
 _MAX_TILES = 8            # a CPU load of more tokens than this many serial tiles is relocated a layer at a time
 _MAX_COPIES_IN_FLIGHT = 8  # copy-outs queued on the copy thread before a save waits for them
+_COPY_GATE_S = 0.05  # a copy-out starts with the next step, or this long after its save when none comes
 
 
 CacheWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -151,6 +152,8 @@ class WorkerSide:
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-copy", initializer=enter_background)  # save(wait=False)
         self._copying: list[tuple[Future, frozenset[int], frozenset[bytes]]] = []  # copy-outs in flight, in
         # order, with the blocks they read and the chunk keys they save
+        self._gate = threading.Condition()  # a copy-out waits for the next step to start (`_open_gate`)
+        self._steps = 0
         self._load_obs = (0.0, 0)  # (seconds, tokens) placed since the last report: the scheduler's cost model
 
     # ---------------------------------------------------------------- setup
@@ -420,7 +423,25 @@ class WorkerSide:
             self.settle_saves()
         blocks = frozenset(b for r in reqs for b in r.block_ids)
         keys = frozenset(it.key for r in reqs for it in r.items)
-        self._copying.append((self._copier.submit(self._copy_out, reqs), blocks, keys))
+        self._copying.append((self._copier.submit(self._copy_out_gated, self._steps, reqs), blocks, keys))
+
+    def _open_gate(self) -> None:
+        """A step starts (or a caller waits for copies): copy-outs held at the gate go."""
+        with self._gate:
+            self._steps += 1
+            self._gate.notify_all()
+
+    def _copy_out_gated(self, step: int, reqs: list[ReqSave]) -> None:
+        """`_copy_out`, once the step after the save's has started (at most `_COPY_GATE_S` later).
+
+        The end of a step is the engine's critical path: its output travels back, the scheduler plans the
+        next step (new prompts are chunked and matched then) and sends it.  Measured on a 2-core host,
+        a copy-out started there shared the scheduler's core with it and made each prefill step ~2.5 ms
+        longer; started with the next step, it overlaps that step's forward, which it only meets at the GIL.
+        """
+        with self._gate:
+            self._gate.wait_for(lambda: self._steps > step, timeout=_COPY_GATE_S)
+        self._copy_out(reqs)
 
     def settle_saves(self, fresh: list[int] | None = None, keys: set[bytes] | None = None) -> None:
         """Wait for the copies `save(wait=False)` started: every one, or (`fresh`: the blocks a step is about
@@ -431,6 +452,7 @@ class WorkerSide:
         failed copy is logged and its chunks are counted as dropped saves, reported lost."""
         if not self._copying:
             return
+        self._open_gate()  # called as each step starts (`handle_preemptions`) and wherever a copy is awaited
         if fresh is None:
             last = len(self._copying)
         else:
@@ -467,16 +489,16 @@ class WorkerSide:
             slots = block_slots(req.block_ids, self.spec.block_size, 0, int(idx.max()) + 1)[idx]
             k, v = gather([self.caches[n] for n in names], self.spec, slots)  # [L, N, H, D] (fused on GPU)
             toks = torch.tensor([t for it in req.items for t in it.token_ids], dtype=torch.int64)
-            chunks, off = [], 0
-            for it in req.items:
-                n = it.end - it.start
-                # [L, n, H, D], owned by the store from here (gather made a copy; the store's background
-                # thread compacts each slice, so that each stored chunk holds only its own bytes)
-                pos = self._frame(torch.tensor(it.positions, dtype=torch.int64) if it.positions is not None
-                                  else idx[off:off + n])
-                chunks.append(IngestChunk(ChunkKey(it.key), toks[off:off + n], pos, k[:, off:off + n],
-                                          v[:, off:off + n], it.context, it.recent))
-                off += n
+            # each item's slices, a few calls a request (not per item: every torch call from this thread can
+            # hand the GIL to the forward and wait to get it back).  [L, n, H, D] K and V, owned by the store
+            # from here (gather made a copy; the store's thread compacts each slice to its own bytes)
+            sizes = [it.end - it.start for it in req.items]
+            parts = zip(torch.split(toks, sizes), torch.split(idx, sizes), torch.split(k, sizes, dim=1),
+                        torch.split(v, sizes, dim=1))
+            chunks = []
+            for it, (tok, at, kc, vc) in zip(req.items, parts):
+                pos = self._frame(torch.tensor(it.positions, dtype=torch.int64) if it.positions is not None else at)
+                chunks.append(IngestChunk(ChunkKey(it.key), tok, pos, kc, vc, it.context, it.recent))
             queued = sum(self.store.ingest_many(chunks, rope=self.rope))  # one hand-over per request
             with self._lock:
                 self._stats.saved_chunks += queued

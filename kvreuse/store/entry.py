@@ -87,8 +87,10 @@ class ChunkEntry:
         self.context = as_signature(self.context)
         if not isinstance(self.key, ChunkKey):
             raise TypeError(f"key: expected ChunkKey, got {type(self.key).__name__}")
-        self.token_ids = torch.as_tensor(self.token_ids, dtype=torch.int64).cpu()
-        self.positions = torch.as_tensor(self.positions, dtype=torch.int64).cpu()
+        if not (isinstance(self.token_ids, torch.Tensor) and self.token_ids.dtype is torch.int64 and self.token_ids.is_cpu):
+            self.token_ids = torch.as_tensor(self.token_ids, dtype=torch.int64).cpu()
+        if not (isinstance(self.positions, torch.Tensor) and self.positions.dtype is torch.int64 and self.positions.is_cpu):
+            self.positions = torch.as_tensor(self.positions, dtype=torch.int64).cpu()
         if self.k.dim() != 4 or self.k.shape != self.v.shape or self.k.dtype != self.v.dtype:
             raise ValueError(f"k, v: expected equal [num_layers, num_tokens, num_kv_heads, head_dim], "
                              f"got {tuple(self.k.shape)} {self.k.dtype} and {tuple(self.v.shape)} {self.v.dtype}")

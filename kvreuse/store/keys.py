@@ -206,6 +206,14 @@ class ChunkKey:
         ``mm_ids`` are the content identifiers of the media inside the chunk, in order; ``lora``
         identifies the LoRA adapter the request runs with (:class:`AdapterKeys`), None for the base model.
         """
+        return cls(cls.finish(cls.namespace_hasher(model, cache_salt=cache_salt, lora=lora).copy(),
+                              token_bytes(token_ids), mm_ids))
+
+    @staticmethod
+    def namespace_hasher(model: bytes | ModelFingerprint, *, cache_salt: str | bytes | None = None,
+                         lora: str | bytes | None = None) -> "xxhash.xxh3_128":
+        """The key hash fed with everything but the chunk's content: copy it, then :meth:`finish` each chunk
+        (what :meth:`of` does; a prompt's chunks share it)."""
         fp = model.digest if isinstance(model, ModelFingerprint) else model
         h = xxhash.xxh3_128()
         _feed(h, b"kvreuse-chunk-v2")
@@ -214,11 +222,17 @@ class ChunkKey:
         _feed(h, b"\0" if salt is None else b"\1" + salt)
         adapter = lora.encode() if isinstance(lora, str) else lora
         _feed(h, b"\0" if adapter is None else b"\1" + adapter)
-        _feed(h, token_bytes(token_ids))
+        return h
+
+    @staticmethod
+    def finish(h: "xxhash.xxh3_128", tokens: bytes, mm_ids: Sequence[str | bytes] = ()) -> bytes:
+        """The digest of a chunk: ``h`` (a copy of :meth:`namespace_hasher`) fed with the chunk's token bytes
+        (:func:`token_bytes`) and media identifiers."""
+        _feed(h, tokens)
         h.update(struct.pack("<Q", len(mm_ids)))
         for m in mm_ids:
             _feed(h, m.encode() if isinstance(m, str) else m)
-        return cls(h.digest())
+        return h.digest()
 
     @classmethod
     def from_hex(cls, s: str) -> "ChunkKey":

@@ -14,7 +14,8 @@ from kvreuse.connector.config import ConnectorConfig, ConnectorConfigError, Chun
 from kvreuse.connector.costs import CostModel
 from kvreuse.connector.plan import plan_claim, plan_saves, plan_segments
 from kvreuse.connector.scheduler import opted_out
-from kvreuse.connector.segment import MMSpan, segment, segment_prompt
+from kvreuse.connector.segment import Chunk, MMSpan, segment, segment_prompt
+from kvreuse.store.keys import ChunkKey
 
 MODEL = b"m" * 16
 CFG = ChunkingConfig(min_tokens=8, avg_tokens=24, max_tokens=48)
@@ -75,6 +76,22 @@ def test_keys_depend_on_salt_and_media():
     ch_img = segment(toks, CFG, spans=[MMSpan("a", 1, 10)])
     ch_img2 = segment(toks, CFG, spans=[MMSpan("b", 1, 10)])
     assert chunk_keys(toks, ch_img, MODEL, None) != chunk_keys(toks, ch_img2, MODEL, None)
+
+
+def test_chunk_keys_are_each_chunks_own_key_and_never_change():
+    """A prompt's keys share one namespace hash (copied per chunk); each is still `ChunkKey.of` its chunk, and
+    the digests are pinned: disk and Redis tiers keep entries under them across restarts and versions."""
+    toks = list(range(1000, 1300))
+    ch = [Chunk(0, 10), Chunk(10, 40, ("img-1", "img-2")), Chunk(40, 300)]
+    pinned = {(None, None): ["457364956c307b0d852228926a6aebce", "b97dcf5830aaa244db18ee85fcf89fc1",
+                             "d4ac3198b1ad6c739ce78a3bc2aa520a"],
+              ("tenant", b"adapter"): ["f1c07ae99a95fe4721a28b100d267d7b", "be5486452a83a4558ca877bf2caa16bd",
+                                       "bab38299739761570d6613bdd993d5f6"]}
+    for (salt, lora), want in pinned.items():
+        keys = chunk_keys(toks, ch, b"m" * 16, salt, lora)
+        assert [k.hex() for k in keys] == want
+        assert keys == [ChunkKey.of(b"m" * 16, toks[c.start:c.end], cache_salt=salt, mm_ids=c.mm_ids, lora=lora).digest
+                        for c in ch]
 
 
 # ---------------------------------------------------------------- claims

@@ -319,6 +319,48 @@ def test_a_step_waits_only_for_copy_outs_reading_the_blocks_it_allocates(monkeyp
     w.close()
 
 
+def test_a_copy_out_starts_with_the_next_step_or_after_the_gate_time(monkeypatch):
+    """The end of a step is the engine's critical path (output back, next step planned and sent): a copy-out
+    saved there starts only once the next step starts (`settle_saves`, run by `handle_preemptions`), or by
+    itself `_COPY_GATE_S` after its save when no step comes."""
+    import kvreuse.connector.worker as wm
+
+    read_at: list[float] = []
+    real = wm.gather
+
+    def timed_gather(*args, **kw):
+        read_at.append(time.perf_counter())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(wm, "gather", timed_gather)
+    monkeypatch.setattr(wm, "_COPY_GATE_S", 30.0)
+    w = worker()
+    a = chunk(50)
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", [1, 2], [computed(w, [1, 2], 4, a, C0)])]), wait=False)
+    time.sleep(0.3)
+    assert not read_at and w.take_stats().saved_chunks == 0  # held at the gate: no step started yet
+    t0 = time.perf_counter()
+    w.settle_saves([7])  # the next step starts (allocating another block): the copy goes, nothing waits for it
+    assert time.perf_counter() - t0 < 1.0
+    deadline = time.monotonic() + 10
+    while not read_at and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert read_at and read_at[0] - t0 < 5.0
+    w.settle_saves()
+    assert w.take_stats().saved_chunks == 1
+
+    monkeypatch.setattr(wm, "_COPY_GATE_S", 0.2)  # no next step: the copy starts by itself
+    b = chunk(51)
+    read_at.clear()
+    t0 = time.perf_counter()
+    w.save(KVReuseMetadata(saves=[ReqSave("r2", [3, 4], [computed(w, [3, 4], 0, b, C0)])]), wait=False)
+    deadline = time.monotonic() + 10
+    while not read_at and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert read_at and 0.15 <= read_at[0] - t0 < 5.0
+    w.close()
+
+
 def test_fresh_blocks_are_every_block_a_step_allocates():
     from types import SimpleNamespace
 
