@@ -263,9 +263,11 @@ class KVReuseConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> KVReuseConnectorStats | None:
         if self._worker is not None:
-            s = self._worker.take_stats()
             now = time.monotonic()
-            if s.counters_empty() and now - self._last_gauges < _GAUGE_PERIOD_S:  # (every step: no copies)
+            if now - self._last_gauges < _GAUGE_PERIOD_S and self._worker.stats_quiet():
+                return None  # most steps (vLLM asks twice a step): nothing to report, nothing built
+            s = self._worker.take_stats()
+            if s.counters_empty() and now - self._last_gauges < _GAUGE_PERIOD_S:
                 return None
             self._last_gauges = now
         else:

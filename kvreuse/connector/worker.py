@@ -507,6 +507,11 @@ class WorkerSide:
             self._stats.save_seconds.append(time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- stats
+    def stats_quiet(self) -> bool:
+        """No counter moved since the last `take_stats` (a check, no copy: asked every step)."""
+        with self._lock:
+            return self._stats.counters_empty()
+
     def take_stats(self, now: float | None = None) -> ReuseStats:
         """Counters since the last call; the store's gauges and counters only when its last read is a
         period old (reading them takes the store's lock: not on every step).

@@ -234,6 +234,18 @@ def test_per_step_calls_never_wait_for_the_store_lock():
     w.close()
 
 
+def test_stats_quiet_tells_whether_any_counter_moved_without_taking_them():
+    """vLLM asks for the connector's stats twice a step: a step where nothing happened builds nothing."""
+    w = worker()
+    assert w.stats_quiet()
+    a = chunk(60)
+    w.save(KVReuseMetadata(saves=[ReqSave("r1", [1, 2], [computed(w, [1, 2], 4, a, C0)])]))
+    assert not w.stats_quiet() and not w.stats_quiet()  # a check takes nothing
+    assert w.take_stats().saved_chunks == 1
+    assert w.stats_quiet()
+    w.close()
+
+
 def test_report_aggregates_over_workers():
     from kvreuse.connector.metadata import KVReuseWorkerReport
 
