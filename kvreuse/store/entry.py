@@ -47,6 +47,10 @@ def as_signature(ctx: bytes | str) -> bytes:
     raise TypeError(f"context signature must be bytes or str, got {type(ctx).__name__}")
 
 
+def _cpu_int64(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype is torch.int64 and t.is_cpu
+
+
 def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -87,9 +91,9 @@ class ChunkEntry:
         self.context = as_signature(self.context)
         if not isinstance(self.key, ChunkKey):
             raise TypeError(f"key: expected ChunkKey, got {type(self.key).__name__}")
-        if not (isinstance(self.token_ids, torch.Tensor) and self.token_ids.dtype is torch.int64 and self.token_ids.is_cpu):
+        if not _cpu_int64(self.token_ids):  # (the save path hands over int64 CPU tensors: kept as they are)
             self.token_ids = torch.as_tensor(self.token_ids, dtype=torch.int64).cpu()
-        if not (isinstance(self.positions, torch.Tensor) and self.positions.dtype is torch.int64 and self.positions.is_cpu):
+        if not _cpu_int64(self.positions):
             self.positions = torch.as_tensor(self.positions, dtype=torch.int64).cpu()
         if self.k.dim() != 4 or self.k.shape != self.v.shape or self.k.dtype != self.v.dtype:
             raise ValueError(f"k, v: expected equal [num_layers, num_tokens, num_kv_heads, head_dim], "
