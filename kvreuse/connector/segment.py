@@ -19,7 +19,6 @@ Runs in O(n) numpy work plus O(chunks) Python steps.
 from __future__ import annotations
 
 import bisect
-
 from dataclasses import dataclass
 from typing import Sequence
 

@@ -206,8 +206,8 @@ class ChunkKey:
         ``mm_ids`` are the content identifiers of the media inside the chunk, in order; ``lora``
         identifies the LoRA adapter the request runs with (:class:`AdapterKeys`), None for the base model.
         """
-        return cls(cls.finish(cls.namespace_hasher(model, cache_salt=cache_salt, lora=lora).copy(),
-                              token_bytes(token_ids), mm_ids))
+        return cls(cls.finish(cls.namespace_hasher(model, cache_salt=cache_salt, lora=lora), token_bytes(token_ids),
+                              mm_ids))
 
     @staticmethod
     def namespace_hasher(model: bytes | ModelFingerprint, *, cache_salt: str | bytes | None = None,
