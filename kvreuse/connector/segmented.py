@@ -19,6 +19,15 @@ the worker places the KV before the forward pass rather than after it.
 Everything else is vLLM's own: the prefix hit and the connector's claim at the start, chunked
 prefill and the token budget, preemption (a resumed request is re-planned by the connector),
 aborts, failed loads (rolled back by `get_block_ids_with_load_errors`), several requests per step.
+
+One fix to vLLM's handling of failed loads (`_update_requests_with_invalid_blocks`): under the
+"recompute" policy vLLM keeps a block that failed to load in its prefix cache and lets only the
+first request holding it recompute it, the others treating it as computed.  When that request is
+aborted (or preempted) before its recompute, the block is never written, and every request that
+hits it in the prefix cache, or already holds it, reads KV that was never there.  Here each
+request holding a failed block rolls back to it and recomputes it, and failed blocks leave the
+prefix cache at once.
+
 Asynchronous scheduling is refused at startup: pass `--no-async-scheduling` (`kvreuse serve`
 does).  On vLLM's CPU backend this changes nothing (the CPU platform turns asynchronous scheduling
 off for every server, vLLM alone included); on a GPU it gives up the overlap of scheduling with the
@@ -80,6 +89,22 @@ class SegmentedScheduler(Scheduler):
                                              len(scheduler_output.num_scheduled_tokens))
             self._scheduled_at = None
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _update_requests_with_invalid_blocks(self, requests: Any, invalid_block_ids: set[int],
+                                             num_scheduled_tokens: dict[str, int], evict_blocks: bool = True):
+        """vLLM's, one request at a time (each rolls back to its own first failed block: none counts on another
+        request to recompute a block they share), and the failed blocks and those after them are evicted
+        from the prefix cache (an aborted request's blocks stay there otherwise, never written)."""
+        affected, tokens, evict = set(), 0, set()
+        for request in list(requests):
+            a, n, e = super()._update_requests_with_invalid_blocks([request], invalid_block_ids, num_scheduled_tokens,
+                                                                   evict_blocks)
+            affected |= a
+            tokens += n
+            evict |= e
+        if evict:
+            self.kv_cache_manager.evict_blocks(evict)
+        return affected, tokens, evict
 
     def _try_schedule_encoder_inputs(self, request: Any, num_computed_tokens: int, num_new_tokens: int,
                                      *args: Any, **kwargs: Any):

@@ -407,8 +407,12 @@ class WorkerSide:
             return
         assert self.spec is not None
         reqs = []
+        with self._lock:
+            failed = set(self._failed_blocks)  # this step's (vLLM takes them after the save)
         for req in meta.saves:
-            if req.req_id in self._failed_reqs:  # computed over blocks a failed load never wrote
+            if req.req_id in self._failed_reqs or not failed.isdisjoint(req.block_ids):
+                # computed over blocks a failed load never wrote: its own, or one it shares through vLLM's
+                # prefix cache (vLLM rolls both back)
                 with self._lock:
                     self._unsaved.append(req.req_id)
             else:

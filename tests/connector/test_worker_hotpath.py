@@ -153,19 +153,22 @@ def test_budget_too_small_for_the_context_serves_base_only_as_blind(mode, strict
 
 def test_a_failed_load_saves_nothing_of_its_request_in_that_step():
     w = worker()
-    a, b = chunk(4), chunk(5)
+    a, b, c = chunk(4), chunk(5), chunk(9)
     missing = LoadItem(b"m" * 16, tuple(range(N)), 0, N, 0, C0, "exact")
     meta = KVReuseMetadata(loads=[ReqLoad("r", [0, 1, 2], [missing])],
                            saves=[ReqSave("r", [0, 1, 2], [computed(w, [0, 1, 2], 20, a, C1)]),
-                                  ReqSave("q", [5, 6], [computed(w, [5, 6], 0, b, C0)])])
+                                  ReqSave("q", [5, 6], [computed(w, [5, 6], 0, b, C0)]),
+                                  # holds r's first block through vLLM's prefix cache: vLLM rolls it back too
+                                  ReqSave("s", [0, 8, 9], [computed(w, [0, 8, 9], 20, c, C1)])])
     w.start_load(meta)
     w.finish_loads()
     w.save(meta)
     w.store.flush()
     assert w.store.contains(ChunkKey(a[0])) is None  # r's chunk attended to blocks the failed load never wrote
+    assert w.store.contains(ChunkKey(c[0])) is None  # and so did s's
     assert w.store.contains(ChunkKey(b[0])) == "device"  # another request of the same step is saved
     rep = w.take_report()
-    assert rep.unsaved_req_ids == ["r"] and rep.lost_keys == [b"m" * 16]
+    assert rep.unsaved_req_ids == ["r", "s"] and rep.lost_keys == [b"m" * 16]
     assert w.take_report() is None
     w.close()
 
