@@ -1,7 +1,7 @@
 """One engine, steps driven by hand: a request's load fails, the request is aborted before its recompute,
 and another request with the same prompt follows (run by `tests/connector/test_failed_load_abort.py`).
 
-    python -m tests.support.failed_load_abort MODEL_DIR OUT.json
+    python -m tests.support.failed_load_abort MODEL_DIR OUT.json [after|with]
 
 The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that the abort lands exactly
 between the step whose load failed and the next one.  Writes, for the request that follows and for a
@@ -20,7 +20,9 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-def main(model: str, out: str) -> None:
+def main(model: str, out: str, scenario: str = "after") -> None:
+    """`scenario` "after": the next request arrives after the abort (and hits the failed blocks in vLLM's
+    prefix cache); "with": it arrives in the same step as the failing one (and holds those blocks)."""
     from vllm import EngineArgs, LLMEngine, SamplingParams
     from vllm.config import KVTransferConfig
 
@@ -61,9 +63,12 @@ def main(model: str, out: str) -> None:
     # claims its prefix from the store (exact: same context), and its load fails
     eng.add_request("failing", {"prompt_token_ids": prompt},
                     params({"kv_transfer_params": {"kvreuse": {"inject_load_failure": True}}}))
+    if scenario == "with":
+        eng.add_request("next", {"prompt_token_ids": prompt}, params())
     eng.step()
     eng.abort_request(["failing"])  # before the step that would recompute its blocks
-    eng.add_request("next", {"prompt_token_ids": prompt}, params())
+    if scenario == "after":
+        eng.add_request("next", {"prompt_token_ids": prompt}, params())
     eng.add_request("reference", {"prompt_token_ids": prompt, "cache_salt": "reference"}, params())
     done = drain()
     res = {}
@@ -76,4 +81,4 @@ def main(model: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
