@@ -6,7 +6,7 @@ and another request with the same prompt follows (run by `tests/connector/test_f
 The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that the abort lands exactly
 between the step whose load failed and the next one.  Writes, for the request that follows and for a
 reference (the same prompt under its own `cache_salt`: no prefix hit, no stored chunk, computed from
-scratch), the greedy tokens and their logprobs, and the tokens the first request was served from the store.
+scratch), the greedy tokens, their logprobs and the prompt tokens served from a cache.
 """
 
 from __future__ import annotations
