@@ -225,7 +225,9 @@ def reuse_summary(d: dict[str, float]) -> dict:
             "load_ms_p50": None if p50 is None else 1e3 * p50,
             "load_failures": int(d.get("kvreuse_load_failures_total", 0)),
             "captured_patches": int(d.get("kvreuse_captured_patches_total", 0)),
-            "dropped_saves": int(d.get("kvreuse_dropped_saves_total", 0))}
+            "dropped_saves": int(d.get("kvreuse_dropped_saves_total", 0)),
+            "saved_chunks": int(d.get("kvreuse_saved_chunks_total", 0)),
+            "deferred_saves": int(d.get("kvreuse_deferred_saves_total", 0))}
 
 
 def prompt_tokens(d: dict[str, float]) -> int:
@@ -320,7 +322,8 @@ def print_client_table(m: dict, ratios: dict, runs: dict[str, list[dict]]) -> No
     for i, r in enumerate(runs["kvreuse"]):
         print(f"kvreuse repeat {i + 1}: claims by policy {r['claims_by_policy']}; segments {r['segments']}; "
               f"gap tokens {r['gap_tokens']}; loads {r['loads']} (failed {r['load_failures']}); patches captured "
-              f"{r['captured_patches']}; saves dropped {r['dropped_saves']}")
+              f"{r['captured_patches']}; chunks saved {r.get('saved_chunks')}, dropped {r['dropped_saves']}, deferred "
+              f"{r.get('deferred_saves')}")
 
 
 def warm_up_completions(url: str, model: str, prompts: list[str], max_tokens: int = 4) -> None:

@@ -4,7 +4,8 @@ Every key is optional::
 
     {"chunking": {"min_tokens": 8, "max_tokens": 256, "avg_tokens": 16, "boundary_tokens": ["<|im_start|>"]},
      "policy": {"mode": "any" | "patched_or_exact", "patch_energy": 0.99, "patch_max_rank": 16,
-                "patch_budget": 0.05},
+                "patch_budget": 0.05, "admission": "adaptive" | "always", "admission_window": 8,
+                "admission_min_share": 0.02},
      "store": {"device_bytes": "1GiB", "host_bytes": ..., "disk_path": ..., ...},
      "save": true, "load": true, "isolation": "salt" | "salted_only", "load_timeout_seconds": 2.0}
 
@@ -29,6 +30,9 @@ from kvreuse.errors import KVReuseError
 from kvreuse.store.config import StoreConfig, StoreConfigError
 
 POLICY_MODES = ("any", "patched_or_exact")
+# "adaptive": when recent requests recur less than `admission_min_share`, a first-seen chunk is not saved
+# (`kvreuse.connector.admission`); "always": every new chunk is saved.
+ADMISSION_MODES = ("adaptive", "always")
 # "salt": requests share chunks when their cache_salt is equal (unsalted requests form one pool);
 # "salted_only": only salted requests store or place chunks (unsalted ones are served without kvreuse).
 ISOLATION_MODES = ("salt", "salted_only")
@@ -68,17 +72,32 @@ class ChunkingConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """`mode="patched_or_exact"` never serves a base KV in a context it was not fitted for (blind)."""
+    """`mode="patched_or_exact"` never serves a base KV in a context it was not fitted for (blind).
+
+    `admission`: which new chunks are saved (see `kvreuse.connector.admission`); "adaptive" saves
+    only chunks seen before while the last `admission_window` requests recurred less than
+    `admission_min_share` of their tokens (after vLLM's prefix hit), "always" saves every one.
+    """
 
     mode: str = "any"
     patch_energy: float = 0.99
     patch_max_rank: int = 16
     patch_budget: float | None = 0.05   # patch bytes / chunk KV bytes (kvreuse.fit_patch); None: no cap
     capture_patches: bool = True
+    admission: str = "adaptive"
+    admission_window: int = 8
+    admission_min_share: float = 0.02
 
     def __post_init__(self) -> None:
         if self.mode not in POLICY_MODES:
             raise ConnectorConfigError(f"policy.mode: expected one of {POLICY_MODES}, got {self.mode!r}")
+        if self.admission not in ADMISSION_MODES:
+            raise ConnectorConfigError(f"policy.admission: expected one of {ADMISSION_MODES}, got {self.admission!r}")
+        if self.admission_window < 1:
+            raise ConnectorConfigError(f"policy.admission_window: must be >= 1, got {self.admission_window!r}")
+        if not 0.0 <= self.admission_min_share <= 1.0:
+            raise ConnectorConfigError(f"policy.admission_min_share: must be in [0, 1], got "
+                                       f"{self.admission_min_share!r}")
         if not 0.0 < self.patch_energy <= 1.0:
             raise ConnectorConfigError(f"policy.patch_energy: must be in (0, 1], got {self.patch_energy!r}")
         if self.patch_max_rank < 0:

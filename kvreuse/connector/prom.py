@@ -26,6 +26,9 @@ METRICS = [
      "Chunk loads that waited past load_timeout_seconds for a slow tier (recomputed; summed over TP ranks)", None),
     ("kvreuse_dropped_saves", "counter",
      "Chunks not saved because the store's bounded ingest queue was full (a save never blocks a step)", None),
+    ("kvreuse_deferred_saves", "counter",
+     "First-seen chunks not saved because recent requests recurred too little (policy.admission adaptive; "
+     "saved when seen again)", None),
     ("kvreuse_encoder_inputs", "counter",
      "Multimodal items vLLM scheduled through the encoder (seen by the connector), by modality", "modality"),
     ("kvreuse_mm_items_reused", "counter",
@@ -47,7 +50,7 @@ _FIELD = {"kvreuse_chunk_lookups": None, "kvreuse_claims": "claims", "kvreuse_re
           "kvreuse_loaded_bytes": "bytes_loaded", "kvreuse_saved_bytes": "bytes_saved",
           "kvreuse_evictions": "evictions", "kvreuse_demotions": "demotions", "kvreuse_rehydrations": "rehydrations",
           "kvreuse_load_failures": "load_failures", "kvreuse_load_timeouts": "load_timeouts",
-          "kvreuse_dropped_saves": "dropped_saves",
+          "kvreuse_dropped_saves": "dropped_saves", "kvreuse_deferred_saves": "deferred_saves",
           "kvreuse_encoder_inputs": "encoder_inputs",
           "kvreuse_mm_items_reused": "mm_items_reused", "kvreuse_segments": "segments", "kvreuse_gap_tokens": "gap_tokens",
           "kvreuse_store_bytes": "store_bytes",
@@ -85,6 +88,7 @@ class KVReusePromMetrics(KVConnectorPromMetrics):
             self._families["kvreuse_load_failures"][0].labels(*values)
             self._families["kvreuse_load_timeouts"][0].labels(*values)
             self._families["kvreuse_dropped_saves"][0].labels(*values)
+            self._families["kvreuse_deferred_saves"][0].labels(*values)
             self._families["kvreuse_demotions"][0].labels(*values)
             for kind in ("placed", "computed"):
                 self._families["kvreuse_segments"][0].labels(*values, kind)

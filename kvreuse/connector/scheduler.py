@@ -12,7 +12,11 @@ Two ways to run:
     step where the next placement starts (`cap`); the placed KV is written in the step that
     follows.
 
-`matched` has no side effect but a memo and the block-hash salt below, which is idempotent.
+Saves are planned when a prompt is computed: its chunks the store lacks, less (under adaptive
+admission, `kvreuse.connector.admission`) first-seen chunks while recent requests recur too little.
+
+`matched` has no side effect but a memo, the block-hash salt below, which is idempotent, and
+noting the request's chunks for admission once.
 Blocks holding KV placed under a policy other than exact, and every block after them, are
 cached by vLLM under *salted* block hashes, so vLLM's own prefix cache never serves them to a
 request that opted out or to a later request whose own hashes are unsalted (a
@@ -30,6 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
+from kvreuse.connector.admission import Recurrence
 from kvreuse.connector.claim import Directory, chunk_keys, chunk_namespace
 from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.costs import CostModel
@@ -86,6 +91,7 @@ class _Req:
     ns: bytes                              # chunk namespace (model, salt, adapter): what edge fill may use
     positions: torch.Tensor | None = None  # M-RoPE: [3, N] from the model's get_mrope_input_positions
     disabled: bool = False                 # positions could not be computed: no reuse for this request
+    seen: list[bool] | None = None         # per chunk: seen in an earlier prompt (adaptive admission)
     plan: Plan | None = None
     starts: list[int] = field(default_factory=list)   # placement starts (bisect for `cap`)
     next_seg: int = 0                      # first placement not advanced over yet
@@ -121,6 +127,9 @@ class SchedulerSide:
                 for sig in r.contexts:
                     self.directory.record(r.key, r.num_tokens, sig, r.preceding.get(sig, ()))
         self.adapters = AdapterKeys()  # LoRA adapters' identities, read once per adapter
+        pol = cfg.policy
+        self.recurrence = Recurrence(pol.admission_window, pol.admission_min_share) \
+            if pol.admission == "adaptive" else None
         self.reqs: dict[str, _Req] = {}
         self.modalities: dict[str, list[str]] = {}  # request -> modality of each mm feature (encoder counts)
         self.stats = ReuseStats()
@@ -164,6 +173,8 @@ class SchedulerSide:
         st = self._state(request)
         if st.disabled:
             return 0
+        if st.seen is None and self.recurrence is not None:  # once per request, with vLLM's first prefix hit
+            st.seen = self.recurrence.observe(st.chunks, st.keys, num_computed, self.directory.__contains__)
         mode = "patched_or_exact" if asks_patched_or_exact(request.kv_transfer_params) else self.cfg.policy.mode
         plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
                              mode, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors, ns=st.ns)
@@ -290,12 +301,22 @@ class SchedulerSide:
             self._count_segments(st, prompt_len)
             items = plan_saves(st.request.prompt_token_ids, st.chunks, st.keys, self.directory, st.placed,
                                self.cfg.policy.capture_patches, st.positions)
+            if st.seen is not None and self.recurrence.cold:
+                items = self._admit(st, items)
             st.recorded = items
             if items:
                 meta.saves.append(ReqSave(rid, list(block_ids_of(rid)), items))  # `recent` persists with the entry
                 for it in items:  # recorded now: the worker copies the KV out in this very step
                     self.directory.record_save(it, st.anchors, st.ns)
         return meta
+
+    def _admit(self, st: _Req, items: list) -> list:
+        """Nothing recurs lately: a new text chunk is saved only if an earlier prompt had it too
+        (`kvreuse.connector.admission`); the rest are counted as deferred saves."""
+        first = {c.start for c, seen in zip(st.chunks, st.seen) if not seen}
+        kept = [it for it in items if not (it.is_new and it.text and it.start in first)]
+        self.stats.deferred_saves += len(items) - len(kept)
+        return kept
 
     def _count_segments(self, st: _Req, prompt_len: int) -> None:
         plan = st.plan

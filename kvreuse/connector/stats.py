@@ -33,6 +33,7 @@ class ReuseStats:
     load_failures: int = 0
     load_timeouts: int = 0  # chunk loads that waited past `load_timeout_seconds` for a slow tier (recomputed)
     dropped_saves: int = 0  # chunks the store's ingest queue was too full to take (never waited for)
+    deferred_saves: int = 0  # first-seen chunks not saved while nothing recurred (adaptive admission)
     bytes_loaded: dict[str, int] = field(default_factory=dict)  # tier -> bytes
     bytes_saved: dict[str, int] = field(default_factory=dict)
     evictions: dict[str, int] = field(default_factory=dict)
