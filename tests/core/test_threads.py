@@ -98,3 +98,51 @@ def test_a_moved_thread_keeps_its_priority_one_left_with_the_forward_yields(monk
     assert prio_after(5) == base                 # on CPUs of its own: no lower priority (GIL inversion)
     threads.set_background_cpus(None)
     assert prio_after(5) == min(base + 5, 19)    # sharing the forward's cores: the forward wins them
+
+
+_PROBE = r"""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+import torch
+try:
+    import sentencepiece  # noqa: F401  (bundles a libgomp of its own: the one PyTorch reads must be found)
+except ImportError:
+    pass
+from kvreuse import threads
+
+torch.set_num_threads(2)
+torch.ones(1 << 20).exp_()
+seen = {}
+
+def body(serial):
+    if serial:
+        threads.enter_background()
+    torch.ones(1 << 20).exp_()
+    seen[serial] = torch.get_num_threads()
+
+for serial in (True, False):
+    t = threading.Thread(target=body, args=(serial,))
+    t.start()
+    t.join()
+with ThreadPoolExecutor(1, initializer=threads.enter_background) as pool:  # as the copy / load pools do
+    seen["pool"] = pool.submit(torch.get_num_threads).result()
+seen["main"] = torch.get_num_threads()
+print(seen)
+"""
+
+
+@linux
+def test_background_threads_run_torch_ops_serially():
+    """A background thread's PyTorch ops run on it alone (PyTorch runs an op in parallel only where the calling
+    thread's OpenMP count is over 1): with the GNU runtime every thread that opens a parallel region gets a
+    team of its own, and past as many team threads as CPUs, every team sleeps between regions, the
+    forward's included.  The thread that started it keeps its own count.  In a fresh process (PyTorch's
+    thread count is process state)."""
+    import ast
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert seen == {True: 1, False: 2, "pool": 1, "main": 2}, seen  # False: what an ordinary thread gets
