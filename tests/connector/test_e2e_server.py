@@ -131,7 +131,7 @@ def test_metrics_exposed(servers):
     for name in ['kvreuse_chunk_lookups_total{result="hit"}', 'kvreuse_chunk_lookups_total{result="miss"}',
                  "kvreuse_reused_tokens_total", 'kvreuse_store_bytes{tier="device"}',
                  'kvreuse_store_budget_bytes{tier="device"}', "kvreuse_load_failures_total", "kvreuse_load_seconds_count",
-                 "kvreuse_demotions_total"]:
+                 "kvreuse_demotions_total", "kvreuse_deferred_saves_total"]:
         assert name in m, f"{name} missing from /metrics"
     assert any(k.startswith("kvreuse_claims_total{policy=") for k in m)
 
