@@ -116,9 +116,9 @@ def server_config(chunk_tokens: int, device_bytes: int | str = "64MiB", **policy
                         "boundary_tokens": []},
            # every stored chunk placed: on this tiny model the learned costs find prefill cheaper than a load
            "cost": {"learn": False, "step_overhead_s": 0.0},
-           "device_bytes": device_bytes}
-    if policy:
-        cfg["policy"] = dict(policy)
+           "device_bytes": device_bytes,
+           # every new chunk saved: the conditions build their store states on purpose (fillers included)
+           "policy": {"admission": "always", **policy}}
     return cfg
 
 
@@ -130,9 +130,8 @@ def raw_config(chunking: tuple[int, int, int], device_bytes: int | str = "64MiB"
     cfg = {"chunking": {"min_tokens": lo, "avg_tokens": avg, "max_tokens": hi, "boundary_tokens": [],
                         "end_tokens": []},
            "cost": {"learn": False, "step_overhead_s": 0.0, "min_tokens": lo},
-           "device_bytes": device_bytes}
-    if policy:
-        cfg["policy"] = dict(policy)
+           "device_bytes": device_bytes,
+           "policy": {"admission": "always", **policy}}  # every new chunk saved, as in `server_config`
     return cfg
 
 
