@@ -61,7 +61,7 @@ class Replay:
     """One server's scheduler-side state across a trace's prompts."""
 
     def __init__(self, chunking: ChunkingConfig, cost: CostConfig, *, boundary_ids=frozenset(), end_ids=frozenset(),
-                 block_size: int = 128, mode: str = "any") -> None:
+                 block_size: int = 128, mode: str = "fast") -> None:
         self.chunking, self.cost_cfg, self.mode = chunking, cost, mode
         self.boundary_ids, self.end_ids, self.block_size = boundary_ids, end_ids, block_size
         self.directory = Directory()

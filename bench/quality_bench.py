@@ -26,9 +26,9 @@ agreement, claims per policy from /metrics) and server.json the details.  A serv
 must cut chunks every 3*records tokens (`server_config()`), run without vLLM prefix caching, and,
 for `patch`, have a store budget about `store_bytes_for(...)` (it is filled before `patch`, so that
 captured in-context KV is demoted to base + patch); the claim counts show whether it did what each
-condition needs.  `patch` runs on a second server with `policy.mode = "patched_or_exact"` (started
-by --serve, or --patch-server URL): with the segmented scheduler a server that places blind KV would
-place c2 and c3 blind where they must capture.
+condition needs.  `patch` runs on a second server of the same config (started by --serve, or
+--patch-server URL), its capturing requests asking for `fidelity: "exact"` so that c2 and c3 are
+computed and captured rather than placed blind.
 
 Raw text (`--raw-text`): the server conditions with each prompt sent as one text (the records,
 space-joined, no chunk boundaries) and cut by content into chunks of --raw-chunking tokens; the chunks
@@ -326,7 +326,7 @@ def main() -> None:
     ap.add_argument("--server-conditions", default=",".join(SERVER_CONDITIONS),
                     help=f"comma-separated subset of {','.join(SERVER_CONDITIONS)}")
     ap.add_argument("--patch-server", default=None,
-                    help="with --server: a running server with policy.mode patched_or_exact for `patch` "
+                    help="with --server: a running server for `patch` "
                          "(default: --server itself); --serve starts one")
     ap.add_argument("--raw-text", action="store_true",
                     help="server conditions with each prompt sent as one raw text (/v1/completions, no chunk "
@@ -374,7 +374,7 @@ def run_server(args) -> dict:
     chunking = tuple(int(x) for x in args.raw_chunking.split(","))
     config = (lambda **pol: S.raw_config(chunking, budget, **pol)) if args.raw_text else \
         (lambda **pol: S.server_config(3 * args.records, budget, **pol))
-    kv_config, patch_config = config(), config(mode="patched_or_exact")
+    kv_config, patch_config = config(), config()
     t0 = time.time()
     srv: dict[str, dict] = {}
     # blind needs a server that places base KV in a new context; patch one that refuses it (to capture)

@@ -15,14 +15,13 @@ are the context's chunks, q a question):
 * ``blind``    — each chunk primed alone (its own request: base KV stored in isolation), then
                  [c1, c2, c3] + q  [c1 exact, c2 and c3 blind].
 * ``patch``    — c1, c2 and c3 primed alone, then [c1, c2, c3] + q asking for patched-or-exact
-                 reuse (`kv_transfer_params: {"kvreuse": {"mode": "patched_or_exact"}}`, as a
-                 `patched_or_exact` server would serve every request: c1 placed; c2 and c3 follow
-                 c1, which their isolated context lacks, so they are refused, computed, and capture
+                 reuse (`kv_transfer_params: {"kvreuse": {"fidelity": "exact"}}`: c1 placed; c2 and c3
+                 follow c1, which their isolated context lacks, so they are refused, computed, and capture
                  this context's KV and a conditioning patch), then a request of new chunks (its own
                  salt) makes the full store make room, which demotes that in-context KV to the patch;
                  the harness waits until the store has done all of it (`Client.settle_store`: saves
-                 are stored in the background); then [c1, c2, c3] + q, again patched-or-exact
-                 [c1 exact, c2 and c3 recall = base + patch].  Needs a small `device_bytes` (see
+                 are stored in the background); then [c1, c2, c3] + q at the server's fidelity
+                 [c1 exact, c2 and c3 recall = base + patch: the scheduler heard of the demotion].  Needs a small `device_bytes` (see
                  `server_config`); the store is filled first (`fill_store`), so this condition runs last.
                  Reference counterpart: ``patch_default`` (the connector fits with its
                  `policy.patch_energy` / `patch_max_rank` and fit_patch's default byte budget).
@@ -34,9 +33,7 @@ are the context's chunks, q a question):
 
 A server that places blind KV (``blind`` needs one) would place c2 and c3 blind in ``patch``'s
 capturing request, where they must be computed: that is why ``patch``'s requests ask for
-patched-or-exact reuse, so it runs on the same server as the other conditions, with either
-scheduler (bench/quality_bench.py still gives it a `patched_or_exact` server of its own, which
-serves it the same).  c1 is primed alone too, so that c2 and c3 follow a stored chunk their
+exact reuse, so it runs on the same server as the other conditions, with either scheduler.  c1 is primed alone too, so that c2 and c3 follow a stored chunk their
 isolated context lacks (refused, computed, captured); the capturing request places c1 (exact,
 counted in `priming_claims`).
 
@@ -118,7 +115,7 @@ def server_config(chunk_tokens: int, device_bytes: int | str = "64MiB", **policy
            "cost": {"learn": False, "step_overhead_s": 0.0},
            "device_bytes": device_bytes,
            # every new chunk saved: the conditions build their store states on purpose (fillers included)
-           "policy": {"admission": "always", **policy}}
+           "policy": {"admission": "always", "fidelity": "fast", **policy}}
     return cfg
 
 
@@ -131,7 +128,8 @@ def raw_config(chunking: tuple[int, int, int], device_bytes: int | str = "64MiB"
                         "end_tokens": []},
            "cost": {"learn": False, "step_overhead_s": 0.0, "min_tokens": lo},
            "device_bytes": device_bytes,
-           "policy": {"admission": "always", **policy}}  # every new chunk saved, as in `server_config`
+           # every new chunk saved and every placement unrepaired, as in `server_config`
+           "policy": {"admission": "always", "fidelity": "fast", **policy}}
     return cfg
 
 
@@ -153,9 +151,9 @@ class Client:
             return json.load(r)
 
     def answer(self, prompts: Sequence[Sequence[int]], *, salt: str | None, kvreuse: bool = True,
-               mode: str | None = None) -> list[int]:
-        """Greedy next token id after each prompt (one request per prompt, sent as one batch); `mode`:
-        the kvreuse policy mode these requests ask for (`"patched_or_exact"`)."""
+               fidelity: str | None = None) -> list[int]:
+        """Greedy next token id after each prompt (one request per prompt, sent as one batch); `fidelity`:
+        the kvreuse fidelity these requests ask for (`"exact"`; None: the server's)."""
         if not prompts:
             return []
         sent = [task.decode(p) for p in prompts] if self.text else [list(map(int, p)) for p in prompts]
@@ -165,8 +163,8 @@ class Client:
             body["cache_salt"] = salt
         if not kvreuse:
             body["kv_transfer_params"] = {"kvreuse": False}
-        elif mode is not None:
-            body["kv_transfer_params"] = {"kvreuse": {"mode": mode}}
+        elif fidelity is not None:
+            body["kv_transfer_params"] = {"kvreuse": {"fidelity": fidelity}}
         req = urllib.request.Request(self.url + "/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
         try:
@@ -404,7 +402,6 @@ def measure(client: Client, main: Sequence[task.Example], reo: Sequence[task.Exa
     for cond in conditions:
         tal = ServerTally(cond, raw=client.text)
         exs = reo if cond == "reorder" else main
-        mode = "patched_or_exact" if cond == "patch" else None
         t0 = time.time()
         # claims are counted over the whole condition: priming requests claim nothing by construction
         # (under a fresh salt nothing is stored, and a one-chunk prompt is never claimed)
@@ -429,7 +426,7 @@ def measure(client: Client, main: Sequence[task.Example], reo: Sequence[task.Exa
                 client.answer([c[0], c[1], c[2]], salt=salt)
             elif cond == "patch":
                 client.answer([c[0], c[1], c[2]], salt=salt)
-                client.answer([c[0] + c[1] + c[2] + probe], salt=salt, mode=mode)  # c1 placed; c2, c3 refused: capture
+                client.answer([c[0] + c[1] + c[2] + probe], salt=salt, fidelity="exact")  # c1 placed; c2, c3 capture
                 # a few new chunks: the puts that make room demote c2 and c3 to base + patch
                 # (each put demotes only until it fits: push a few, so that both are demoted)
                 client.answer([_filler(frng, 3 * len(c[0])) for _ in range(-(-push_chunks // 3))],
@@ -444,7 +441,7 @@ def measure(client: Client, main: Sequence[task.Example], reo: Sequence[task.Exa
             else:
                 prompts = [c[0] + c[1] + c[2] + q.tokens for q in qs]
             n0 = client.prompt_tokens
-            tal.add(qs, client.answer(prompts, salt=salt, mode=mode))
+            tal.add(qs, client.answer(prompts, salt=salt))
             tal.query_tokens += client.prompt_tokens - n0
         tal.claims = claims_delta(m0, client.settled_metrics())
         tal.seconds = time.time() - t0

@@ -12,8 +12,9 @@ change point), computed in place.
             context, and the text of the gaps among them was there too → relocate only
   reorder   the stored chunks before it are all in a recorded context,
             in another order, and so was the gaps' text                → relocate + that context's KV/patch
-  blind     anything else                                              → base KV only, or not claimed
-            when the operator requires patched-or-exact reuse
+  blind     anything else                                              → base KV only
+Only exact is claimed for a request of fidelity "exact" (`kvreuse.connector.fidelity`); a context
+recorded for KV computed after approximate KV has a tainted signature, so it is never exact.
 (`recall`, an entry demoted to base + patch, is decided by the worker from what the store serves.)
 
 "The gaps' text was there": every run of gap text that no anchor of the recorded context holds
@@ -49,7 +50,7 @@ ANCHOR_BYTES = 64 << 20     # the directory's budget for prompts' anchors
 
 def context_signature(preceding: Sequence[bytes]) -> bytes:
     """Signature of a context: xxh3-128 over the digests of the preceding chunk keys, in order."""
-    h = xxhash.xxh3_128(b"kvreuse-ctx-v1")
+    h = xxhash.xxh3_128(b"kvreuse-ctx-v2")
     for d in preceding:
         h.update(d)
     return h.digest()
@@ -57,7 +58,7 @@ def context_signature(preceding: Sequence[bytes]) -> bytes:
 
 def prefix_signatures(keys: Sequence[bytes]) -> Iterator[bytes]:
     """`context_signature(keys[:j])` for j = 0 .. len(keys) - 1, in O(len(keys))."""
-    h = xxhash.xxh3_128(b"kvreuse-ctx-v1")
+    h = xxhash.xxh3_128(b"kvreuse-ctx-v2")
     for d in keys:
         yield h.digest()
         h.update(d)
@@ -68,7 +69,8 @@ class DirEntry:
     """What the scheduler knows of a stored chunk: its length and the contexts recorded for it.
 
     `contexts`: signature -> the last `RECENT` preceding keys (`()` when only the signature is
-    known: entries another instance stored, or found on disk after a restart).
+    known: entries another instance stored, or found on disk after a restart).  `demoted`: contexts
+    whose in-context KV the store dropped for base + patch (what it serves them from is approximate).
     """
 
     num_tokens: int
@@ -79,6 +81,7 @@ class DirEntry:
     anchors: dict[bytes, tuple[Anchors, int]] = field(default_factory=dict, repr=False)
     tokens: np.ndarray | None = None  # a text chunk recorded here: its tokens (int32), for edge fill
     edges: tuple[bytes, bytes] = (b"", b"")  # its keys in the directory's head and tail indexes
+    demoted: frozenset = frozenset()
 
     def add(self, sig: bytes, recent: tuple[bytes, ...], anchors: tuple[Anchors, int] | None = None) -> None:
         if anchors is not None:
@@ -208,6 +211,12 @@ class Directory:
             self._prompt_bytes -= old.nbytes
             old.release()
 
+    def demote(self, digest: bytes) -> None:
+        """The store now holds `digest` as base + patch: its contexts recorded so far are no longer exact."""
+        e = self.entries.get(digest)
+        if e is not None:
+            e.demoted = frozenset(e.contexts)
+
     def forget(self, digest: bytes) -> None:
         e = self.entries.pop(digest, None)
         if e is not None:
@@ -275,9 +284,11 @@ class GapText:
         return bool((pos[ends] - pos[starts] < NEW_SPAN).all())
 
 
-def choose_policy(entry: DirEntry, sig: bytes, stored: Sequence[bytes], mode: str,
+def choose_policy(entry: DirEntry, sig: bytes, stored: Sequence[bytes], fidelity: str,
                   gaps: GapText | None = None, text: GapText | None = None) -> tuple[str, bytes] | None:
     """(policy, recorded context signature to read) for a chunk; None = not claimed.
+
+    `fidelity` "exact" (`kvreuse.connector.fidelity`) claims only the exact policy.
 
     `sig`: signature of every key before the chunk; `stored`: the stored chunks among them (the
     last `MATCH`, in order; gaps left out); `gaps`: the gap text among them (None: no gaps);
@@ -289,7 +300,11 @@ def choose_policy(entry: DirEntry, sig: bytes, stored: Sequence[bytes], mode: st
     another prompt) is new as a key but old as text, and the chunks after it are as they were.
     """
     if sig in entry.contexts:
-        return "exact", sig
+        if sig not in entry.demoted:
+            return "exact", sig
+        return None if fidelity == "exact" else ("recall", sig)  # base + patch: approximate
+    if fidelity == "exact":
+        return None
     # a context with no recorded keys is the isolated one, except on a remote entry saved without them
     have = frozenset(stored)
     fits = []
@@ -309,7 +324,7 @@ def choose_policy(entry: DirEntry, sig: bytes, stored: Sequence[bytes], mode: st
             return "survival", s
     if fits:
         return "reorder", fits[0][1]
-    if mode == "patched_or_exact" or not entry.contexts:
+    if not entry.contexts:
         return None
     return "blind", next(reversed(entry.contexts))
 

@@ -3,7 +3,8 @@
 Every key is optional::
 
     {"chunking": {"min_tokens": 8, "max_tokens": 256, "avg_tokens": 16, "boundary_tokens": ["<|im_start|>"]},
-     "policy": {"mode": "any" | "patched_or_exact", "patch_energy": 0.99, "patch_max_rank": 16,
+     "policy": {"fidelity": "exact" | "accurate" | "fast", "repair_tokens": 16,
+                "patch_energy": 0.99, "patch_max_rank": 16,
                 "patch_budget": 0.05, "admission": "adaptive" | "always", "admission_window": 8,
                 "admission_min_share": 0.02},
      "store": {"device_bytes": "1GiB", "host_bytes": ..., "disk_path": ..., ...},
@@ -17,7 +18,7 @@ The store's budget keys (`device_bytes`, `host_bytes`, `disk_path`, `disk_bytes`
 config dict serves `kv_connector_extra_config`, `--kvreuse-config` and `StoreConfig.from_dict`;
 giving the same key both ways is an error.
 
-A bad key or value raises `ConnectorConfigError` naming the key (e.g. `policy.mode`), which
+A bad key or value raises `ConnectorConfigError` naming the key (e.g. `policy.fidelity`), which
 vLLM surfaces at startup.
 """
 
@@ -29,7 +30,10 @@ from typing import Any, Mapping
 from kvreuse.errors import KVReuseError
 from kvreuse.store.config import StoreConfig, StoreConfigError
 
-POLICY_MODES = ("any", "patched_or_exact")
+# What a request may be served, strictest first (`kvreuse.connector.fidelity`): "exact" only KV bit for bit what
+# vLLM computes; "accurate" approximate placements repaired by recomputing the tokens where their context changed;
+# "fast" approximate placements unrepaired.
+FIDELITY_LEVELS = ("exact", "accurate", "fast")
 # "adaptive": when recent requests recur less than `admission_min_share`, a first-seen chunk is not saved
 # (`kvreuse.connector.admission`); "always": every new chunk is saved.
 ADMISSION_MODES = ("adaptive", "always")
@@ -72,14 +76,17 @@ class ChunkingConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """`mode="patched_or_exact"` never serves a base KV in a context it was not fitted for (blind).
+    """`fidelity`: what KV a request may be served (`FIDELITY_LEVELS`; a request may tighten it, never loosen it).
+    `repair_tokens`: under "accurate", the first tokens of each placed chunk whose preceding chunk changed are
+    recomputed in place instead of placed (the chunk's attention sinks, which depend most on their context).
 
     `admission`: which new chunks are saved (see `kvreuse.connector.admission`); "adaptive" saves
     only chunks seen before while the last `admission_window` requests recurred less than
     `admission_min_share` of their tokens (after vLLM's prefix hit), "always" saves every one.
     """
 
-    mode: str = "any"
+    fidelity: str = "exact"
+    repair_tokens: int = 16
     patch_energy: float = 0.99
     patch_max_rank: int = 16
     patch_budget: float | None = 0.05   # patch bytes / chunk KV bytes (kvreuse.fit_patch); None: no cap
@@ -89,8 +96,10 @@ class PolicyConfig:
     admission_min_share: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.mode not in POLICY_MODES:
-            raise ConnectorConfigError(f"policy.mode: expected one of {POLICY_MODES}, got {self.mode!r}")
+        if self.fidelity not in FIDELITY_LEVELS:
+            raise ConnectorConfigError(f"policy.fidelity: expected one of {FIDELITY_LEVELS}, got {self.fidelity!r}")
+        if isinstance(self.repair_tokens, bool) or not isinstance(self.repair_tokens, int) or self.repair_tokens < 0:
+            raise ConnectorConfigError(f"policy.repair_tokens: expected an integer >= 0, got {self.repair_tokens!r}")
         if self.admission not in ADMISSION_MODES:
             raise ConnectorConfigError(f"policy.admission: expected one of {ADMISSION_MODES}, got {self.admission!r}")
         if self.admission_window < 1:
@@ -167,6 +176,9 @@ class ConnectorConfig:
         if "chunking" in extra:
             kw["chunking"] = _section("chunking", extra["chunking"], ChunkingConfig)
         if "policy" in extra:
+            if isinstance(extra["policy"], Mapping) and "mode" in extra["policy"]:
+                raise ConnectorConfigError('policy.mode: replaced by policy.fidelity ("exact", the default: the answers '
+                                           'vLLM alone gives; "accurate"; "fast", what "any" served)')
             kw["policy"] = _section("policy", extra["policy"], PolicyConfig)
         if "cost" in extra:
             kw["cost"] = _section("cost", extra["cost"], CostConfig)

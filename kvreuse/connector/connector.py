@@ -312,8 +312,9 @@ class KVReuseConnector(KVConnectorBase_V1):
         return self._scheduler
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._scheduler.finished(request)
-        return False, None
+        """Forget the request; the response's `kv_transfer_params` says what it was served
+        (`{"kvreuse": {"fidelity": ..., "placed_tokens": {"exact": n, "approximate": n}, ...}}`)."""
+        return False, self._scheduler.finished(request)
 
     # ============================================================ metrics
     @classmethod

@@ -14,17 +14,16 @@ class ReqLoad:
     """Place `items` into the request's blocks, each at its own `dst_start` (any set of chunks, in
     prompt order: a step may place several segments of one prompt).
 
-    `strict`: never serve base KV in a context it was not computed or patched for (the worker fails
-    such a load and vLLM recomputes it): set for a request that asks for it
-    (`{"kvreuse": {"mode": "patched_or_exact"}}`); the worker also applies it when `policy.mode` is
-    "patched_or_exact".
+    `fidelity`: the request's (`kvreuse.connector.fidelity`); the worker fails a load it could serve
+    only from KV that fidelity refuses, and an exact claim it could serve only from other KV (vLLM
+    caches exact claims under plain block hashes), and vLLM recomputes it.
     """
 
     req_id: str
     block_ids: list[int]
     items: list[LoadItem]
     inject_failure: bool = False  # testing: fail this request's first load (needs allow_fault_injection)
-    strict: bool = False
+    fidelity: str = "exact"
 
     @property
     def end(self) -> int:

@@ -5,7 +5,10 @@ store) and *computed* (prefilled in place, attending to everything before it).  
 chunk anywhere in the prompt is a candidate, and so are the edges of stored chunks inside a chunk
 nobody stored (edge fill, below); the cost model (`kvreuse.connector.costs`) drops a
 placement that would not pay for itself (a tiny chunk, or one whose extra scheduler step costs
-more than the prefill it saves).  The last prompt token is always computed (vLLM samples from
+more than the prefill it saves).  The request's fidelity (`kvreuse.connector.fidelity`) bounds the
+policies: "exact" places only exact KV; "accurate" repairs each approximate placement by computing in
+place the first `repair` tokens of every chunk whose preceding chunk is not the one it was stored
+after (its first tokens, the attention sinks of the chunk, depend most on what precedes them).  The last prompt token is always computed (vLLM samples from
 it).  A chunk that straddles the prefix hit is placed from its first uncomputed token.
 
 Without the segmented scheduler (`gaps=False`) only the placement that starts right at the
@@ -37,6 +40,7 @@ import numpy as np
 from kvreuse.connector.claim import (LOOKBACK, MATCH, RECENT, DirEntry, Directory, GapText, LoadItem, SaveItem,
                                      choose_policy, prefix_signatures)
 from kvreuse.connector.costs import CostModel
+from kvreuse.connector.fidelity import repairs, tainted
 from kvreuse.connector.mrope import as_tuple
 from kvreuse.connector.segment import Anchors, Chunk
 
@@ -80,11 +84,6 @@ class Plan:
     misses: int = 0    # chunks computed (not stored, refused by policy, or not worth placing)
 
     @property
-    def num_tokens(self) -> int:
-        """What a prefix claim offers vLLM: the leading placement's tokens."""
-        return self.leading
-
-    @property
     def leading(self) -> int:
         """Tokens placed right at the prefix hit (what vLLM's connector API can claim)."""
         p = self.placements[0] if self.placements else None
@@ -117,9 +116,9 @@ _PIECES = 4  # stored chunks edge fill may chain on each side of one gap
 
 
 def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,
-                  num_computed: int, mode: str = "any", positions: torch.Tensor | None = None,
+                  num_computed: int, fidelity: str = "exact", positions: torch.Tensor | None = None,
                   cost: CostModel | None = None, gaps: bool = True, anchors: Anchors | None = None,
-                  ns: bytes = b"") -> Plan:
+                  ns: bytes = b"", repair: int = 0) -> Plan:
     """Placements of the stored chunks of a prompt (pure: nothing is recorded).
 
     `positions`: the request's `[3, N]` M-RoPE positions (`kvreuse.connector.mrope`); each item
@@ -127,8 +126,10 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
     is one chunk, so a placement never ends inside an image or video span.  `anchors`: the
     prompt's content anchors (`segment.segment_prompt`); with them, a chunk after gaps is survival
     or reorder only where a recorded context held the gaps' text (None: gaps are not checked).
-    `ns`: the request's chunk namespace (`claim.chunk_namespace`), for edge fill.
+    `ns`: the request's chunk namespace (`claim.chunk_namespace`), for edge fill.  `repair`: tokens
+    computed at the start of each approximate chunk whose preceding chunk changed ("accurate").
     """
+    repair = repair if repairs(fidelity) else 0
     limit = len(token_ids) - 1  # vLLM must compute at least the last prompt token
     plan = Plan(num_computed)
     run: list[LoadItem] = []
@@ -158,7 +159,7 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
 
     def policy(e: DirEntry, key: bytes, sig: bytes, hi: int) -> tuple[str, bytes] | None:
         """`choose_policy` for KV of `key` placed at `hi` with the current stored neighbours (memoized)."""
-        if sig in e.contexts:
+        if sig in e.contexts and sig not in e.demoted:
             return "exact", sig
         # the looser matches depend on the key, its stored neighbours and the gaps among them
         lo = max(spans[0][0] if len(spans) == MATCH else 0, hi - LOOKBACK)
@@ -166,7 +167,7 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
         memo_key = (key, tuple(stored), (lo, hi) if anchors is not None else None)
         if memo_key not in memo:
             text = GapText(anchors, lo, hi, seen) if anchors is not None else None
-            memo[memo_key] = choose_policy(e, sig, stored, mode, text if gap else None, text)
+            memo[memo_key] = choose_policy(e, sig, stored, fidelity, text if gap else None, text)
         return memo[memo_key]
 
     for j, (c, sig) in enumerate(zip(chunks, prefix_signatures(keys))):
@@ -183,6 +184,8 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
                 # the computed text before it (unplaced, up to one longest chunk) may end in the same suffix
                 edges = _edge_fill(tok, c, max(filled, c.start - max_chunk, text_from), sig, directory, policy,
                                    positions, ns)
+            if repair:
+                edges = [r for it in edges if (r := _repaired(it, repair, True, positions)) is not None]
             if edges:
                 for it in edges:
                     if run and run[-1].dst_end != it.dst_start:
@@ -196,12 +199,20 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
                 open_run = gaps
             else:
                 start = max(c.start, num_computed)
-                if run and run[-1].dst_end != start:
-                    close()
-                filled = c.end
                 dst_pos = as_tuple(positions[:, start:c.end]) if positions is not None else None
-                run.append(LoadItem(keys[j], tuple(token_ids[c.start:c.end]), start - c.start, c.num_tokens, start,
-                                    pick[1], pick[0], dst_pos))
+                item = LoadItem(keys[j], tuple(token_ids[c.start:c.end]), start - c.start, c.num_tokens, start,
+                                pick[1], pick[0], dst_pos)
+                if repair:
+                    rec = e.contexts.get(pick[1], ())
+                    moved = not (j and rec and rec[-1] == keys[j - 1])  # stored after another chunk than here
+                    item = _repaired(item, repair, moved, positions)
+                if item is None:
+                    plan.misses += 1
+                else:
+                    if run and run[-1].dst_end != item.dst_start:
+                        close()
+                    filled = c.end
+                    run.append(item)
         elif num_computed < c.end <= limit:
             plan.misses += 1  # after the claim ended (gaps=False)
         if ok:
@@ -215,6 +226,19 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
         plan.placements = plan.placements[:1] if plan.leading else []
     _mark_filled(plan, chunks, keys, directory)
     return plan
+
+
+def _repaired(it: LoadItem, repair: int, moved: bool, positions: torch.Tensor | None) -> LoadItem | None:
+    """`it` less its first `repair` tokens (computed in place instead) when it is approximate and `moved`
+    (its preceding chunk is not the one it was stored after); None when nothing of it is left to place."""
+    if it.policy == "exact" or not moved:
+        return it
+    cut = min(repair, it.num_tokens)
+    if cut == it.num_tokens:
+        return None
+    dst = it.dst_start + cut
+    dst_pos = as_tuple(positions[:, dst:it.dst_end]) if positions is not None else None
+    return dataclasses.replace(it, src_start=it.src_start + cut, dst_start=dst, dst_pos=dst_pos)
 
 
 def _edge_fill(tok: np.ndarray, c: Chunk, back: int, sig: bytes, directory: Directory, policy,
@@ -303,25 +327,23 @@ def _sum_in(spans: deque, lo: int, total: int) -> int:
     return total
 
 
-def plan_claim(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,
-               num_computed: int, mode: str = "any", positions: torch.Tensor | None = None) -> Plan:
-    """The prefix claim of vLLM's stock scheduler: the placement at the prefix hit only (`plan.items`)."""
-    return plan_segments(token_ids, chunks, keys, directory, num_computed, mode, positions, gaps=False)
-
-
 def plan_saves(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,
                placed: set[bytes], capture_patches: bool, positions: torch.Tensor | None = None,
-               min_tokens: int = 1) -> list[SaveItem]:
+               min_tokens: int = 1, approximate_from: int | None = None) -> list[SaveItem]:
     """Chunks whose KV this request computed and the store lacks (new keys, or new contexts).
 
     Each item carries the last `RECENT` keys before it (`recent`: the scheduler's directory records
     them, and the worker's store persists them with the context).  Text chunks under `min_tokens` are not saved
-    (never worth placing); media items always are.
+    (never worth placing); media items always are.  `approximate_from`: the request's first position
+    holding approximate KV (None: none); a chunk ending after it was computed after approximate KV (or
+    holds some) and is recorded under the tainted signature (`fidelity.tainted`), never as exact.
     """
     out: list[SaveItem] = []
     recent: deque[bytes] = deque(maxlen=RECENT)
     for j, (c, sig) in enumerate(zip(chunks, prefix_signatures(keys))):
         key = keys[j]
+        if approximate_from is not None and c.end > approximate_from:
+            sig = tainted(sig)
         if key not in placed and (c.num_tokens >= min_tokens or c.mm_ids):
             pos = as_tuple(positions[:, c.start:c.end]) if positions is not None else None
             e = directory.get(key)

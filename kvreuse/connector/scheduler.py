@@ -17,17 +17,20 @@ admission, `kvreuse.connector.admission`) first-seen chunks while recent request
 
 `matched` has no side effect but a memo, the block-hash salt below, which is idempotent, and
 noting the request's chunks for admission once.
-Blocks holding KV placed under a policy other than exact, and every block after them, are
-cached by vLLM under *salted* block hashes, so vLLM's own prefix cache never serves them to a
-request that opted out or to a later request whose own hashes are unsalted (a
-`patched_or_exact` server re-decides through kvreuse instead).
+
+Provenance (`kvreuse.connector.fidelity`).  A request is planned at its own fidelity.  Blocks holding
+KV placed under a policy other than exact, and every block after them, are cached by vLLM under block
+hashes salted with the request's fidelity, so vLLM's own prefix cache never serves them under plain
+hashes; a preempted request gets its plain hashes back before vLLM looks it up again, and is re-planned
+at its own fidelity.  What the worker served decides the rest: an exact claim it could serve only from
+other KV fails as a load (vLLM recomputes it), so a placement that stays in `used` is what was served,
+and saves after the first approximate position are recorded under tainted context signatures.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -38,6 +41,7 @@ from kvreuse.connector.admission import Recurrence
 from kvreuse.connector.claim import Directory, chunk_keys, chunk_namespace
 from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.costs import CostModel
+from kvreuse.connector.fidelity import RequestOptions, salted
 from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
 from kvreuse.connector.mrope import PositionsFn
 from kvreuse.connector.plan import Placement, Plan, plan_saves, plan_segments
@@ -48,22 +52,6 @@ from kvreuse.store import scan_index
 from kvreuse.store.keys import AdapterKeys
 
 log = logging.getLogger("kvreuse.connector")
-_SALT = b"kvreuse-approximate-kv"
-
-
-def opted_out(kv_transfer_params: dict[str, Any] | None) -> bool:
-    """`{"kvreuse": false}` or `{"kvreuse": {"enabled": false}}` in a request's kv_transfer_params."""
-    v = (kv_transfer_params or {}).get("kvreuse", True)
-    if isinstance(v, dict):
-        return v.get("enabled", True) is False
-    return v is False or v == "off"
-
-
-def asks_patched_or_exact(kv_transfer_params: dict[str, Any] | None) -> bool:
-    """`{"kvreuse": {"mode": "patched_or_exact"}}`: this request is served `policy.mode = "patched_or_exact"`
-    whatever the server's mode (a request may only tighten it)."""
-    v = (kv_transfer_params or {}).get("kvreuse")
-    return isinstance(v, dict) and v.get("mode") == "patched_or_exact"
 
 
 def fresh_blocks(sched_out: Any) -> list[int]:
@@ -89,6 +77,7 @@ class _Req:
     keys: list[bytes]
     anchors: Anchors
     ns: bytes                              # chunk namespace (model, salt, adapter): what edge fill may use
+    opts: RequestOptions                   # parsed once from kv_transfer_params
     positions: torch.Tensor | None = None  # M-RoPE: [3, N] from the model's get_mrope_input_positions
     disabled: bool = False                 # positions could not be computed: no reuse for this request
     seen: list[bool] | None = None         # per chunk: seen in an earlier prompt (adaptive admission)
@@ -103,8 +92,19 @@ class _Req:
     saved: bool = False
     recorded: list = field(default_factory=list)  # the save items recorded in the directory for the last save
     counted: bool = False
-    orig_hashes: list | None = None
     salted_from: int | None = None         # first salted block index
+
+    def approximate_from(self) -> int | None:
+        """First prompt position holding approximate KV this request was served (None: all exact so far)."""
+        return min((it.dst_start for p in self.used for it in p.items if it.policy != "exact"), default=None)
+
+    def provenance(self) -> dict[str, int]:
+        """Placed prompt tokens by provenance, as served (failed loads rolled back)."""
+        out = {"exact": 0, "approximate": 0}
+        for p in self.used:
+            for it in p.items:
+                out["exact" if it.policy == "exact" else "approximate"] += it.num_tokens
+        return out
 
 
 class SchedulerSide:
@@ -144,8 +144,9 @@ class SchedulerSide:
             # besides content and model, the cache salt and the LoRA adapter (name, path, files) separate keys
             salt, lora = getattr(request, "cache_salt", None), self.adapters.of(getattr(request, "lora_request", None))
             keys = chunk_keys(tokens, chunks, self.model_digest, salt, lora)
+            opts = RequestOptions.parse(request.kv_transfer_params, self.cfg.policy.fidelity, self.allow_fault_injection)
             st = self.reqs[request.request_id] = _Req(request, chunks, keys, anchors,
-                                                      chunk_namespace(self.model_digest, salt, lora))
+                                                      chunk_namespace(self.model_digest, salt, lora), opts)
             if self.positions_fn is not None:
                 try:
                     st.positions = self.positions_fn(tokens, list(getattr(request, "mm_features", None) or []))
@@ -160,7 +161,9 @@ class SchedulerSide:
 
     def _shares(self, request: Any) -> bool:
         """The request neither opted out nor is unsalted under `isolation: "salted_only"`."""
-        return not opted_out(request.kv_transfer_params) and self.cfg.shares_chunks(getattr(request, "cache_salt", None))
+        st = self.reqs.get(request.request_id)
+        opts = st.opts if st is not None else RequestOptions.parse(request.kv_transfer_params, self.cfg.policy.fidelity)
+        return opts.enabled and self.cfg.shares_chunks(getattr(request, "cache_salt", None))
 
     # ---------------------------------------------------------------- planning
     def matched(self, request: Any, num_computed: int) -> int:
@@ -175,9 +178,9 @@ class SchedulerSide:
             return 0
         if st.seen is None and self.recurrence is not None:  # once per request, with vLLM's first prefix hit
             st.seen = self.recurrence.observe(st.chunks, st.keys, num_computed, self.directory.__contains__)
-        mode = "patched_or_exact" if asks_patched_or_exact(request.kv_transfer_params) else self.cfg.policy.mode
         plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
-                             mode, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors, ns=st.ns)
+                             st.opts.fidelity, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors,
+                             ns=st.ns, repair=self.cfg.policy.repair_tokens)
         # a (re)plan: a new request, or one resumed after preemption (its blocks are gone)
         st.plan, st.starts = plan, [p.start for p in plan.placements]
         st.next_seg, st.pending, st.placed, st.load_pending, st.used = 0, [], set(), False, []
@@ -185,7 +188,9 @@ class SchedulerSide:
         return plan.leading
 
     def _salt(self, st: _Req, first_token: int | None) -> None:
-        """Re-key vLLM's block hashes from the block holding `first_token` on (idempotent, never undone)."""
+        """Re-key vLLM's block hashes from the block holding `first_token` on, with the request's fidelity
+        (idempotent; undone only by `preempted`).  vLLM chains later blocks' hashes from these, so every
+        block after approximate KV is salted too."""
         if first_token is None:
             return
         req = st.request
@@ -195,13 +200,32 @@ class SchedulerSide:
         hashes = getattr(req, "block_hashes", None)
         if not hashes:
             return
-        if st.orig_hashes is None:
-            st.orig_hashes = list(hashes)
-        for i in range(idx, len(hashes)):
-            h = bytes(st.orig_hashes[i]) if i < len(st.orig_hashes) else bytes(hashes[i])
-            hashes[i] = type(hashes[i])(hashlib.sha256(_SALT + h).digest()[:len(h)])
+        if st.salted_from is not None:  # salted from a later block already: start over from plain hashes
+            self._unsalt(st)
+        parent = None
+        for i in range(idx, len(hashes)):  # a chain: each hash over its (salted) parent, as vLLM's own are
+            h = bytes(hashes[i]) if parent is None else bytes(hashes[i]) + parent
+            hashes[i] = parent = type(hashes[i])(salted(h, st.opts.fidelity))
         st.salted_from = idx
 
+    def _unsalt(self, st: _Req) -> None:
+        """vLLM's own block hashes back from the first salted block on (recomputed by vLLM's hasher)."""
+        req, idx = st.request, st.salted_from
+        st.salted_from = None
+        if idx is None or not getattr(req, "block_hashes", None):
+            return
+        del req.block_hashes[idx:]
+        req.update_block_hashes()
+
+    def preempted(self, req_ids: Sequence[str]) -> None:
+        """Requests vLLM preempted: their blocks are gone.  Before vLLM looks them up in its prefix cache
+        again, their block hashes are plain again, so a resumed request reads only exact blocks there;
+        `matched` re-plans it at its own fidelity (and salts anew from its first approximate placement)."""
+        for rid in req_ids:
+            st = self.reqs.get(rid)
+            if st is not None:
+                self._unsalt(st)
+                st.plan, st.starts, st.pending, st.load_pending, st.used, st.placed = None, [], [], False, [], set()
     def after_alloc(self, request: Any, num_external: int) -> None:
         st = self._state(request)
         plan = st.plan
@@ -268,6 +292,7 @@ class SchedulerSide:
 
     # ---------------------------------------------------------------- step metadata
     def build_meta(self, sched_out: Any, block_ids_of) -> KVReuseMetadata:
+        self.preempted(getattr(sched_out, "preempted_req_ids", None) or ())
         meta = KVReuseMetadata(fresh_blocks=fresh_blocks(sched_out))
         self._count_encoder_inputs(sched_out)
         scheduled = sched_out.num_scheduled_tokens
@@ -280,11 +305,8 @@ class SchedulerSide:
                 items += [it for p in st.pending for it in p.items]
                 st.pending = []
             if items:
-                params = st.request.kv_transfer_params or {}
-                inject = self.allow_fault_injection and isinstance(params.get("kvreuse"), dict) \
-                    and bool(params["kvreuse"].get("inject_load_failure"))
-                meta.loads.append(ReqLoad(rid, list(block_ids_of(rid)), list(items), inject,
-                                          strict=asks_patched_or_exact(params)))
+                meta.loads.append(ReqLoad(rid, list(block_ids_of(rid)), list(items), st.opts.inject_failure,
+                                          fidelity=st.opts.fidelity))
         if not self.cfg.save:
             return meta
         computed = {r.req_id: r.num_computed_tokens for r in sched_out.scheduled_new_reqs}
@@ -300,7 +322,8 @@ class SchedulerSide:
             st.saved = True
             self._count_segments(st, prompt_len)
             items = plan_saves(st.request.prompt_token_ids, st.chunks, st.keys, self.directory, st.placed,
-                               self.cfg.policy.capture_patches, st.positions)
+                               self.cfg.policy.capture_patches, st.positions,
+                               approximate_from=st.approximate_from())
             if st.seen is not None and self.recurrence.cold:
                 items = self._admit(st, items)
             st.recorded = items
@@ -349,7 +372,10 @@ class SchedulerSide:
             self.directory.forget(k)
 
     def demoted(self, keys: list[bytes]) -> None:
-        """Entries now held as base + patch: still placeable (the worker labels what it serves)."""
+        """Entries the store now holds as base + patch: planned as recall (approximate) from now on, never
+        as exact; a claim planned exact before the report arrives is failed by the worker instead."""
+        for k in keys:
+            self.directory.demote(k)
 
     def load_failed(self, req_ids: list[str]) -> None:
         """Requests with a failed load: vLLM rolled each back to the first failed block and recomputes from
@@ -374,9 +400,19 @@ class SchedulerSide:
                     self.directory.unrecord(it.key, it.context)
                 st.recorded = []
 
-    def finished(self, request: Any) -> None:
-        self.reqs.pop(request.request_id, None)
+    def finished(self, request: Any) -> dict[str, Any] | None:
+        """Forget the request; returns what the response's `kv_transfer_params` tells the client it got
+        (None for a request kvreuse did not serve)."""
+        st = self.reqs.pop(request.request_id, None)
         self.modalities.pop(request.request_id, None)
+        if st is None or self._off(st) or not self.cfg.load:
+            return None
+        prov = st.provenance()
+        first = st.approximate_from()
+        n = len(request.prompt_token_ids or ())
+        after = max(n - first - prov["approximate"], 0) if first is not None else 0
+        return {"kvreuse": {"fidelity": st.opts.fidelity, "placed_tokens": prov,
+                            "computed_after_approximate_tokens": after}}
 
     def take_stats(self) -> ReuseStats:
         s, self.stats = self.stats, ReuseStats()

@@ -10,8 +10,9 @@ fails the same way (counted in `load_timeouts`), so a stalled tier never holds u
 
 Loads wait for nothing but their own bytes: a chunk still being ingested is served from the
 bytes already copied out (see `ChunkStore.fetch`).  What is counted is what is served: a claim
-the store can only serve from base KV counts as "blind", and is refused (recomputed) when the
-operator asked for `policy.mode = "patched_or_exact"` or the load is `strict`.
+the store can only serve from base KV counts as "blind".  A claim served as another policy than
+planned is refused (recomputed) when it was exact (vLLM caches it under plain block hashes) or when
+the request's fidelity does not accept what the store holds (`kvreuse.connector.fidelity`).
 
 Save: after the step that computed a request's prompt, each new chunk's K/V is gathered out of
 the paged cache (a copy: the blocks may be reused once the request ends) and handed to
@@ -36,6 +37,7 @@ from typing import Callable
 import torch
 
 from kvreuse.connector.config import ConnectorConfig
+from kvreuse.connector.fidelity import allows
 from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, ReqLoad, ReqSave
 from kvreuse.connector.mrope import chunk_shift
 from kvreuse.connector.stats import ReuseStats
@@ -219,11 +221,10 @@ class WorkerSide:
 
         Waits for nothing but the chunks' own bytes, and for those until `deadline` (monotonic).
         The first chunk that cannot be served — a miss, a load past the deadline, M-RoPE positions
-        that are not one shift, or base KV under a strict policy — fails the request's load from
+        that are not one shift, or KV other than the claim's where provenance forbids it — fails the request's load from
         there on (vLLM recomputes those blocks).
         """
         assert self.spec is not None
-        strict = req.strict or self.cfg.policy.mode == "patched_or_exact"
         ks, vs, src, dst, slots = [], [], [], [], []
         bs = self.spec.block_size
         held = block_slots(req.block_ids, bs, 0, min(req.end, len(req.block_ids) * bs))  # sliced per chunk
@@ -237,10 +238,11 @@ class WorkerSide:
                 self._fail(req, item.dst_start, item.key)
                 break
             policy = served_policy(item.policy, view.how)
-            if strict and policy == "blind":
-                # the store holds neither this context's KV nor its patch (it did not fit, or was evicted)
-                log.warning("kvreuse: chunk %s: only base KV is held for this context; recomputed "
-                            "(patched_or_exact)", item.key.hex()[:12])
+            if not allows(req.fidelity, policy) or (item.policy == "exact" and policy != "exact"):
+                # an exact claim is cached by vLLM under plain block hashes: only exact KV may fill it (the
+                # context's KV was demoted, its save dropped, overwritten in Redis, or a TP rank lacks it)
+                log.info("kvreuse: chunk %s: claimed %s, the store holds only %s KV; recomputed",
+                         item.key.hex()[:12], item.policy, policy)
                 self._fail(req, item.dst_start, item.key)
                 break
             ntok = item.src_end - item.src_start

@@ -12,8 +12,8 @@ import tracemalloc
 from kvreuse.connector.claim import RECENT, Directory, chunk_keys, choose_policy, context_signature
 from kvreuse.connector.config import ConnectorConfig, ConnectorConfigError, ChunkingConfig
 from kvreuse.connector.costs import CostModel
-from kvreuse.connector.plan import plan_claim, plan_saves, plan_segments
-from kvreuse.connector.scheduler import opted_out
+from kvreuse.connector.fidelity import RequestOptions
+from kvreuse.connector.plan import plan_saves, plan_segments
 from kvreuse.connector.segment import Chunk, MMSpan, segment, segment_prompt
 from kvreuse.store.keys import ChunkKey
 
@@ -109,13 +109,13 @@ def test_reorder_is_claimed_leaving_one_token_in_a_prefix_claim():
     d = _setup(sys_, a, b, q)
     toks = prompt(sys_, b, a, message(14, 5))
     ch = cut(toks)
-    claim = plan_claim(toks, ch, chunk_keys(toks, ch, MODEL, None), d, 0)
-    assert claim.num_tokens >= len(prompt(sys_, b, a)) and claim.num_tokens <= len(toks) - 1
+    claim = plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, None), d, 0, "fast", gaps=False)
+    assert claim.leading >= len(prompt(sys_, b, a)) and claim.leading <= len(toks) - 1
     # sys: exact; b (recorded after sys + a): survival; a (recorded after sys only, now after b too): blind
     assert [it.policy for it in claim.items][0] == "exact"
     assert {"survival", "blind"} <= {it.policy for it in claim.items}
-    mode_claim = plan_claim(toks, ch, chunk_keys(toks, ch, MODEL, None), d, 0, "patched_or_exact")
-    assert mode_claim.num_tokens < claim.num_tokens and "blind" not in {it.policy for it in mode_claim.items}
+    exact = plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, None), d, 0, "exact", gaps=False)
+    assert exact.leading < claim.leading and {it.policy for it in exact.items} == {"exact"}
 
 
 def test_prefix_claim_ends_at_first_miss_and_counts_later_hits_as_misses():
@@ -123,8 +123,8 @@ def test_prefix_claim_ends_at_first_miss_and_counts_later_hits_as_misses():
     d = _setup(sys_, a, b, message(23, 5))
     toks = prompt(sys_, message(24, 60), a, b, message(25, 5))
     ch = cut(toks)
-    claim = plan_claim(toks, ch, chunk_keys(toks, ch, MODEL, None), d, 0)
-    assert claim.num_tokens == len(sys_)
+    claim = plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, None), d, 0, "fast", gaps=False)
+    assert claim.leading == len(sys_)
     n_after = sum(1 for c in ch if c.start >= len(sys_) and c.end <= len(toks) - 1)
     assert claim.misses == n_after and claim.hits == sum(1 for c in ch if c.end <= len(sys_))
 
@@ -134,10 +134,10 @@ def test_claim_after_prefix_hit_loads_partial_chunk():
     d = _setup(sys_, a, message(32, 5))
     toks = prompt(sys_, a, message(33, 5))
     ch = cut(toks)
-    claim = plan_claim(toks, ch, chunk_keys(toks, ch, MODEL, None), d, 50)
+    claim = plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, None), d, 50, "fast", gaps=False)
     first = claim.items[0]
     assert first.dst_start == 50 and first.src_start == 50 - next(c.start for c in ch if c.start <= 50 < c.end)
-    assert 50 + claim.num_tokens == max(c.end for c in ch if c.end <= len(toks) - 1 and c.end <= len(prompt(sys_, a)))
+    assert 50 + claim.leading == max(c.end for c in ch if c.end <= len(toks) - 1 and c.end <= len(prompt(sys_, a)))
 
 
 def test_whole_prompt_cached_still_computes_one_token():
@@ -145,8 +145,8 @@ def test_whole_prompt_cached_still_computes_one_token():
     d = _setup(*msgs)
     toks = prompt(*msgs)
     ch = cut(toks)
-    claim = plan_claim(toks, ch, chunk_keys(toks, ch, MODEL, None), d, 0)
-    assert claim.num_tokens <= len(toks) - 1
+    claim = plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, None), d, 0, "fast", gaps=False)
+    assert claim.leading <= len(toks) - 1
 
 
 def test_policies():
@@ -156,7 +156,7 @@ def test_policies():
     e = d.get(X)
     sig = context_signature
 
-    def pick(pre, stored=None, mode="any"):
+    def pick(pre, stored=None, mode="fast"):
         return choose_policy(e, sig(pre), pre if stored is None else stored, mode)
 
     assert pick((A, B, C))[0] == "exact"
@@ -164,8 +164,9 @@ def test_policies():
     assert pick((C, A, B))[0] == "reorder"
     assert pick((B, A))[0] == "reorder"          # stored neighbours all in the recorded context, other order
     assert pick((D, A))[0] == "blind"            # D was never there
-    assert pick((D, A), mode="patched_or_exact") is None
-    assert pick((A, B, C), mode="patched_or_exact") == ("exact", sig((A, B, C)))
+    assert pick((D, A), mode="accurate")[0] == "blind"
+    assert pick((D, A), mode="exact") is None and pick((A, C), mode="exact") is None
+    assert pick((A, B, C), mode="exact") == ("exact", sig((A, B, C)))
     # gaps (chunks nobody stored) before it do not make it blind: what matters is the stored ones
     G = b"g" * 16
     assert pick((G, A, G, C), stored=(A, C))[0] == "survival"
@@ -201,7 +202,7 @@ def test_saves_capture_new_contexts_only():
 
 
 # ---------------------------------------------------------------- config and opt-out
-@pytest.mark.parametrize("extra,bad", [({"bogus": 1}, "bogus"), ({"policy": {"mode": "x"}}, "policy.mode"),
+@pytest.mark.parametrize("extra,bad", [({"bogus": 1}, "bogus"), ({"policy": {"fidelity": "x"}}, "policy.fidelity"),
                                        ({"chunking": {"min_tokens": 0}}, "chunking"),
                                        ({"chunking": {"nope": 1}}, "chunking.nope"),
                                        ({"store": {"device_bytes": "lots"}}, "device_bytes"),
@@ -215,22 +216,42 @@ def test_bad_config_names_the_key(extra, bad):
 
 
 def test_config_defaults_and_values():
-    c = ConnectorConfig.from_extra_config({"policy": {"mode": "patched_or_exact", "patch_max_rank": 4},
+    c = ConnectorConfig.from_extra_config({"policy": {"fidelity": "accurate", "patch_max_rank": 4},
                                            "chunking": {"boundary_tokens": ["<s>"]}, "store": {"host_bytes": "1MiB"}})
-    assert c.policy.mode == "patched_or_exact" and c.policy.patch_max_rank == 4
+    assert c.policy.fidelity == "accurate" and c.policy.patch_max_rank == 4
     assert c.chunking.boundary_tokens == ("<s>",) and c.store.host_bytes == 2**20
     assert ConnectorConfig.from_extra_config(None).store.device_bytes == 2**30
     assert ConnectorConfig.from_extra_config(None).load_timeout_seconds == 2.0
     assert ConnectorConfig.from_extra_config({"load_timeout_seconds": 0.25}).load_timeout_seconds == 0.25
 
 
-def test_opt_out():
+def test_request_options_opt_out_and_only_tighten():
+    def opted_out(p):
+        return not RequestOptions.parse(p, "fast").enabled
+
     assert opted_out({"kvreuse": False}) and opted_out({"kvreuse": {"enabled": False}}) and opted_out({"kvreuse": "off"})
     assert not opted_out(None) and not opted_out({}) and not opted_out({"kvreuse": {"inject_load_failure": True}})
+    assert RequestOptions.parse({"kvreuse": {"fidelity": "exact"}}, "fast").fidelity == "exact"
+    assert RequestOptions.parse({"kvreuse": {"fidelity": "accurate"}}, "fast").fidelity == "accurate"
+    assert RequestOptions.parse({"kvreuse": {"fidelity": "fast"}}, "exact").fidelity == "exact"   # never loosened
+    assert RequestOptions.parse({"kvreuse": {"fidelity": "bogus"}}, "fast").fidelity == "exact"  # unknown: strictest
+    assert RequestOptions.parse(None, "accurate").fidelity == "accurate"
+    assert not RequestOptions.parse({"kvreuse": {"inject_load_failure": True}}, "fast").inject_failure
+    assert RequestOptions.parse({"kvreuse": {"inject_load_failure": True}}, "fast", True).inject_failure
+
+
+def test_policy_mode_is_replaced_by_fidelity():
+    assert ConnectorConfig.from_extra_config(None).policy.fidelity == "exact"
+    with pytest.raises(ConnectorConfigError, match="policy.mode: replaced by policy.fidelity"):
+        ConnectorConfig.from_extra_config({"policy": {"mode": "any"}})
+    with pytest.raises(ConnectorConfigError, match="policy.fidelity"):
+        ConnectorConfig.from_extra_config({"policy": {"fidelity": "approximately"}})
+    with pytest.raises(ConnectorConfigError, match="policy.repair_tokens"):
+        ConnectorConfig.from_extra_config({"policy": {"repair_tokens": -1}})
 
 
 # ---------------------------------------------------------------- gap-fill planning
-def _plan(d, toks, cost=None, mode="any", num_computed=0, gaps=True, spans=()):
+def _plan(d, toks, cost=None, mode="fast", num_computed=0, gaps=True, spans=()):
     ch, anchors = segment_prompt(toks, CFG, boundary_ids=frozenset({START}), spans=spans)
     return plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, None), d, num_computed, mode, cost=cost, gaps=gaps,
                          anchors=anchors), ch
@@ -297,7 +318,7 @@ def test_gap_text_decides_survival_new_text_in_a_gap_makes_it_blind():
     after = len(prompt(frames[0], frames[1], new)) + 40              # past the change point's straddling chunks
     assert _policies_after(plan, after) == {"blind"}
     assert _policies_after(plan, 0) >= {"exact"}                      # before the new text: exact as before
-    assert not _policies_after(_plan(d, toks, mode="patched_or_exact")[0], after)
+    assert not _policies_after(_plan(d, toks, mode="exact")[0], after)
     # a few changed tokens (a timestamp) instead: fewer than NEW_SPAN unseen positions, still survival
     stamp = prompt(frames[0][:50], [7, 7, 7], frames[0][53:], *frames[1:4], [9, 9])
     plan2, _ = _plan(d, stamp)
@@ -384,7 +405,7 @@ def test_planning_is_linear():
         t0 = time.perf_counter()
         ch2, anchors2 = segment_prompt(toks2, cfg)
         keys2 = chunk_keys(toks2, ch2, MODEL, None)
-        plan = plan_segments(toks2, ch2, keys2, d, 0, anchors=anchors2)
+        plan = plan_segments(toks2, ch2, keys2, d, 0, "fast", anchors=anchors2)
         times.append(time.perf_counter() - t0)
     dt = min(times)
     assert len(ch2) >= 400 and plan.placed_tokens > 0.9 * len(toks2)
@@ -401,7 +422,7 @@ def test_six_thousand_boundary_tokens_plan_fast_and_small():
         keys = chunk_keys(toks, ch, MODEL, None)
         for it in plan_saves(toks, ch, keys, d, set(), True, min_tokens=1):
             d.record_save(it, anchors)
-        return ch, plan_segments(toks, ch, keys, d, 0, anchors=anchors)
+        return ch, plan_segments(toks, ch, keys, d, 0, "fast", anchors=anchors)
 
     times = []
     for _ in range(3):  # best of three: the machine may be busy
@@ -459,7 +480,7 @@ def test_raw_text_change_point_costs_under_one_old_chunk():
         for t, toks in enumerate(_raw_window_turns(seed)):
             ch = segment(toks, cfg)
             keys = chunk_keys(toks, ch, MODEL, None)
-            plan = plan_segments(toks, ch, keys, d, 0)
+            plan = plan_segments(toks, ch, keys, d, 0, "fast")
             if t:  # reusable: the system text and the 4 carried frames with their separators
                 lost += 64 + 4 * (3 + 160) - plan.placed_tokens
                 change_points += 2  # after the system text (oldest frame dropped), before the new frame
@@ -487,7 +508,7 @@ def test_edge_fill_places_the_chunks_straddling_change_points():
         for t, toks in enumerate(_raw_window_turns(seed)):
             ch, anchors = segment_prompt(toks, cfg)
             keys = chunk_keys(toks, ch, MODEL, None)
-            plan = plan_segments(toks, ch, keys, d, 0, anchors=anchors)
+            plan = plan_segments(toks, ch, keys, d, 0, "fast", anchors=anchors)
             for it in plan.items:  # every piece holds the prompt's own tokens, read from a stored chunk
                 assert toks[it.dst_start:it.dst_end] == list(it.token_ids[it.src_start:it.src_end])
                 if it.src_end < len(it.token_ids) and it.src_start > 0:
@@ -539,8 +560,8 @@ def test_edge_fill_marks_whole_chunks_it_covers_and_saves_partly_computed_ones()
 def _setup_into_saving(d, toks):
     ch, anchors = segment_prompt(toks, CFG, boundary_ids=frozenset({START}))
     keys = chunk_keys(toks, ch, MODEL, None)
-    plan = plan_segments(toks, ch, keys, d, 0, anchors=anchors)
-    for it in plan_saves(toks, ch, keys, d, plan.placed_keys, True):
+    plan = plan_segments(toks, ch, keys, d, 0, "fast", anchors=anchors)
+    for it in plan_saves(toks, ch, keys, d, plan.placed_keys, True, approximate_from=plan.first_approximate):
         d.record_save(it, anchors)
 
 
@@ -570,7 +591,7 @@ def test_edge_fill_finds_only_the_requests_own_namespace():
             for it in plan_saves(t, ch, keys, d, set(), True):
                 d.record_save(it, anchors, chunk_namespace(MODEL, store_salt))
         ch, anchors = segment_prompt(toks, CFG, boundary_ids=frozenset({START}))
-        plan = plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, plan_salt), d, 0, anchors=anchors,
+        plan = plan_segments(toks, ch, chunk_keys(toks, ch, MODEL, plan_salt), d, 0, "fast", anchors=anchors,
                              ns=chunk_namespace(MODEL, plan_salt))
         return [it for it in plan.items if it.src_end - it.src_start < len(it.token_ids)]
 
@@ -593,8 +614,6 @@ def test_a_neighbour_first_stored_at_a_change_point_keeps_the_chunks_after_it_su
     assert d.get(chunk_keys(toks, [first], MODEL, None)[0]) is not None  # stored by the prompt before
     after = _policies_after(plan, first.end)
     assert after and "blind" not in after and "survival" in after
-    strict, _ = _plan(d, toks, mode="patched_or_exact")
-    assert strict.placed_tokens == plan.placed_tokens
     # a stored neighbour whose text the context never held still leaves the chunks after it blind
     new = message(620, 60)[1:]
     _setup_into_saving(d, prompt(new, [9, 9]))

@@ -73,7 +73,7 @@ def policies(directory: Directory, s: SchedulerSide, prompt: list[int]) -> list[
     """The policy of each placed chunk of `prompt`, as scheduler side `s` plans it from `directory`."""
     chunks = segment(prompt, s.cfg.chunking, boundary_ids=frozenset({START}))
     keys = chunk_keys(prompt, chunks, FP.digest, None)
-    return [it.policy for it in plan_segments(prompt, chunks, keys, directory, 0, cost=s.cost).items]
+    return [it.policy for it in plan_segments(prompt, chunks, keys, directory, 0, "fast", cost=s.cost).items]
 
 
 def test_restarted_directory_plans_survival_from_disk_headers(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvreuse.connector.claim import Directory, chunk_keys, context_signature
-from kvreuse.connector.plan import plan_claim, plan_saves
+from kvreuse.connector.plan import plan_saves, plan_segments
 from kvreuse.connector.remote import RemoteLookup
 from kvreuse.connector.segment import Chunk
 from kvreuse.store import ChunkEntry, ChunkKey, ChunkStore, ModelFingerprint, StoreConfig
@@ -50,25 +50,25 @@ def test_scheduler_claims_chunks_stored_by_another_instance(redis_url):
             assert a.put(ChunkEntry(ChunkKey(keys[j]), ids, torch.arange(c.start, c.end), kv, kv.clone(), context=ctx))
         a.flush()
     # instance B: nothing local, but the shared tier is visible
-    local_only = plan_claim(tokens, chunks, keys, Directory(), 0)
+    local_only = plan_segments(tokens, chunks, keys, Directory(), 0, "fast", gaps=False)
     assert local_only.items == [] and local_only.misses == 3
     remote = RemoteLookup(redis_url, 64 << 20, FP.digest, start=False)
     assert remote.refresh()  # the scheduler's copy of the shared tier's index (a background thread in a server)
     d = Directory(remote)
-    claim = plan_claim(tokens, chunks, keys, d, 0)
-    assert [it.policy for it in claim.items] == ["exact", "exact"] and claim.num_tokens == 24
+    claim = plan_segments(tokens, chunks, keys, d, 0, "fast", gaps=False)
+    assert [it.policy for it in claim.items] == ["exact", "exact"] and claim.leading == 24
     assert claim.misses == 1                                   # chunk 2 is nowhere: the claim ends there
     # chunk 0 dropped: chunk 1 now opens the prompt; a remote entry's preceding keys are unknown,
     # so this is served blind (locally it would be "survival")
-    dropped = plan_claim(tokens[12:], _chunks([12, 12, 4]), keys[1:], d, 0)
+    dropped = plan_segments(tokens[12:], _chunks([12, 12, 4]), keys[1:], d, 0, "fast", gaps=False)
     assert [it.policy for it in dropped.items] == ["blind"]
     # reordered (chunk 1 first): claimed blind, the remote entry's own context is what is read
-    moved = plan_claim(tokens[12:24] + tokens[:12] + tokens[24:], _chunks([12, 12, 16]),
-                       [keys[1], keys[0], keys[2]], d, 0)
+    moved = plan_segments(tokens[12:24] + tokens[:12] + tokens[24:], _chunks([12, 12, 16]),
+                          [keys[1], keys[0], keys[2]], d, 0, "fast", gaps=False)
     assert [it.policy for it in moved.items] == ["blind", "blind"]
     assert moved.items[0].context == context_signature((keys[0],))
-    assert plan_claim(tokens[12:24] + tokens[:12] + tokens[24:], _chunks([12, 12, 16]),
-                      [keys[1], keys[0], keys[2]], d, 0, mode="patched_or_exact").items == []
+    assert plan_segments(tokens[12:24] + tokens[:12] + tokens[24:], _chunks([12, 12, 16]),
+                         [keys[1], keys[0], keys[2]], d, 0, "exact", gaps=False).items == []
     # B does not re-save chunks the shared tier already holds, and captures no patch for them
     saves = plan_saves(tokens, chunks, keys, d, set(), capture_patches=True)
     assert [s.key for s in saves] == [keys[2], keys[3]]
@@ -76,7 +76,7 @@ def test_scheduler_claims_chunks_stored_by_another_instance(redis_url):
     theirs = RemoteLookup(redis_url, 64 << 20, ModelFingerprint("Other", "w", "bfloat16").digest, start=False)
     assert theirs.refresh()
     other = Directory(theirs)
-    assert plan_claim(tokens, chunks, keys, other, 0).items == []
+    assert plan_segments(tokens, chunks, keys, other, 0, "fast", gaps=False).items == []
 
 
 def test_redis_down_is_a_miss(redis_url):
@@ -84,7 +84,7 @@ def test_redis_down_is_a_miss(redis_url):
     tokens = list(range(30))
     chunks = _chunks([10, 10, 10])
     keys = chunk_keys(tokens, chunks, FP.digest, None)
-    assert plan_claim(tokens, chunks, keys, d, 0).items == []
+    assert plan_segments(tokens, chunks, keys, d, 0, "fast", gaps=False).items == []
 
 
 def test_contexts_gained_after_the_first_publish_reach_other_instances(redis_url):
@@ -108,7 +108,7 @@ def test_contexts_gained_after_the_first_publish_reach_other_instances(redis_url
         a.flush()
     assert remote.refresh() and set(remote.lookup(keys[1])[1]) == {after0, after2}
     prompt = tokens[24:36] + tokens[12:24] + tokens[36:]
-    claim = plan_claim(prompt, chunks, [keys[2], keys[1], keys[3]], Directory(remote), 0)
+    claim = plan_segments(prompt, chunks, [keys[2], keys[1], keys[3]], Directory(remote), 0, "fast", gaps=False)
     assert [it.policy for it in claim.items] == ["exact", "exact"]  # without the republish: chunk 1 "blind"
     with ChunkStore(StoreConfig.from_dict({"host_bytes": "64MiB", "redis_url": redis_url, "redis_bytes": "64MiB"}),
                     FP) as b:

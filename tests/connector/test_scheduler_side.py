@@ -16,8 +16,9 @@ def Req(request_id: str, prompt: list[int], **kw) -> SchedRequest:
     return SchedRequest(request_id, prompt, hash_block=BS, **kw)
 
 
-def side(**cost) -> SchedulerSide:
+def side(fidelity: str = "fast", repair_tokens: int = 16, **cost) -> SchedulerSide:
     cfg = ConnectorConfig.from_extra_config({"chunking": {"min_tokens": 16, "avg_tokens": 32, "max_tokens": 64},
+                                            "policy": {"fidelity": fidelity, "repair_tokens": repair_tokens},
                                             "cost": {"learn": False, "step_overhead_s": 0.0, **cost}})
     s = SchedulerSide(cfg, b"m" * 16, frozenset({START}), block_size=BS)
     s.segmented = True
@@ -111,19 +112,19 @@ def test_opted_out_and_unsalted_under_salted_only_plan_nothing():
     assert s.matched(out, 0) == 0 and "r2" not in s.reqs
 
 
-def test_a_request_may_ask_for_patched_or_exact_on_a_server_that_places_blind():
-    s = side()   # policy.mode "any"
+def test_a_request_may_ask_for_exact_on_a_server_that_places_blind():
+    s = side()   # policy.fidelity "fast"
     A, B, tail = msg(40, 100), msg(41, 100), msg(42, 5)
     run_to_end(s, Req("a", A + tail))
     run_to_end(s, Req("b", B + tail))           # B stored alone: it never followed A
     anyone = Req("r1", A + B + tail)
     s.matched(anyone, 0)
     assert "blind" in {it.policy for it in s.reqs["r1"].plan.items}
-    strict = {"kvreuse": {"mode": "patched_or_exact"}}
+    strict = {"kvreuse": {"fidelity": "exact"}}
     metas = []
     run_to_end(s, Req("r2", A + B + tail, kv_transfer_params=strict), metas=metas)
     loads = [ld for m in metas for ld in m.loads]
-    assert loads and all(ld.strict for ld in loads)   # the worker refuses base KV for it too
+    assert loads and all(ld.fidelity == "exact" for ld in loads)   # the worker refuses other KV for it too
     assert {it.policy for ld in loads for it in ld.items} == {"exact"}   # A placed, B computed
     captured = [it for m in metas for sv in m.saves for it in sv.items if not it.is_new]
     assert captured   # B's chunks computed after A: their KV in this context is saved (a patch is fitted)

@@ -252,7 +252,7 @@ def test_claim_and_save_carry_mrope_positions():
     pos2 = fn(t2, f2)
     ch2 = segment(t2, cfg, spans=mm_spans(f2))
     keys2 = chunk_keys(t2, ch2, b"m" * 16, None)
-    plan = plan_segments(t2, ch2, keys2, d, 0, "any", pos2)
+    plan = plan_segments(t2, ch2, keys2, d, 0, "fast", pos2)
     assert plan.placed_tokens > 0
     for it in plan.items:
         assert torch.equal(torch.tensor(it.dst_pos), pos2[:, it.dst_start:it.dst_start + it.num_tokens])
