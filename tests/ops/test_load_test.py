@@ -7,7 +7,7 @@ completed answer identical to vLLM alone (a differing token only at a near tie);
 did what it is for: evictions and rehydrations happened, stored chunks were placed, and requests
 were cancelled and streams cut.  The script's `rss_flat` check (late slope after warm-up) is not
 asserted here: two minutes on two busy cores end while the worker's RSS is still climbing towards
-vLLM alone's level (see bench/results/load_test_16x180.json).
+vLLM alone's level.
 """
 
 from __future__ import annotations

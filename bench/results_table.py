@@ -1,0 +1,414 @@
+"""Build the results tables of README.md and docs/benchmarks.md from the files in bench/results/.
+
+    python bench/results_table.py            # rewrite both tables between their markers
+    python bench/results_table.py --check    # exit 1 when a document's table differs from the files
+    python bench/results_table.py --print    # print the tables, change nothing
+
+Each table sits between `<!-- NAME:begin -->` and `<!-- NAME:end -->`: `results` in README.md (the
+serving workloads: placed share, TTFT ratio, agreement of answers with vLLM alone), `results:other`
+in docs/benchmarks.md (the load test, step times, the quality harness).
+
+bench/results/ holds one current file per benchmark and host: `<bench>.json` for the 2-core x86 VM
+with AMX, `<bench>_<host>.json` for another host (`HOSTS`).  Every row names the model, the host and
+the command, read from the file where it records them (`model`, `host`, `command`) and otherwise
+derived from its own fields: the model from its checkpoint name, the command from the script and the
+`args` it recorded, the host from the file name (marked †: the file records no CPU model).
+
+`fidelity*.json` (bench/fidelity_bench.py: answers on a real model against vLLM alone) gives one row
+per workload and arm; `fidelity_rows` reads `{"workloads": {name: {"arms": {arm: {...}}}}}` or
+`{"rows": [{"workload", "arm", ...}]}` with `agreement` (or `same` of `n`), `accuracy`,
+`reference_accuracy`, `placed_share` and `ttft_ratio`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# host tag (the file name's suffix) -> the host, for files that do not record their CPU
+HOSTS = {"": "2-core x86 VM, AMX", "epyc": "2-core AMD EPYC VM, no AMX"}
+SCRIPTS = {"raw_agent": "raw_agent_bench.py", "rag": "rag_bench.py", "caption": "caption_bench.py",
+           "noreuse": "noreuse_bench.py", "step": "step_bench.py", "ttft": "ttft_bench.py",
+           "load_test": "load_test.py", "quality": "quality_bench.py", "fidelity": "fidelity_bench.py"}
+# recorded args that are paths or switches of this one run, not of what was measured
+_NOT_ARGS = {"out", "json", "workdir", "model"}
+_ARCH = {"llama": "Llama", "qwen2": "Qwen2", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+NO_AGREEMENT = "not measured (random weights)"
+
+
+@dataclass
+class Row:
+    workload: str
+    model: str
+    host: str
+    command: str
+    placed: str = "—"
+    ttft: str = "—"
+    agreement: str = "—"
+    accuracy: str = "—"
+    result: str = ""  # the other table's one summary cell
+
+
+# ------------------------------------------------------------------ fields
+def pct(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def model_label(name: str | None) -> str:
+    """A tiny checkpoint's name (`kvreuse.models`: `llama-l8-h512-...-bfloat16-s0`) as words; others as given."""
+    if not name:
+        return "not recorded"
+    base = Path(str(name)).name
+    m = re.match(r"^(qwen2_5_vl|qwen2_vl|qwen2|llama)-l(\d+)-h(\d+)-.*?-(bfloat16|float32)-s\d+", base)
+    if m is None:
+        return base
+    dtype = {"bfloat16": "bf16", "float32": "fp32"}[m.group(4)]
+    layers = f"{m.group(2)} layer" + ("" if m.group(2) == "1" else "s")
+    return f"tiny {_ARCH[m.group(1)]}, {layers}, {dtype}, random weights"
+
+
+def is_random(name: str | None) -> bool:
+    return model_label(name).endswith("random weights")
+
+
+def split_name(path: Path) -> tuple[str, str]:
+    """(bench, host tag) of a result file: `rag_epyc.json` -> ("rag", "epyc")."""
+    stem = path.stem
+    for tag in HOSTS:
+        if tag and stem.endswith("_" + tag):
+            return stem[: -len(tag) - 1], tag
+    return stem, ""
+
+
+def host_of(path: Path, data: dict[str, Any]) -> str:
+    """The file's own `host` where it names the machine; else from the file name, marked †."""
+    h = data.get("host")
+    if isinstance(h, str) and h and not h.startswith("CPU ("):
+        return h
+    return HOSTS[split_name(path)[1]] + " †"
+
+
+def claims_of(d: dict[str, Any]) -> dict[str, int]:
+    """Chunks kvreuse placed, by policy, summed over every request of the kvreuse arm the file records."""
+    out: dict[str, int] = {}
+
+    def walk(o: Any) -> None:
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if k == "claims_by_policy" and isinstance(v, dict):
+                    for p, n in v.items():
+                        out[p] = out.get(p, 0) + int(n)
+                else:
+                    walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+
+    walk((d.get("runs") or {}).get("kvreuse"))
+    return out
+
+
+def agreement_cell(random_weights: bool, claims: dict[str, int], fidelity: str | None) -> str:
+    """The agreement cell of a speed-only result: answers not compared, and how much of what it placed was
+    approximate.  `fidelity`: the level the file records (None: read from the claims, marked §)."""
+    base = NO_AGREEMENT if random_weights else "not measured"
+    total = sum(claims.values())
+    if not total:
+        return base
+    approx = total - claims.get("exact", 0)
+    level = f"`{fidelity}`" if fidelity else ("`fast` §" if approx else "`exact` §")
+    return f"{base}; {pct(approx / total, 0)} of placed chunks approximate ({level})"
+
+
+def agreement_of(d: dict[str, Any]) -> str:
+    cfg = (d.get("args") or {}).get("kvreuse_config")
+    cfg = json.loads(cfg) if isinstance(cfg, str) else cfg or {}
+    return agreement_cell(is_random(d.get("model")), claims_of(d), (cfg.get("policy") or {}).get("fidelity"))
+
+
+def _quote(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+    if s and re.fullmatch(r"[\w@%+=:,./-]+", s):
+        return s
+    if any(not c.isprintable() for c in s):  # bash ANSI-C quoting, e.g. $'\n\n'
+        return "$'" + s.encode("unicode_escape").decode().replace("'", "\\'") + "'"
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+def command_of(script: str, data: dict[str, Any]) -> str:
+    """The file's own `command`, else `python bench/SCRIPT` with the `args` the file recorded."""
+    if isinstance(data.get("command"), str):
+        cmd = data["command"]
+        return cmd if cmd.startswith("python") else f"python {cmd}"
+    parts = [f"python bench/{script}"]
+    for k, v in (data.get("args") or {}).items():
+        if k in _NOT_ARGS or v is None or v is False or v == "" or v == []:
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts.append(flag if v is True else f"{flag} {_quote(v)}")
+    return " ".join(parts)
+
+
+# ------------------------------------------------------------------ readers, one per benchmark
+def agent_row(workload: str) -> Callable[[Path, dict], list[Row]]:
+    def read(path: Path, d: dict) -> list[Row]:
+        s = d["summary"]
+        ttft = (f"{ratio(s['median_ttft_ratio_from_turn2'])} median, "
+                f"{ratio(s['from_turn2']['ratio']['mean_ms'])} mean; turn 1: {ratio(s['turn1']['ratio']['mean_ms'])}")
+        return [Row(workload, model_label(d.get("model")), host_of(path, d), command_of(SCRIPTS[d["bench"]], d),
+                    placed=pct(s["placed_share_from_turn2"]) + " of turns 2+", ttft=ttft,
+                    agreement=agreement_of(d))]
+    return read
+
+
+def rag_row(path: Path, d: dict) -> list[Row]:
+    s = d["summary"]
+    joiner = d.get("args", {}).get("joiner", "\n\n")
+    workload = "RAG, passages joined by " + ("blank lines" if joiner == "\n\n" else repr(joiner))
+    ttft = (f"{ratio(s['mean_ttft_ratio'])} mean, {ratio(s['p99_ttft_ratio'])} p99; "
+            f"throughput {ratio(s['throughput_ratio'])}×")
+    return [Row(workload, model_label(d.get("model")), host_of(path, d), command_of(SCRIPTS["rag"], d),
+                placed=pct(s["placed_share"]), ttft=ttft, agreement=agreement_of(d))]
+
+
+def noreuse_row(path: Path, d: dict) -> list[Row]:
+    s = d["summary"]
+    each = s.get("paired_each", {}).get("mean_ttft_ratio_each") or []
+    spread = f" (repeats {min(each):.2f}–{max(each):.2f})" if each else ""
+    ttft = (f"{ratio(s['mean_ttft_ratio'])} mean{spread}, {ratio(s['p99_ttft_ratio'])} p99; "
+            f"throughput {ratio(s['throughput_ratio'])}×")
+    return [Row("nothing reusable (kvreuse's cost)", model_label(d.get("model")), host_of(path, d),
+                command_of(SCRIPTS["noreuse"], d), placed=pct(s.get("placed_share")), ttft=ttft,
+                agreement=agreement_of(d))]
+
+
+def ttft_text_row(path: Path, text: str) -> list[Row]:
+    """`ttft_bench.py`'s printed table (a text file): the header names model and trace, the last line the ratio."""
+    head = text.splitlines()[0]
+    m = re.search(r"model: (\d+) layers, hidden (\d+), (\w+); trace: (\d+) turns, window (\d+) x (\d+) words; "
+                  r"median of (\d+) replays", head)
+    r = re.search(r"median ratio kvreuse / prefix-cache from turn 2: ([0-9.]+)", text)
+    rows = re.findall(r"^\s+(\d+) \|.*\|\s+(\d+)\s+(\d+)\s+(\d+) \|", text, re.M)
+    if m is None or r is None:
+        raise ValueError(f"{path}: not ttft_bench.py's output")
+    layers, hidden, dtype, turns, _window, words, reps = m.groups()
+    placed = "—"
+    later = [(int(k), int(p)) for t, k, p, _ in rows if int(t) >= 2]
+    if later:  # prefill tokens computed, kvreuse vs vLLM's prefix cache
+        placed = pct(1 - sum(k for k, _ in later) / sum(p for _, p in later)) + " of turns 2+"
+    cmd = (f"python bench/ttft_bench.py --layers {layers} --hidden {hidden} --turns {turns} --repeats {reps} "
+           f"--frame-words {words} --dtype {dtype}")
+    model = f"tiny Llama, {layers} layers, {'bf16' if dtype == 'bfloat16' else dtype}, random weights"
+    claims = re.search(r"^claims by policy\s+(.*)$", text, re.M)
+    counts = {p: int(n) for p, n in re.findall(r"(\w+) (\d+)", claims.group(1))} if claims else {}
+    return [Row("chat-message agent (one server, opted-out arms)", model, HOSTS[""] + " †", cmd + " ‡",
+                placed=placed, ttft=f"{ratio(float(r.group(1)))} median; turns 2+",
+                agreement=agreement_cell(True, counts, None))]
+
+
+def _get(d: dict, *names: str) -> Any:
+    for n in names:
+        if d.get(n) is not None:
+            return d[n]
+    return None
+
+
+def fidelity_rows(path: Path, d: dict) -> list[Row]:
+    """Rows of a fidelity result: one per workload and arm (see the module docstring for the shape)."""
+    items: list[tuple[str, str, dict]] = []
+    if isinstance(d.get("rows"), list):
+        items = [(r.get("workload", "?"), r.get("arm", "?"), r) for r in d["rows"]]
+    else:
+        wl = d.get("workloads") or {}
+        wl = {w.get("name", str(i)): w for i, w in enumerate(wl)} if isinstance(wl, list) else wl
+        for name, w in wl.items():
+            arms = w.get("arms", {})
+            arms = {a.get("arm", str(i)): a for i, a in enumerate(arms)} if isinstance(arms, list) else arms
+            items += [(w.get("label", name), arm, a) for arm, a in arms.items()]
+    model = d.get("model") or d.get("args", {}).get("model")
+    out = []
+    for workload, arm, a in items:
+        same, n = _get(a, "same", "same_answers"), _get(a, "n", "requests")
+        agree = _get(a, "agreement", "same_answer_share", "identical_share")
+        if agree is None and isinstance(same, (int, float)) and n:
+            agree = same / n
+        agreement = pct(agree, 0) + (f" ({int(same)}/{int(n)})" if isinstance(same, (int, float)) and n else "")
+        acc, ref = _get(a, "accuracy", "gold_accuracy"), _get(a, "reference_accuracy", "vllm_accuracy")
+        accuracy = pct(acc, 0) + (f" (vLLM alone {pct(ref, 0)})" if ref is not None else "")
+        out.append(Row(f"{workload}: {arm}", model_label(model), host_of(path, d), command_of(SCRIPTS["fidelity"], d),
+                       placed=pct(_get(a, "placed_share", "placed")),
+                       ttft=ratio(_get(a, "ttft_ratio", "mean_ttft_ratio")), agreement=agreement, accuracy=accuracy))
+    return out
+
+
+def load_test_row(path: Path, d: dict) -> list[Row]:
+    a, checks, rep = d["args"], d.get("checks", {}), d.get("replay", {})
+    passed = sum(1 for c in checks.values() if c.get("pass"))
+    load = d.get("load", {})
+    res = (f"{a['clients']} clients, {a['duration']:.0f} s: {load.get('requests')} requests, "
+           f"{passed}/{len(checks)} checks pass ({', '.join(checks)}); answers identical to vLLM alone "
+           f"{rep.get('identical')}/{rep.get('replayed')}"
+           + ("; with one layer a chunk's KV does not depend on its context" if a.get("model_layers") == 1 else ""))
+    return [Row("load test (mixed trace, tiny budgets)", model_label(d.get("model")), "not recorded",
+                command_of(SCRIPTS["load_test"], d), result=res)]
+
+
+def step_row(path: Path, d: dict) -> list[Row]:
+    s = d["summary"]
+    name = {"off": "vLLM alone", "kvreuse": "kvreuse"}
+    arms = [(name.get(k, f"kvreuse `{k}`"), v) for k, v in s.items()]
+    res = ("prefill " + ", ".join(f"{n} {v['prefill_ms']:.1f}" for n, v in arms) + " ms; decode "
+           + ", ".join(f"{n} {v['decode_ms']:.2f}" for n, v in arms) + " ms")
+    return [Row("step times, one engine in-process", model_label(d.get("args", {}).get("model")), host_of(path, d),
+                command_of(SCRIPTS["step"], d), result=res)]
+
+
+def quality_row(path: Path, summary: dict, meta: dict) -> list[Row]:
+    mh = {k: v["multi_hop"] for k, v in summary.items()}
+    res = ("3-hop accuracy: full prefill " + pct(mh["full"], 0) + ", blind reuse " + pct(mh["blind"], 0)
+           + ", base + default patch " + pct(mh["patch_default"], 0)
+           + f" (patch {pct(summary['patch_default']['patch_bytes_frac'])} of the chunk's KV), survival "
+           + pct(mh["survival"], 0) + ", reorder " + pct(mh["reorder"], 0))
+    model = f"{Path(meta['model']).name} ({meta['num_layers']} layers, hand-built and trained)"
+    cmd = (f"python bench/quality_bench.py --out bench/results/quality --examples {meta['examples']} "
+           f"--reorder-examples {meta['reorder_examples']}")
+    return [Row("quality harness, reference encoder", model, "not recorded", cmd + " ‡", result=res)]
+
+
+READERS: dict[str, Callable[[Path, dict], list[Row]]] = {
+    "raw_agent": agent_row("raw-text sliding-window agent"),
+    "caption": agent_row("captioned screenshots (vision-language)"),
+    "rag": rag_row, "noreuse": noreuse_row}
+ORDER = ["fidelity", "raw_agent", "rag", "caption", "ttft", "noreuse"]
+
+
+def main_rows(results: Path = RESULTS) -> list[Row]:
+    rows: list[tuple[int, str, Row]] = []
+    for path in sorted(results.glob("*.json")) + sorted(results.glob("*.txt")):
+        bench, tag = split_name(path)
+        if path.suffix == ".txt":
+            if bench.startswith("ttft"):
+                rows += [(ORDER.index("ttft"), tag, r) for r in ttft_text_row(path, path.read_text())]
+            continue
+        if bench.startswith("fidelity"):
+            rows += [(0, tag, r) for r in fidelity_rows(path, json.loads(path.read_text()))]
+        elif bench in READERS:
+            rows += [(ORDER.index(bench), tag, r) for r in READERS[bench](path, json.loads(path.read_text()))]
+    return [r for _, _, r in sorted(rows, key=lambda x: (x[0], x[1]))]
+
+
+def other_rows(results: Path = RESULTS) -> list[Row]:
+    rows: list[Row] = []
+    for path in sorted(results.glob("load_test*.json")):
+        rows += load_test_row(path, json.loads(path.read_text()))
+    for path in sorted(results.glob("step*.json")):
+        rows += step_row(path, json.loads(path.read_text()))
+    q = results / "quality"
+    if (q / "summary.json").exists() and (q / "details.json").exists():
+        meta = json.loads((q / "details.json").read_text())["_meta"]
+        rows += quality_row(q, json.loads((q / "summary.json").read_text()), meta)
+    return rows
+
+
+# ------------------------------------------------------------------ tables
+def _cell(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def _commands(rows: list[Row]) -> tuple[dict[str, int], list[str]]:
+    nums: dict[str, int] = {}
+    for r in rows:
+        nums.setdefault(r.command, len(nums) + 1)
+    return nums, [f"{n}. `{c.removesuffix(' ‡')}`" + (" ‡" if c.endswith(" ‡") else "") for c, n in nums.items()]
+
+
+def _notes(rows: list[Row]) -> list[str]:
+    out = []
+    if any(r.host.endswith("†") for r in rows):
+        out.append("† Host named by the result file's name (`_epyc`; none: the x86 VM); the file itself records "
+                   "at most its CPU count.")
+    if any("§" in r.agreement for r in rows):
+        out.append("§ Fidelity read from the claims by policy the file records (it records no `policy.fidelity`): "
+                   "approximate placements served unrepaired are what `fast` serves; the default, `exact`, "
+                   "places only exact KV.")
+    if any(r.command.endswith("‡") for r in rows):
+        out.append("‡ Command derived from the file's own fields (it records no arguments).")
+    return out
+
+
+def main_table(results: Path = RESULTS) -> str:
+    rows = main_rows(results)
+    nums, cmds = _commands(rows)
+    lines = ["| workload | model | host | placed | TTFT, kvreuse / vLLM alone | same answers as vLLM alone | "
+             "accuracy | command |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(x) for x in (r.workload, r.model, r.host, r.placed, r.ttft, r.agreement,
+                                                         r.accuracy, f"[{nums[r.command]}]")) + " |")
+    return "\n".join(lines + [""] + cmds + [""] + "\n\n".join(_notes(rows)).splitlines())
+
+
+def other_table(results: Path = RESULTS) -> str:
+    rows = other_rows(results)
+    nums, cmds = _commands(rows)
+    lines = ["| benchmark | model | host | result | command |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(x) for x in (r.workload, r.model, r.host, r.result,
+                                                         f"[{nums[r.command]}]")) + " |")
+    return "\n".join(lines + [""] + cmds + [""] + "\n\n".join(_notes(rows)).splitlines())
+
+
+DOCUMENTS = {"README.md": ("results", main_table), "docs/benchmarks.md": ("results:other", other_table)}
+
+
+def replace_between(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise SystemExit(f"results_table: markers {begin} / {end} not found")
+    return text[: i + len(begin)] + "\n" + body.rstrip("\n") + "\n" + text[j:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 when a document's table differs from the files")
+    ap.add_argument("--print", action="store_true", help="print the tables, change nothing")
+    ap.add_argument("--root", default=str(ROOT), help="repository root (tests)")
+    ns = ap.parse_args(argv)
+    root = Path(ns.root)
+    stale = []
+    for doc, (name, build) in DOCUMENTS.items():
+        body = build(root / "bench" / "results")
+        if ns.print:
+            print(f"== {doc} ({name})\n{body}\n")
+            continue
+        path = root / doc
+        old = path.read_text()
+        new = replace_between(old, name, body)
+        if new == old:
+            continue
+        if ns.check:
+            stale.append(doc)
+        else:
+            path.write_text(new)
+            print(f"results_table: rewrote the table in {doc}")
+    if stale:
+        print("results_table: tables differ from bench/results/ in " + ", ".join(stale)
+              + " (run python bench/results_table.py)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
