@@ -40,7 +40,9 @@ ARMS = ("kvreuse", "prefix")
 VLLM_COUNTERS = ("vllm:prompt_tokens_total", "vllm:prompt_tokens_cached_total", "vllm:prefix_cache_queries_total",
                  "vllm:prefix_cache_hits_total",
                  "vllm:external_prefix_cache_queries_total", "vllm:external_prefix_cache_hits_total")
-DEFAULT_KVREUSE_CONFIG = {"store": {"device_bytes": "1GiB"}}
+# the speed benchmarks measure placement itself: every policy, unrepaired ("fast"; on these random-weight models
+# nobody can see an answer change); bench/fidelity_bench.py measures each fidelity's answers on a real model
+DEFAULT_KVREUSE_CONFIG = {"store": {"device_bytes": "1GiB"}, "policy": {"fidelity": "fast"}}
 
 
 def bench_model_spec():

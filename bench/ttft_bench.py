@@ -51,7 +51,7 @@ def main() -> int:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     argv = [sys.executable, "-m", "kvreuse.cli", "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1",
             "--enforce-eager", "--gpu-memory-utilization", "0.4", "--max-model-len", "4096", "--dtype", a.dtype,
-            "--kvreuse-config", '{"store": {"device_bytes": "2GiB"}}']
+            "--kvreuse-config", '{"store": {"device_bytes": "2GiB"}, "policy": {"fidelity": "fast"}}']
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -78,7 +78,8 @@ def test_forced_hash_collision_never_serves_the_other_chunks_kv(monkeypatch, tmp
 
 
 # ------------------------------------------------------------------------------------------- servers
-KVREUSE_CONFIG = {"device_bytes": "256KiB", "disk_bytes": "1MiB", "cost": {"learn": False, "step_overhead_s": 0.0}}
+KVREUSE_CONFIG = {"device_bytes": "256KiB", "disk_bytes": "1MiB", "policy": {"fidelity": "fast"},
+                  "cost": {"learn": False, "step_overhead_s": 0.0}}
 
 
 class BudgetSampler(threading.Thread):

@@ -13,11 +13,11 @@ from kvreuse.cli import format_stats, load_kvreuse_config, serve_argv
 
 
 def test_serve_argv_turns_connector_on():
-    argv = serve_argv("m", ["--port", "9"], {"policy": {"mode": "patched_or_exact"}})
+    argv = serve_argv("m", ["--port", "9"], {"policy": {"fidelity": "accurate"}})
     kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
     assert kv["kv_connector"] == "KVReuseConnector" and kv["kv_role"] == "kv_both"
     assert kv["kv_load_failure_policy"] == "recompute"
-    assert kv["kv_connector_extra_config"]["policy"]["mode"] == "patched_or_exact"
+    assert kv["kv_connector_extra_config"]["policy"]["fidelity"] == "accurate"
     assert "--enable-prompt-tokens-details" in argv and argv[-2:] == ["--port", "9"]
     with pytest.raises(SystemExit):
         serve_argv("m", ["--kv-transfer-config", "{}"], {})
@@ -28,7 +28,7 @@ def test_kvreuse_config_file_and_errors(tmp_path):
     f.write_text('{"store": {"device_bytes": "64MiB"}}')
     assert load_kvreuse_config(str(f)) == {"store": {"device_bytes": "64MiB"}}
     with pytest.raises(SystemExit, match="policy.mode"):
-        load_kvreuse_config('{"policy": {"mode": 3}}')
+        load_kvreuse_config('{"policy": {"fidelity": 3}}')
     with pytest.raises(SystemExit, match="JSON"):
         load_kvreuse_config("{nope")
 

@@ -25,9 +25,10 @@ from connector_helpers import Server, assert_same, running_pair
 pytestmark = pytest.mark.slow
 
 # cost learning off and no step overhead: every stored chunk of >= 16 tokens is placed (exactness is
-# what these tests check; whether a placement pays is the cost model's own unit test)
+# what these tests check; whether a placement pays is the cost model's own unit test); fidelity "fast":
+# every placement, approximate ones included (on one layer they are exact)
 KV = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both",
-      "kv_connector_extra_config": {"cost": {"learn": False, "step_overhead_s": 0.0}}}
+      "kv_connector_extra_config": {"policy": {"fidelity": "fast"}, "cost": {"learn": False, "step_overhead_s": 0.0}}}
 SEGMENTED = ["--scheduler-cls", SCHEDULER_CLS, "--no-async-scheduling"]
 SMALL = ["--max-num-batched-tokens", "160", "--num-gpu-blocks-override", "14", "--max-num-seqs", "12",
          "--max-model-len", "1536"]
@@ -175,3 +176,26 @@ def test_approximate_kv_never_reaches_an_opted_out_request(servers_2layer):
     c_off = chat(off, m(Y, q=words(705, 6)))
     assert_same(c_on, c_off, tol=1e-5)
     assert c_on[2] <= c_off[2] + 128, "the opted-out request saw more cached tokens than vLLM alone would give it"
+
+
+def test_approximate_kv_never_reaches_a_strict_request(servers_2layer):
+    """Fidelity "exact" asked by a request on a "fast" server: after a survival placement, and after a save
+    computed downstream of one (recorded under a tainted signature), it gets what vLLM alone returns."""
+    on, off = servers_2layer
+    system, X, Y, Z = words(720, 140), words(721, 160), words(722, 200), words(723, 200)
+    strict = {"kvreuse": {"fidelity": "exact"}}
+
+    def m(*docs, q):
+        return [{"role": "system", "content": system}] + [{"role": "tool", "content": d} for d in docs] + \
+            [{"role": "user", "content": q}]
+    chat(on, m(X, Y, q=words(724, 6)))                          # stores system, X, Y
+    b = chat(on, m(Y, Z, q=words(725, 6)))                      # Y survival; Z computed after it, saved (tainted)
+    assert b[2] > 0
+    loose, ref = chat(on, m(Y, Z, q=words(726, 6))), chat(off, m(Y, Z, q=words(726, 6)))
+    assert loose[2] > ref[2] and (loose[0] != ref[0] or max(abs(x - y) for x, y in zip(loose[1], ref[1])) > 1e-4), \
+        "approximate KV must change this model's answer measurably, or this test could not fail"
+    for i, docs in enumerate(((Y,), (Y, Z), (Y, Z))):           # Y then Z: never placed for a strict request
+        q = words(727 + i, 6)
+        got = chat(on, m(*docs, q=q), kv_transfer_params=strict)
+        assert_same(got, chat(off, m(*docs, q=q)), tol=1e-4)
+

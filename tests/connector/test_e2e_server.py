@@ -19,8 +19,8 @@ from connector_helpers import Server, assert_same, free_port, running_pair, vllm
 pytestmark = pytest.mark.slow
 
 KV_ON = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both",
-         "kv_connector_extra_config": {"allow_fault_injection": True,
-                                                "cost": {"learn": False, "step_overhead_s": 0.0}}}
+         "kv_connector_extra_config": {"allow_fault_injection": True, "policy": {"fidelity": "fast"},
+                                       "cost": {"learn": False, "step_overhead_s": 0.0}}}
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +139,8 @@ def test_metrics_exposed(servers):
 def test_bad_config_fails_at_startup(tiny_1layer, tmp_path):
     port = free_port()
     kv = {"kv_connector": "KVReuseConnector", "kv_role": "kv_both",
-          "kv_connector_extra_config": {"policy": {"mode": "sometimes"}}}
+          "kv_connector_extra_config": {"policy": {"fidelity": "sometimes"}}}
     s = Server(vllm_argv(tiny_1layer, port, kv=kv), port, tmp_path / "bad.log")
     rc = s.wait_exit(240)
     assert rc != 0
-    assert "policy.mode" in s.log.read_text()
+    assert "policy.fidelity" in s.log.read_text()

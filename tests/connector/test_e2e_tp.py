@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 # cost learning off and no step overhead: every stored chunk is placed
 KV = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both",
-      "kv_connector_extra_config": {"device_bytes": "128MiB", "redis_bytes": "256MiB",
+      "kv_connector_extra_config": {"device_bytes": "128MiB", "redis_bytes": "256MiB", "policy": {"fidelity": "fast"},
                                     "cost": {"learn": False, "step_overhead_s": 0.0}}}
 TP2 = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp", "--scheduler-cls", SCHEDULER_CLS,
        "--no-async-scheduling", "--no-enable-prefix-caching"]

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 # cost learning off and no step overhead: every stored run of >= 16 tokens is placed (what a placement
 # saves is the cost model's own unit test; here placement and exactness are checked)
 KV = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both",
-      "kv_connector_extra_config": {"cost": {"learn": False, "step_overhead_s": 0.0}}}
+      "kv_connector_extra_config": {"policy": {"fidelity": "fast"}, "cost": {"learn": False, "step_overhead_s": 0.0}}}
 MM = ["--limit-mm-per-prompt", '{"image": 4, "video": 0}', "--max-model-len", "2048"]
 SEGMENTED = ["--scheduler-cls", SCHEDULER_CLS, "--no-async-scheduling"]
 IMAGE_TOKENS = 16       # a 112x112 picture on the tiny checkpoint

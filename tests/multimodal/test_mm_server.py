@@ -26,7 +26,9 @@ from tests.support.encoder_count import encoded_items, encoder_count_args, encod
 
 pytestmark = pytest.mark.slow
 
-KV_ON = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both"}
+# fidelity "fast": media placed at new positions after other content (what these tests check)
+KV_ON = {"kv_connector": "KVReuseConnector", "kv_connector_module_path": "kvreuse.connector", "kv_role": "kv_both",
+         "kv_connector_extra_config": {"policy": {"fidelity": "fast"}}}
 MM_ARGS = ["--limit-mm-per-prompt", '{"image": 4, "video": 0}', "--max-model-len", "2048"]
 MM_ARGS_VIDEO = ["--limit-mm-per-prompt", '{"image": 4, "video": 1}', "--max-model-len", "2048"]
 IMAGE_TOKENS = 16  # a 112x112 picture on the tiny checkpoints

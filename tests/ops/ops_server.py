@@ -23,7 +23,7 @@ DEVICE_BYTES, DISK_BYTES, REDIS_BYTES = "256KiB", "1MiB", "64MiB"
 def ops_config(disk: Path, redis_url: str) -> dict:
     return {"device_bytes": DEVICE_BYTES, "disk_path": str(disk), "disk_bytes": DISK_BYTES,
             "redis_url": redis_url, "redis_bytes": REDIS_BYTES, "isolation": "salted_only",
-            "cost": {"learn": False}, "allow_fault_injection": True}
+            "cost": {"learn": False}, "allow_fault_injection": True, "policy": {"fidelity": "fast"}}
 
 
 def start_ops_server(root: Path, redis_url: str) -> Server:

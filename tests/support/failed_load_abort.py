@@ -29,7 +29,8 @@ def main(model: str, out: str, scenario: str = "after") -> None:
     from kvreuse.connector.segmented_cls import SCHEDULER_CLS
 
     kv = KVTransferConfig(kv_connector="KVReuseConnector", kv_role="kv_both", kv_load_failure_policy="recompute",
-                          kv_connector_extra_config={"allow_fault_injection": True})
+                          kv_connector_extra_config={"allow_fault_injection": True,
+                                                     "policy": {"fidelity": "fast"}})
     eng = LLMEngine.from_engine_args(EngineArgs(
         model=model, enforce_eager=True, dtype="float32", gpu_memory_utilization=0.4, max_model_len=2048, seed=0,
         max_num_batched_tokens=2048, enable_prefix_caching=True, num_gpu_blocks_override=64,
