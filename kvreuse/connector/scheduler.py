@@ -32,10 +32,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Sequence
-
-import torch
 
 from kvreuse.connector.admission import Recurrence
 from kvreuse.connector.claim import Directory, chunk_keys, chunk_namespace
@@ -44,12 +41,13 @@ from kvreuse.connector.costs import CostModel
 from kvreuse.connector.fidelity import RequestOptions, salted
 from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
 from kvreuse.connector.mrope import PositionsFn
-from kvreuse.connector.plan import Placement, Plan, plan_saves, plan_segments
+from kvreuse.connector.plan import Placement, plan_saves, plan_segments
 from kvreuse.connector.remote import RemoteLookup
-from kvreuse.connector.segment import Anchors, Chunk, mm_spans, segment_prompt
+from kvreuse.connector.request_state import Phase, RequestState
+from kvreuse.connector.segment import mm_spans, segment_prompt
 from kvreuse.connector.stats import ReuseStats
 from kvreuse.store import scan_index
-from kvreuse.store.keys import AdapterKeys
+from kvreuse.store.keys import AdapterKeys, AdapterUnresolved
 
 log = logging.getLogger("kvreuse.connector")
 
@@ -68,43 +66,6 @@ def fresh_blocks(sched_out: Any) -> list[int]:
             out.update(ids)
     out.update(getattr(sched_out, "new_block_ids_to_zero", None) or ())
     return sorted(out)
-
-
-@dataclass
-class _Req:
-    request: Any
-    chunks: list[Chunk]
-    keys: list[bytes]
-    anchors: Anchors
-    ns: bytes                              # chunk namespace (model, salt, adapter): what edge fill may use
-    opts: RequestOptions                   # parsed once from kv_transfer_params
-    positions: torch.Tensor | None = None  # M-RoPE: [3, N] from the model's get_mrope_input_positions
-    disabled: bool = False                 # positions could not be computed: no reuse for this request
-    seen: list[bool] | None = None         # per chunk: seen in an earlier prompt (adaptive admission)
-    plan: Plan | None = None
-    starts: list[int] = field(default_factory=list)   # placement starts (bisect for `cap`)
-    next_seg: int = 0                      # first placement not advanced over yet
-    load_pending: bool = False             # the leading placement (claimed through the connector API)
-    pending: list[Placement] = field(default_factory=list)  # advanced over, KV not yet sent to the worker
-    placed: set[bytes] = field(default_factory=set)
-    used: list[Placement] = field(default_factory=list)  # placements taken, in order
-    segments_counted: bool = False
-    saved: bool = False
-    recorded: list = field(default_factory=list)  # the save items recorded in the directory for the last save
-    counted: bool = False
-    salted_from: int | None = None         # first salted block index
-
-    def approximate_from(self) -> int | None:
-        """First prompt position holding approximate KV this request was served (None: all exact so far)."""
-        return min((it.dst_start for p in self.used for it in p.items if it.policy != "exact"), default=None)
-
-    def provenance(self) -> dict[str, int]:
-        """Placed prompt tokens by provenance, as served (failed loads rolled back)."""
-        out = {"exact": 0, "approximate": 0}
-        for p in self.used:
-            for it in p.items:
-                out["exact" if it.policy == "exact" else "approximate"] += it.num_tokens
-        return out
 
 
 class SchedulerSide:
@@ -130,34 +91,41 @@ class SchedulerSide:
         pol = cfg.policy
         self.recurrence = Recurrence(pol.admission_window, pol.admission_min_share) \
             if pol.admission == "adaptive" else None
-        self.reqs: dict[str, _Req] = {}
+        self.reqs: dict[str, RequestState] = {}
         self.modalities: dict[str, list[str]] = {}  # request -> modality of each mm feature (encoder counts)
         self.stats = ReuseStats()
 
     # ---------------------------------------------------------------- per-request state
-    def _state(self, request: Any) -> _Req:
+    def _state(self, request: Any) -> RequestState:
         st = self.reqs.get(request.request_id)
         if st is None:
             tokens = list(request.prompt_token_ids or [])
             chunks, anchors = segment_prompt(tokens, self.cfg.chunking, boundary_ids=self.boundary_ids,
                                              end_ids=self.end_ids, spans=mm_spans(getattr(request, "mm_features", None)))
             # besides content and model, the cache salt and the LoRA adapter (name, path, files) separate keys
-            salt, lora = getattr(request, "cache_salt", None), self.adapters.of(getattr(request, "lora_request", None))
+            salt, unresolved = getattr(request, "cache_salt", None), None
+            try:
+                lora = self.adapters.of(getattr(request, "lora_request", None))
+            except AdapterUnresolved as e:  # never keyed by the adapter's name alone: served without kvreuse
+                lora, unresolved = b"", e
             keys = chunk_keys(tokens, chunks, self.model_digest, salt, lora)
             opts = RequestOptions.parse(request.kv_transfer_params, self.cfg.policy.fidelity, self.allow_fault_injection)
-            st = self.reqs[request.request_id] = _Req(request, chunks, keys, anchors,
+            st = self.reqs[request.request_id] = RequestState(request, chunks, keys, anchors,
                                                       chunk_namespace(self.model_digest, salt, lora), opts)
-            if self.positions_fn is not None:
+            if unresolved is not None:
+                log.warning("kvreuse: request %s: %s; not reused or saved", request.request_id, unresolved)
+                st.to(Phase.OFF)
+            if self.positions_fn is not None and st.phase is not Phase.OFF:
                 try:
                     st.positions = self.positions_fn(tokens, list(getattr(request, "mm_features", None) or []))
                 except Exception as e:  # never guess positions: this request is served without kvreuse
                     log.warning("kvreuse: request %s: cannot compute M-RoPE positions (%s); not reused or saved",
                                 request.request_id, e)
-                    st.disabled = True
+                    st.to(Phase.OFF)
         return st
 
-    def _off(self, st: _Req) -> bool:
-        return st.disabled or not self._shares(st.request)
+    def _off(self, st: RequestState) -> bool:
+        return st.phase is Phase.OFF or not self._shares(st.request)
 
     def _shares(self, request: Any) -> bool:
         """The request neither opted out nor is unsalted under `isolation: "salted_only"`."""
@@ -174,20 +142,21 @@ class SchedulerSide:
         if not self.cfg.load or not self._shares(request):
             return 0
         st = self._state(request)
-        if st.disabled:
+        if st.phase is Phase.OFF:
             return 0
+        if st.phase in (Phase.PREFILL, Phase.SAVED):  # waiting again without a preemption report
+            self._unsalt(st)
+            st.reset()
         if st.seen is None and self.recurrence is not None:  # once per request, with vLLM's first prefix hit
             st.seen = self.recurrence.observe(st.chunks, st.keys, num_computed, self.directory.__contains__)
         plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
                              st.opts.fidelity, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors,
                              ns=st.ns, repair=self.cfg.policy.repair_tokens)
-        # a (re)plan: a new request, or one resumed after preemption (its blocks are gone)
-        st.plan, st.starts = plan, [p.start for p in plan.placements]
-        st.next_seg, st.pending, st.placed, st.load_pending, st.used = 0, [], set(), False, []
+        st.replan(plan)  # a new request, or one resumed after preemption (its blocks are gone)
         self._salt(st, plan.first_approximate)
         return plan.leading
 
-    def _salt(self, st: _Req, first_token: int | None) -> None:
+    def _salt(self, st: RequestState, first_token: int | None) -> None:
         """Re-key vLLM's block hashes from the block holding `first_token` on, with the request's fidelity
         (idempotent; undone only by `preempted`).  vLLM chains later blocks' hashes from these, so every
         block after approximate KV is salted too."""
@@ -208,7 +177,7 @@ class SchedulerSide:
             hashes[i] = parent = type(hashes[i])(salted(h, st.opts.fidelity))
         st.salted_from = idx
 
-    def _unsalt(self, st: _Req) -> None:
+    def _unsalt(self, st: RequestState) -> None:
         """vLLM's own block hashes back from the first salted block on (recomputed by vLLM's hasher)."""
         req, idx = st.request, st.salted_from
         st.salted_from = None
@@ -225,26 +194,28 @@ class SchedulerSide:
             st = self.reqs.get(rid)
             if st is not None:
                 self._unsalt(st)
-                st.plan, st.starts, st.pending, st.load_pending, st.used, st.placed = None, [], [], False, [], set()
+                st.reset()
     def after_alloc(self, request: Any, num_external: int) -> None:
         st = self._state(request)
         plan = st.plan
+        if st.phase in (Phase.WAITING, Phase.PLANNED):
+            st.to(Phase.PREFILL)
         if not st.counted and not self._off(st) and self.cfg.load and plan is not None:
             self.stats.lookups_hit += plan.hits
             self.stats.lookups_miss += plan.misses
             st.counted = True
         if plan is None:
             return
+        pf = st.prefill
         if num_external > 0:
             assert plan.leading == num_external, "claim changed since it was offered"
-            st.load_pending = True
+            pf.load_pending = True
             lead = plan.placements[0]
-            st.placed |= lead.keys
-            st.next_seg = 1
-            st.used.append(lead)
+            pf.next_seg = 1
+            pf.used.append(lead)
             self._count_mm_reused(request, lead.start, lead.end)
         elif plan.leading:  # offered but not taken (e.g. vLLM found a longer prefix hit): skip it
-            st.next_seg = 1
+            pf.next_seg = 1
 
     def _count_mm_reused(self, request: Any, lo: int, hi: int) -> None:
         for f in getattr(request, "mm_features", None) or ():
@@ -264,30 +235,31 @@ class SchedulerSide:
             return 0
         n = request.num_computed_tokens
         places = st.plan.placements
-        while st.next_seg < len(places) and places[st.next_seg].start < n:
-            st.next_seg += 1  # behind us (a failed load rolled back, or not taken)
-        if st.next_seg >= len(places) or places[st.next_seg].start != n:
+        pf = st.prefill
+        while pf.next_seg < len(places) and places[pf.next_seg].start < n:
+            pf.next_seg += 1  # behind us (a failed load rolled back, or not taken)
+        if pf.next_seg >= len(places) or places[pf.next_seg].start != n:
             return 0
-        p = places[st.next_seg]
-        st.next_seg += 1
+        p = places[pf.next_seg]
+        pf.next_seg += 1
         if any(self.directory.get(it.key) is None for it in p.items):
             return 0  # evicted since planning: compute it
         if n >= len(request.prompt_token_ids or ()) or p.end >= len(request.prompt_token_ids):
             return 0
-        st.pending.append(p)
-        st.placed |= p.keys
-        st.used.append(p)
+        pf.pending.append(p)
+        pf.used.append(p)
         self._count_mm_reused(request, p.start, p.end)
         return p.num_tokens
 
     def cap(self, request: Any, num_computed: int, num_new: int) -> int:
         """`num_new` cut where the next placement after `num_computed` starts (a computed step ends there)."""
         st = self.reqs.get(request.request_id)
-        if st is None or not st.starts or not self.segmented:
+        if st is None or not st.prefill.starts or not self.segmented:
             return num_new
-        i = bisect.bisect_right(st.starts, num_computed, lo=st.next_seg)
-        if i < len(st.starts):
-            return min(num_new, st.starts[i] - num_computed)
+        starts = st.prefill.starts
+        i = bisect.bisect_right(starts, num_computed, lo=st.prefill.next_seg)
+        if i < len(starts):
+            return min(num_new, starts[i] - num_computed)
         return num_new
 
     # ---------------------------------------------------------------- step metadata
@@ -298,12 +270,13 @@ class SchedulerSide:
         scheduled = sched_out.num_scheduled_tokens
         for rid, st in self.reqs.items():
             items = []
-            if st.load_pending:
-                items += st.plan.placements[0].items
-                st.load_pending = False
-            if st.pending and rid in scheduled:
-                items += [it for p in st.pending for it in p.items]
-                st.pending = []
+            pf = st.prefill
+            if pf.load_pending:
+                items += pf.plan.placements[0].items
+                pf.load_pending = False
+            if pf.pending and rid in scheduled:
+                items += [it for p in pf.pending for it in p.items]
+                pf.pending = []
             if items:
                 meta.loads.append(ReqLoad(rid, list(block_ids_of(rid)), list(items), st.opts.inject_failure,
                                           fidelity=st.opts.fidelity))
@@ -314,12 +287,13 @@ class SchedulerSide:
         computed.update(zip(cached.req_ids, cached.num_computed_tokens))
         for rid, n in computed.items():
             st = self.reqs.get(rid)
-            if st is None or st.saved or self._off(st):
+            if st is None or st.phase is not Phase.PREFILL or st.ever_saved or self._off(st):
                 continue
             prompt_len = len(st.request.prompt_token_ids or [])
             if n + scheduled.get(rid, 0) < prompt_len:
                 continue
-            st.saved = True
+            st.to(Phase.SAVED)
+            st.ever_saved = True
             self._count_segments(st, prompt_len)
             items = plan_saves(st.request.prompt_token_ids, st.chunks, st.keys, self.directory, st.placed,
                                self.cfg.policy.capture_patches, st.positions,
@@ -333,7 +307,7 @@ class SchedulerSide:
                     self.directory.record_save(it, st.anchors, st.ns)
         return meta
 
-    def _admit(self, st: _Req, items: list) -> list:
+    def _admit(self, st: RequestState, items: list) -> list:
         """Nothing recurs lately: a new text chunk is saved only if an earlier prompt had it too
         (`kvreuse.connector.admission`); the rest are counted as deferred saves."""
         first = {c.start for c, seen in zip(st.chunks, st.seen) if not seen}
@@ -341,7 +315,7 @@ class SchedulerSide:
         self.stats.deferred_saves += len(items) - len(kept)
         return kept
 
-    def _count_segments(self, st: _Req, prompt_len: int) -> None:
+    def _count_segments(self, st: RequestState, prompt_len: int) -> None:
         plan = st.plan
         if plan is None or st.segments_counted:
             return
@@ -386,8 +360,7 @@ class SchedulerSide:
                 continue
             n = st.request.num_computed_tokens
             keep = [Placement(tuple(it for it in p.items if it.dst_end <= n)) for p in st.used if p.start < n]
-            st.used = [p for p in keep if p.items]
-            st.placed = {k for p in st.used for k in p.keys}
+            st.prefill.used = [p for p in keep if p.items]
 
     def unsaved(self, req_ids: list[str]) -> None:
         """Requests whose save was dropped because a load failed in that step: what the directory recorded
@@ -395,7 +368,9 @@ class SchedulerSide:
         for rid in req_ids:
             st = self.reqs.get(rid)
             if st is not None:
-                st.saved = False
+                if st.phase is Phase.SAVED:
+                    st.to(Phase.PREFILL)
+                st.ever_saved = False
                 for it in st.recorded:
                     self.directory.unrecord(it.key, it.context)
                 st.recorded = []

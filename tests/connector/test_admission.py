@@ -76,7 +76,7 @@ def test_memory_is_bounded_by_capacity():
 def side(**policy) -> SchedulerSide:
     cfg = ConnectorConfig.from_extra_config({"chunking": {"min_tokens": 16, "avg_tokens": 32, "max_tokens": 64},
                                             "cost": {"learn": False, "step_overhead_s": 0.0},
-                                            "policy": {"admission_window": 4, **policy}})
+                                            "policy": {"admission_window": 4, "fidelity": "fast", **policy}})
     s = SchedulerSide(cfg, b"m" * 16, frozenset({START}), block_size=BS)
     s.segmented = True
     return s

@@ -67,7 +67,7 @@ def test_segments_advance_and_cap_like_the_scheduler():
     for a, b in loads:  # every placed range holds tokens of a stored passage, at its place in this prompt
         assert any(any(prompt[a:b] == m[i:i + b - a] for i in range(len(m))) for m in (A, B, C))
     st = s.reqs["r2"]
-    assert len(st.used) == 3 and not st.pending
+    assert len(st.used) == 3 and not st.prefill.pending
 
 
 def test_state_is_freed_on_finish_and_abort():
