@@ -7,8 +7,9 @@ For a CUDA host with torch, Triton and nvcc (vLLM is not needed).  From the repo
   1. builds `kvreuse._C` in place with setup.py (`TORCH_CUDA_ARCH_LIST` defaults to this GPU's
      architecture + PTX, to keep the build short; set it to build for others);
   2. runs `tests/kernels` on the GPU: compiled Triton and the CUDA kernel against the PyTorch
-     reference over vLLM 0.32-strided caches of every KVCacheLayout, and `compute-sanitizer`
-     (memcheck, racecheck, initcheck) over the CUDA kernel when it is on PATH;
+     reference over vLLM 0.32-strided caches of every KVCacheLayout, the store's wait for saved KV
+     gathered on the forward's stream (`test_stream_order.py`), and `compute-sanitizer` (memcheck,
+     racecheck, initcheck) over the CUDA kernel when it is on PATH;
   3. runs `bench/kernel_bench.py` (fused place and gather vs the device-to-device copy bandwidth
      measured in the same run; relocate + patch vs re-prefilling a 4k chunk) and writes
      `bench/results/kernel_<gpu>.json`, then prints the table and the issue's targets.

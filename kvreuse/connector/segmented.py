@@ -28,6 +28,11 @@ hits it in the prefix cache, or already holds it, reads KV that was never there.
 request holding a failed block rolls back to it and recomputes it, and failed blocks leave the
 prefix cache at once.
 
+The hooks are private methods of vLLM's scheduler: `HOOKS` names each with the parameters passed
+to it, and a scheduler class lacking one is refused at startup (`check_hooks`);
+`tests/connector/test_segmented_hooks.py` runs vLLM's own `Scheduler` and fails when vLLM stops
+calling one.
+
 Asynchronous scheduling is refused at startup: pass `--no-async-scheduling` (`kvreuse serve`
 does).  On vLLM's CPU backend this changes nothing (the CPU platform turns asynchronous scheduling
 off for every server, vLLM alone included); on a GPU it gives up the overlap of scheduling with the
@@ -37,6 +42,7 @@ forward that vLLM's `AsyncScheduler` brings.  Select it with
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -46,11 +52,41 @@ from kvreuse.errors import KVReuseError
 
 from kvreuse.connector.segmented_cls import SCHEDULER_CLS  # noqa: E402
 
+# vLLM `Scheduler` methods SegmentedScheduler overrides, with the leading parameters it passes on (vLLM 0.32)
+HOOKS: dict[str, tuple[str, ...]] = {
+    "schedule": (),
+    "update_from_output": ("scheduler_output", "model_runner_output"),
+    "_update_requests_with_invalid_blocks": ("requests", "invalid_block_ids", "num_scheduled_tokens",
+                                             "evict_blocks"),
+    "_try_schedule_encoder_inputs": ("request", "num_computed_tokens", "num_new_tokens"),
+    "_reserve_prefill_lookahead": ("request", "num_computed_tokens", "num_new_tokens"),
+    "_preempt_request": ("request", "timestamp"),
+}
+
+
+def check_hooks(base: type = Scheduler) -> None:
+    """Refuse (KVReuseError) a vLLM scheduler class that lacks a hook SegmentedScheduler overrides, or takes
+    other parameters than it passes: the override would never run, or run with the wrong arguments."""
+    bad = []
+    for name, params in HOOKS.items():
+        fn = getattr(base, name, None)
+        if not callable(fn):
+            bad.append(f"{name} (missing)")
+            continue
+        got = tuple(p for p in inspect.signature(fn).parameters if p != "self")[:len(params)]
+        if got != params:
+            bad.append(f"{name}({', '.join(got)}) (expected {', '.join(params)})")
+    if bad:
+        raise KVReuseError(f"kvreuse: --scheduler-cls {SCHEDULER_CLS} overrides hooks this vLLM's scheduler "
+                           f"({base.__module__}.{base.__qualname__}) does not have: {'; '.join(bad)}; "
+                           "use a supported vLLM (kvreuse.connector.compat.SUPPORTED_VLLM)")
+
 
 class SegmentedScheduler(Scheduler):
     """vLLM's scheduler plus segment-by-segment prefill of kvreuse placements."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_hooks(Scheduler)
         super().__init__(*args, **kwargs)
         if self.scheduler_config.async_scheduling:
             raise KVReuseError("kvreuse: the segmented-prefill scheduler (--scheduler-cls " + SCHEDULER_CLS + ") runs "
@@ -81,6 +117,13 @@ class SegmentedScheduler(Scheduler):
             out.has_sync_kv_loads = True
         self._scheduled_at = time.perf_counter() if out.total_num_scheduled_tokens else None
         return out
+
+    def _preempt_request(self, request: Any, timestamp: float, *args: Any, **kwargs: Any) -> None:
+        """vLLM's, then the request's plain block hashes back at once: a request resumed in the same step
+        (vLLM's `reset_prefix_cache` does that) is looked up in the prefix cache under them, never under the
+        salt of its approximate placements (`kvreuse.connector.fidelity`)."""
+        super()._preempt_request(request, timestamp, *args, **kwargs)
+        self._segments.preempted([request.request_id])
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any):
         if self._scheduled_at is not None:  # a synchronous step: schedule → execute → here

@@ -27,7 +27,7 @@ def test_kvreuse_config_file_and_errors(tmp_path):
     f = tmp_path / "c.json"
     f.write_text('{"store": {"device_bytes": "64MiB"}}')
     assert load_kvreuse_config(str(f)) == {"store": {"device_bytes": "64MiB"}}
-    with pytest.raises(SystemExit, match="policy.mode"):
+    with pytest.raises(SystemExit, match="policy.fidelity"):
         load_kvreuse_config('{"policy": {"fidelity": 3}}')
     with pytest.raises(SystemExit, match="JSON"):
         load_kvreuse_config("{nope")

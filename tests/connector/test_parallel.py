@@ -42,7 +42,7 @@ def rank_stats(rank: int, tp_size: int) -> ReuseStats:
     toks, key, ctx = tuple(range(100, 100 + N)), b"k" * 16, context_signature(())
     w.save(KVReuseMetadata(saves=[ReqSave("r1", [0], [SaveItem(key, toks, 0, N, ctx, True)])]))
     w.store.flush()
-    w.start_load(KVReuseMetadata(loads=[ReqLoad("r2", [1, 2], [LoadItem(key, toks, 0, N, 100, ctx, "exact")])]))
+    w.start_load(KVReuseMetadata(loads=[ReqLoad("r2", [1, 2], [LoadItem(key, toks, 0, N, 100, ctx, "exact")], fidelity="fast")]))
     w.finish_loads()
     s = w.take_stats()
     w.close()
@@ -148,7 +148,7 @@ def test_a_load_failing_on_any_rank_is_reported_once():
             w.take_report()
         item = LoadItem(key, toks, 0, N, 100, ctx, "exact")
         missing = LoadItem(b"m" * 16, toks, 0, N, 100, ctx, "exact")
-        w.start_load(KVReuseMetadata(loads=[ReqLoad("r2", [1, 2], [item]), ReqLoad("r3", [3, 4], [missing])]))
+        w.start_load(KVReuseMetadata(loads=[ReqLoad("r2", [1, 2], [item], fidelity="fast"), ReqLoad("r3", [3, 4], [missing], fidelity="fast")]))
         w.finish_loads()
         reports.append(w.take_report())
         assert w.take_stats().load_failures == 0  # not a worker counter: never summed over ranks
