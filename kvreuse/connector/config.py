@@ -8,10 +8,16 @@ Every key is optional::
                 "patch_budget": 0.05, "admission": "adaptive" | "always", "admission_window": 8,
                 "admission_min_share": 0.02},
      "store": {"device_bytes": "1GiB", "host_bytes": ..., "disk_path": ..., ...},
-     "save": true, "load": true, "isolation": "salt" | "salted_only", "load_timeout_seconds": 2.0}
+     "save": true, "load": true, "isolation": "salt" | "salted_only", "load_timeout_seconds": 2.0,
+     "weights_version": "..."}
 
 `load_timeout_seconds`: the most a step waits for its loads from slow tiers (Redis, disk); a
 chunk not loaded by then is a failed load, recomputed by vLLM (memory hits are always served).
+
+`weights_version`: the weights' identity, declared (`kvreuse.connector.fingerprint`).  Required where
+kvreuse cannot read the checkpoint's files (a remote or dummy loader, object storage); where it can,
+it replaces the files' mtimes and inodes in the fingerprint, so hosts with their own copies of one
+checkpoint share a Redis tier.  Change it whenever the weights change.
 
 The store's budget keys (`device_bytes`, `host_bytes`, `disk_path`, `disk_bytes`, `redis_url`,
 `redis_bytes`) are also accepted at the top level, exactly as the store documents them, so one
@@ -146,8 +152,12 @@ class ConnectorConfig:
     load: bool = True
     isolation: str = "salt"
     load_timeout_seconds: float = 2.0
+    weights_version: str | None = None
 
     def __post_init__(self) -> None:
+        w = self.weights_version
+        if w is not None and (not isinstance(w, str) or not w.strip()):
+            raise ConnectorConfigError(f"weights_version: expected a non-empty string, got {w!r}")
         if self.isolation not in ISOLATION_MODES:
             raise ConnectorConfigError(f"isolation: expected one of {ISOLATION_MODES}, got {self.isolation!r}")
         t = self.load_timeout_seconds
@@ -192,7 +202,7 @@ class ConnectorConfig:
                 if not isinstance(extra[flag], bool):
                     raise ConnectorConfigError(f"{flag}: expected true or false, got {extra[flag]!r}")
                 kw[flag] = extra[flag]
-        for k in ("isolation", "load_timeout_seconds"):  # checked in __post_init__
+        for k in ("isolation", "load_timeout_seconds", "weights_version"):  # checked in __post_init__
             if k in extra:
                 kw[k] = extra[k]
         return cls(**kw)

@@ -85,6 +85,7 @@ class ModelFingerprint:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 _SAMPLES, _SAMPLE_BYTES = 8, 4096
 _MAX_SAFETENSORS_HEADER = 100 << 20
+_HEX = frozenset("0123456789abcdef")
 
 
 def _file_identity(h: "hashlib._Hash", path: str) -> None:
@@ -109,51 +110,123 @@ def _file_identity(h: "hashlib._Hash", path: str) -> None:
             h.update(f.read(_SAMPLE_BYTES))
 
 
-def checkpoint_identity(path: str | os.PathLike) -> str | None:
-    """Cheap identity of the checkpoint in directory ``path`` (None if it holds no weight files).
+def file_stamp(path: str | os.PathLike) -> bytes:
+    """Which bytes a weight file holds, without reading them.
+
+    A file in the huggingface_hub cache is a link to a blob named by its content's hash, the same
+    on every host: that name.  Any other file: its size, mtime and inode, which every rewrite
+    changes (a copy or an in-place save), even one that leaves the sampled blocks alone.
+    """
+    p = os.fspath(path)
+    real = os.path.realpath(p)
+    name = os.path.basename(real)
+    if (real != os.path.abspath(p) and os.path.basename(os.path.dirname(real)) == "blobs"
+            and len(name) in (40, 64) and set(name) <= _HEX):
+        return b"blob:" + name.encode()
+    st = os.stat(real)
+    return b"stat:" + struct.pack("<QqQ", st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _weight_files(root: str) -> tuple[list[str], list[str]]:
+    """(weight files, other files) of a checkpoint directory or single weight file, sorted."""
+    if os.path.isfile(root):
+        return ([root] if root.endswith(WEIGHT_SUFFIXES) else []), []
+    if not os.path.isdir(root):
+        return [], []
+    names = sorted(n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n)))
+    return ([os.path.join(root, n) for n in names if n.endswith(WEIGHT_SUFFIXES)],
+            [os.path.join(root, n) for n in names if not n.endswith(WEIGHT_SUFFIXES)])
+
+
+def checkpoint_identity(path: str | os.PathLike, *, stamps: bool = True) -> str | None:
+    """Cheap identity of the checkpoint at ``path``, a directory or one weight file (a GGUF); None if
+    it holds no weight files.
 
     sha256 over every weight file's name, size, safetensors header and sampled tensor blocks
-    (see :func:`_file_identity`), plus the bytes of ``*.json`` files (config, index).  Reads a
-    few tens of KiB per file, so it runs at start-up on checkpoints of any size; a checkpoint
-    replaced at the same path gets another identity and therefore other keys.
+    (see :func:`_file_identity`) and the bytes of ``*.json`` files (config, index): the content,
+    the same wherever a copy lies.  With ``stamps``, each weight file's :func:`file_stamp` too
+    (mtime and inode outside the hub cache), so a file rewritten in place gets another identity
+    even where the samples miss the change.  Reads a few tens of KiB per file, so it runs at
+    start-up on checkpoints of any size.
     """
-    root = os.fspath(path)
-    if not os.path.isdir(root):
-        return None
-    names = sorted(n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n)))
-    weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES)]
+    weights, others = _weight_files(os.fspath(path))
     if not weights:
         return None
     h = hashlib.sha256(b"kvreuse-ckpt-v1")
-    for n in weights:
-        _file_identity(h, os.path.join(root, n))
-    for n in names:
-        if n.endswith(".json") and os.path.getsize(os.path.join(root, n)) <= 16 << 20:
-            with open(os.path.join(root, n), "rb") as f:
-                h.update(n.encode() + b"\0" + f.read())
+    for w in weights:
+        _file_identity(h, w)
+    for o in others:
+        if o.endswith(".json") and os.path.getsize(o) <= 16 << 20:
+            with open(o, "rb") as f:
+                h.update(os.path.basename(o).encode() + b"\0" + f.read())
+    if stamps:
+        h.update(b"stamps")
+        for w in weights:
+            h.update(os.path.basename(w).encode() + b"\0" + file_stamp(w))
     return h.hexdigest()
 
 
-def adapter_identity(name: str, path: str | os.PathLike | None) -> bytes:
-    """Key component of a LoRA adapter: its name, its path and (when local) its files' identity.
+class AdapterUnresolved(LookupError):
+    """A LoRA adapter named by a hub id whose files are not in the local huggingface_hub cache."""
 
-    vLLM's own prefix hash uses (name, path); the files' identity keeps an adapter retrained
-    in place from being served KV of its previous version.
+
+def adapter_files(path: str) -> str:
+    """Where vLLM loads a LoRA adapter from, resolved as its ``get_adapter_absolute_path`` does but
+    never over the network: a local path as it is; a hub id, its snapshot in the local
+    huggingface_hub cache (the one vLLM downloaded, or will load offline).  Raises
+    :class:`AdapterUnresolved` for a hub id not in that cache, or one vLLM takes from ModelScope.
+    """
+    if os.path.isabs(path) or path.startswith("~") or os.path.exists(path):
+        return os.path.abspath(os.path.expanduser(path))
+    if os.environ.get("VLLM_USE_MODELSCOPE", "false").lower() == "true":
+        raise AdapterUnresolved(f"LoRA adapter {path!r}: a ModelScope id, whose files kvreuse does not resolve")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, local_files_only=True)
+    except Exception as e:  # not downloaded (yet), or not a valid hub id: vLLM's own load will say
+        raise AdapterUnresolved(f"LoRA adapter {path!r}: not in the local huggingface_hub cache ({e})") from None
+
+
+def adapter_identity(name: str, path: str | os.PathLike | None) -> bytes:
+    """Key component of a LoRA adapter: its name, its path and its files' identity.
+
+    vLLM's own prefix hash uses the name; the files' identity (:func:`checkpoint_identity` of
+    :func:`adapter_files`, stamps included) keeps an adapter retrained in place, or a hub id whose
+    repository moved on, from being served KV of its previous version.  Raises
+    :class:`AdapterUnresolved` for a hub id whose files are not in the local cache.
     """
     p = "" if path is None else os.fspath(path)
-    ident = checkpoint_identity(p) if p else None
-    return b"\0".join([b"lora-v1", name.encode(), p.encode(), (ident or "").encode()])
+    return _adapter_identity(name, p, adapter_files(p) if p else "")
+
+
+def _adapter_identity(name: str, path: str, files: str) -> bytes:
+    ident = checkpoint_identity(files) if files else None
+    return b"\0".join([b"lora-v2", name.encode(), path.encode(), (ident or "").encode()])
+
+
+def _listing(root: str) -> tuple:
+    """What :func:`checkpoint_identity` of directory ``root`` depends on that ``stat`` calls see."""
+    try:
+        with os.scandir(root) as it:
+            stats = [(e.name, e.stat()) for e in it if e.is_file()]
+    except OSError:
+        return ()
+    return tuple(sorted((n, st.st_size, st.st_mtime_ns, st.st_ino) for n, st in stats))
 
 
 class AdapterKeys:
-    """Per-scheduler cache of :func:`adapter_identity` by (name, path): the files are read once.
+    """Per-scheduler cache of :func:`adapter_identity`: an adapter's files are read again only when
+    their listing (names, sizes, mtimes, inodes) or, for a hub id, the cached snapshot changes, as it
+    does when vLLM reloads an adapter (``load_inplace``) or downloads a newer revision.
 
     ``of(lora_request)`` takes vLLM's ``LoRARequest`` (or None) and returns what
-    :meth:`ChunkKey.of` wants as ``lora``.
+    :meth:`ChunkKey.of` wants as ``lora``; it raises :class:`AdapterUnresolved` for a hub id not in
+    the local cache: that request is served without kvreuse, never keyed by the adapter's name alone.
     """
 
     def __init__(self, max_adapters: int = 1024) -> None:
-        self._ids: dict[tuple[str, str], bytes] = {}
+        self._ids: dict[tuple, bytes] = {}
         self.max_adapters = max_adapters
 
     def of(self, lora_request: object | None) -> bytes | None:
@@ -161,11 +234,13 @@ class AdapterKeys:
             return None
         name = str(getattr(lora_request, "lora_name", "") or getattr(lora_request, "name", ""))
         path = str(getattr(lora_request, "lora_path", "") or getattr(lora_request, "path", "") or "")
-        ident = self._ids.get((name, path))
+        files = adapter_files(path) if path else ""
+        memo = (name, path, files, _listing(files) if files else ())
+        ident = self._ids.get(memo)
         if ident is None:
             if len(self._ids) >= self.max_adapters:
                 self._ids.pop(next(iter(self._ids)))
-            ident = self._ids[(name, path)] = adapter_identity(name, path or None)
+            ident = self._ids[memo] = _adapter_identity(name, path, files)
         return ident
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import shutil
 import struct
+import time
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import torch
 from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint, StoreConfig
 from kvreuse.store.keys import AdapterKeys, adapter_identity, checkpoint_identity
 from tests.store.conftest import FP, make_entry
+from tests.support.hub_cache import put_snapshot
 
 VARIANTS = {
     "weights": dict(weights_id="weights-sha256-9"),
@@ -110,15 +112,103 @@ def test_checkpoint_identity_sees_weights_changed_in_place(tmp_path):
     assert ident is not None and ident == checkpoint_identity(ck)
     copy = tmp_path / "copy"
     shutil.copytree(ck, copy)
-    assert checkpoint_identity(copy) == ident  # a copy elsewhere keeps its identity (restart-warm)
+    assert checkpoint_identity(copy) != ident  # other files (inodes): not known to hold the same bytes
+    content = checkpoint_identity(ck, stamps=False)
+    assert checkpoint_identity(copy, stamps=False) == content  # the same content
+    os.rename(ck, tmp_path / "renamed")  # the same files moved: the same identity (a restart stays warm)
+    assert checkpoint_identity(tmp_path / "renamed") == ident
+    os.rename(tmp_path / "renamed", ck)
     # same names, sizes and header, other tensor bytes (a fine-tune written in place)
     (ck / "model.safetensors").write_bytes(_safetensors(bytes(reversed(range(64)))))
-    assert checkpoint_identity(ck) != ident
+    assert checkpoint_identity(ck) != ident and checkpoint_identity(ck, stamps=False) != content
     (copy / "config.json").write_text('{"hidden_size": 5}')
-    assert checkpoint_identity(copy) != ident
+    assert checkpoint_identity(copy, stamps=False) != content
     assert checkpoint_identity(tmp_path / "missing") is None
     (tmp_path / "empty").mkdir()
     assert checkpoint_identity(tmp_path / "empty") is None
+
+
+def _rewrite_in_place(path, offset: int, data: bytes) -> None:
+    """Overwrite bytes of ``path`` in place, as a partial save does (same file, same size)."""
+    time.sleep(0.05)  # file timestamps are coarse: a rewrite within a few ms of the last write may keep the mtime
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_checkpoint_identity_sees_a_rewrite_the_samples_miss(tmp_path):
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    tensor = bytes(range(256)) * 1024  # 256 KiB: a few sampled 4 KiB blocks leave most of it unread
+    st = ck / "model.safetensors"
+    st.write_bytes(_safetensors(tensor, shape=(len(tensor) // 4,)))
+    content, ident, size = checkpoint_identity(ck, stamps=False), checkpoint_identity(ck), st.stat().st_size
+    _rewrite_in_place(st, size - len(tensor) + len(tensor) // 14, b"\xff" * 64)  # between two samples
+    assert st.stat().st_size == size and checkpoint_identity(ck, stamps=False) == content  # the samples miss it
+    changed = checkpoint_identity(ck)
+    assert changed != ident
+    # the same bytes saved as a new file that replaces the old one (how most tools save): another inode
+    (ck / "new").write_bytes(st.read_bytes())
+    os.replace(ck / "new", st)
+    assert checkpoint_identity(ck) not in (ident, changed)
+    assert checkpoint_identity(ck) == checkpoint_identity(ck)  # stable while nothing changes
+
+
+def test_one_weight_file_is_a_checkpoint(tmp_path):
+    gguf = tmp_path / "model.Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 512)
+    ident = checkpoint_identity(gguf)
+    assert ident is not None and ident == checkpoint_identity(gguf)
+    _rewrite_in_place(gguf, 64 * 1024, b"\x00" * 16)
+    assert checkpoint_identity(gguf) != ident
+    (tmp_path / "notes.txt").write_text("not weights")
+    assert checkpoint_identity(tmp_path / "notes.txt") is None
+
+
+def test_a_local_lora_rewritten_in_place_gets_other_keys(tmp_path):
+    """vLLM reloads an adapter whose files changed (`load_inplace`); its keys follow the files."""
+    from vllm.lora.request import LoRARequest
+
+    a = tmp_path / "a"
+    a.mkdir()
+    st = a / "adapter_model.safetensors"
+    tensor = bytes(range(256)) * 256
+    st.write_bytes(_safetensors(tensor, shape=(len(tensor) // 4,)))
+    keys, r = AdapterKeys(), LoRARequest("sql", 1, str(a))
+    before = keys.of(r)
+    assert keys.of(r) == before
+    content = checkpoint_identity(a, stamps=False)
+    _rewrite_in_place(st, st.stat().st_size - len(tensor) + 6000, b"\xff" * 64)  # the same size
+    assert checkpoint_identity(a, stamps=False) == content  # between the sampled blocks
+    assert keys.of(r) != before
+
+
+def test_a_hub_lora_is_keyed_by_its_files_in_the_local_cache(tmp_path, monkeypatch):
+    """A LoRA named by a hub id is keyed by the snapshot vLLM loads (resolved in the local cache, never over the
+    network): another revision, other keys; the same revision in another host's cache, the same keys; one not
+    in the cache gets no key (the request is served without kvreuse)."""
+    import huggingface_hub.constants
+    from vllm.lora.request import LoRARequest
+
+    from kvreuse.store.keys import AdapterUnresolved
+
+    v1 = {"adapter_model.safetensors": _safetensors(b"\x01" * 64), "adapter_config.json": b'{"r": 8}'}
+    v2 = {"adapter_model.safetensors": _safetensors(b"\x02" * 64), "adapter_config.json": b'{"r": 8}'}
+    host1, host2 = tmp_path / "host1", tmp_path / "host2"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(host1))
+    put_snapshot(host1, "org/sql-lora", v1, "1" * 40)
+    keys, r = AdapterKeys(), LoRARequest("sql", 1, "org/sql-lora")
+    first = keys.of(r)
+    assert first == adapter_identity("sql", "org/sql-lora") and keys.of(LoRARequest("sql", 7, "org/sql-lora")) == first
+    put_snapshot(host1, "org/sql-lora", v2, "2" * 40)  # vLLM downloaded a newer revision
+    second = keys.of(r)
+    assert second != first
+    time.sleep(0.05)
+    put_snapshot(host2, "org/sql-lora", v2, "2" * 40)  # another host: its own blobs, other mtimes and inodes
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(host2))
+    assert AdapterKeys().of(r) == second
+    with pytest.raises(AdapterUnresolved, match="org/not-downloaded"):
+        keys.of(LoRARequest("chat", 2, "org/not-downloaded"))
 
 
 def test_checkpoint_identity_reads_little_of_a_large_file(tmp_path):

@@ -20,6 +20,10 @@ Faults are misses, never errors: a lost connection backs the tier off for ``retr
 lost node fail, the other shards keep working); an error reply (READONLY replica, OOM
 under ``maxmemory``, NOPERM from an ACL, a cluster slot without a node) fails that one call.
 Both are counted in ``errors``.
+
+A read is several GETRANGE calls, not one atomic read, so another instance's overwrite can tear it.
+An entry is deleted as corrupt only while it still starts with the prefix its read began on (one Lua
+compare-and-delete); a torn read is a failed load or a miss and deletes nothing.
 """
 
 from __future__ import annotations
@@ -73,7 +77,16 @@ redis.call('ZADD', KEYS[2], 'XX', prio, KEYS[3])
 return 1
 """
 
+# Delete an entry and its accounting.  With a version (ARGV[1], the entry's first ARGV[2] bytes as a read
+# began with them), only while the entry still starts with it: a read torn by another writer's overwrite
+# must not delete the newer entry.  An entry already gone has its accounting removed all the same (a put
+# writes both at once, so accounting without an entry is left over from a deletion outside kvreuse).
+# Returns -1 when the entry changed since (kept), else how many entries were deleted.
 _REMOVE = """
+if ARGV[1] ~= '' then
+  local cur = redis.call('GETRANGE', KEYS[6], 0, tonumber(ARGV[2]) - 1)
+  if cur ~= '' and cur ~= ARGV[1] then return -1 end
+end
 local s = redis.call('HGET', KEYS[3], KEYS[6])
 if s then redis.call('DECRBY', KEYS[1], s); redis.call('HDEL', KEYS[3], KEYS[6]) end
 redis.call('ZREM', KEYS[2], KEYS[6])
@@ -99,10 +112,14 @@ def is_cluster(url: str, timeout_seconds: float = 2.0) -> bool:
 
 
 class RedisReader:
-    """Range reads of one entry value (GETRANGE); a concurrent eviction shows up as a short read."""
+    """Range reads of one entry value (GETRANGE); a concurrent eviction shows up as a short read.
 
-    def __init__(self, tier: "RedisTier", name: str, header: EntryHeader) -> None:
-        self.tier, self.name, self.header = tier, name, header
+    ``version``: the entry's prefix as its header was read (magic, header length, header checksum; the
+    header holds the payload's checksums, so another entry under the same name has another prefix).
+    """
+
+    def __init__(self, tier: "RedisTier", name: str, header: EntryHeader, version: bytes) -> None:
+        self.tier, self.name, self.header, self.version = tier, name, header, version
 
     def read(self, offset: int, n: int) -> bytes:
         b = self.tier.call(lambda c: c.getrange(self.name, offset, offset + n - 1), default=None)
@@ -151,6 +168,7 @@ class RedisTier:
         self._down_until = 0.0
         self.errors = 0
         self.evictions = 0
+        self.dropped_corrupt = 0  # entries deleted because a read found their bytes corrupt
 
     # ---------------------------------------------------------------- names
     def _prefix(self, key: ChunkKey) -> str:
@@ -212,25 +230,47 @@ class RedisTier:
         return bool(self.call(lambda c: c.exists(self.entry_name(key)), default=0))
 
     def remove(self, key: ChunkKey) -> None:
+        """Delete ``key``'s entry and its accounting, whatever it holds."""
+        self._remove_if(key, b"")
+
+    def drop_corrupt(self, key: ChunkKey, version: bytes) -> bool:
+        """Delete ``key``'s entry that a read found corrupt, only if it is still the entry that read began
+        on (its prefix is still ``version``, :attr:`RedisReader.version`); True if deleted.
+
+        A read is several GETRANGE calls: one torn by another instance's overwrite (or an eviction and a
+        new put) sees bytes of two entries, and the newer entry is kept.  Counted in ``dropped_corrupt``.
+        """
+        r = self._remove_if(key, version)
+        if r is not None and r > 0:
+            self.dropped_corrupt += 1
+        return bool(r is not None and r > 0)
+
+    def _remove_if(self, key: ChunkKey, version: bytes) -> int | None:
         m = self._meta(self._prefix(key))
-        self.call(lambda c: self._remove(keys=[m[0], m[1], m[2], m[4], m[5], self.entry_name(key)], client=c))
+        return self.call(lambda c: self._remove(keys=[m[0], m[1], m[2], m[4], m[5], self.entry_name(key)],
+                                                args=[version, PREFIX_BYTES], client=c))
 
     def open(self, key: ChunkKey) -> RedisReader | None:
-        """A range reader over ``key``'s value, or None (absent, unreachable, or a bad header: removed)."""
+        """A range reader over ``key``'s value, or None (absent, unreachable, changed under the read, or a
+        bad header: removed)."""
         name = self.entry_name(key)
         prefix = self.call(lambda c: c.getrange(name, 0, PREFIX_BYTES - 1), default=None)
         if not prefix:
             return None
         try:
             n = header_length(prefix)
-            head = self.call(lambda c: c.getrange(name, 0, PREFIX_BYTES + n - 1), default=None)
-            if head is None:
-                return None
+        except EntryCorrupt:
+            self.drop_corrupt(key, prefix)
+            return None
+        head = self.call(lambda c: c.getrange(name, 0, PREFIX_BYTES + n - 1), default=None)
+        if head is None or head[:PREFIX_BYTES] != prefix:  # overwritten between the two reads: a miss
+            return None
+        try:
             h = decode_header(head, model=self.model, key=key)
         except EntryCorrupt:
-            self.remove(key)
+            self.drop_corrupt(key, prefix)
             return None
-        return RedisReader(self, name, h)
+        return RedisReader(self, name, h, prefix)
 
     def get_blob(self, key: ChunkKey) -> bytes | None:
         return self.call(lambda c: c.get(self.entry_name(key)), default=None, bulk=True)
