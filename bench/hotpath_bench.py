@@ -121,7 +121,7 @@ def main() -> None:
             items = [LoadItem(chunks[j][0], chunks[j][1], 0, sizes[j], s, context_signature((bytes([j]) * 16,)),
                               "exact") for s, j in zip(starts, picks)]
             t0 = time.perf_counter()
-            w.start_load(KVReuseMetadata(loads=[ReqLoad(f"l{step}", dst, items)]))
+            w.start_load(KVReuseMetadata(loads=[ReqLoad(f"l{step}", dst, items, fidelity="fast")]))
             t1 = time.perf_counter()
             for name in w.caches:
                 w.load_layer(name)

@@ -51,6 +51,7 @@ from kvreuse.patch import fit_patch
 from kvreuse.rope.spec import RopeSpec
 from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint
 from kvreuse.store.ingest import IngestChunk
+from kvreuse.store.ready import ReadyAfter
 from kvreuse.threads import enter_background
 
 log = logging.getLogger("kvreuse.connector")
@@ -403,7 +404,7 @@ class WorkerSide:
         waited for; a finished or preempted request's blocks are written again only once they are
         allocated anew).  On a GPU the copy is one fused kernel launched here, on the forward's stream
         (launched from a thread of its own it would go to another stream, unordered with the forward's
-        writes).
+        writes); the store's thread waits for it through a CUDA event (`kvreuse.store.ready`).
         """
         if not meta.saves:
             return
@@ -494,6 +495,7 @@ class WorkerSide:
             idx = torch.cat([torch.arange(a, b) for a, b in runs])
             slots = block_slots(req.block_ids, self.spec.block_size, 0, int(idx.max()) + 1)[idx]
             k, v = gather([self.caches[n] for n in names], self.spec, slots)  # [L, N, H, D] (fused on GPU)
+            ready = ReadyAfter.record(k, v)  # on GPU, queued on the forward's stream: the store's thread waits for it
             toks = torch.tensor([t for it in req.items for t in it.token_ids], dtype=torch.int64)
             # each item's slices, a few calls a request (not per item: every torch call from this thread can
             # hand the GIL to the forward and wait to get it back).  [L, n, H, D] K and V, owned by the store
@@ -504,7 +506,7 @@ class WorkerSide:
             chunks = []
             for it, (tok, at, kc, vc) in zip(req.items, parts):
                 pos = self._frame(torch.tensor(it.positions, dtype=torch.int64) if it.positions is not None else at)
-                chunks.append(IngestChunk(ChunkKey(it.key), tok, pos, kc, vc, it.context, it.recent))
+                chunks.append(IngestChunk(ChunkKey(it.key), tok, pos, kc, vc, it.context, it.recent, ready=ready))
             queued = sum(self.store.ingest_many(chunks, rope=self.rope))  # one hand-over per request
             with self._lock:
                 self._stats.saved_chunks += queued

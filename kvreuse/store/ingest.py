@@ -1,8 +1,10 @@
 """What a saved chunk becomes: the store's ingest path, run on its background thread.
 
-:meth:`ChunkStore.ingest` registers the chunk here (``pending``: until it is stored, lookups of a
-new key, and of a stored key in the chunk's context, are served from these bytes) and queues it;
-:meth:`Ingester.run` then decides:
+:meth:`ChunkStore.ingest` hands the chunk to :meth:`Ingester.submit`, which registers it
+(``pending``: until it is stored, lookups of a new key, and of a stored key in the chunk's context,
+are served from these bytes) and queues it on the store's bounded ingest lane; a full lane drops it
+(counted, and reported lost when the store keeps the key nowhere else).  :meth:`Ingester.run` then
+decides:
 
 * a key the store does not hold becomes a new entry (``ChunkStore.put``);
 * a stored key computed in another context: its KV is relocated into the entry's positional
@@ -12,25 +14,27 @@ new key, and of a stored key in the chunk's context, are served from these bytes
 
 Fits (SVDs) and any disk or Redis reads run outside the store's lock; the lock is taken to look
 up and to publish.  Demotion's patch fits use :meth:`Ingester.fit` and :meth:`publish_context` too.
+What the ingester asks of its store is :class:`IngestTarget`.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
-from kvreuse.store.entry import ChunkEntry
+from kvreuse.store.entry import ChunkEntry, as_signature
 from kvreuse.store.keys import ChunkKey, token_bytes
 from kvreuse.store.placement import TierStack
-from kvreuse.store.rehydrate import ChunkLoadError
+from kvreuse.store.ready import ReadyAfter
+from kvreuse.store.rehydrate import ChunkLoadError, Rehydration
 from kvreuse.store.stats import StoreStats
 
-if TYPE_CHECKING:
-    from kvreuse.store.store import ChunkStore
+log = logging.getLogger("kvreuse.store")
 
 
 @dataclass
@@ -39,6 +43,7 @@ class IngestJob:
 
     entry: ChunkEntry
     rope: Any
+    ready: ReadyAfter | None = None  # the KV's producer stream (kvreuse.store.ready): waited for before any read
 
     @property
     def nbytes(self) -> int:
@@ -64,16 +69,68 @@ class IngestChunk(NamedTuple):
     context: bytes | str
     preceding: Sequence[bytes] = ()
     recompute_cost: float = 0.0
+    ready: ReadyAfter | None = None  # k, v still being written on a CUDA stream (ReadyAfter.record), or None
+
+
+class IngestTarget(Protocol):
+    """What the ingest path asks of its store (:class:`~kvreuse.store.store.ChunkStore`'s methods of these names)."""
+
+    def put_new(self, entry: ChunkEntry) -> bool | None: ...
+
+    def put(self, entry: ChunkEntry) -> bool: ...
+
+    def contains(self, key: ChunkKey, token_ids: Any = None) -> str | None: ...
+
+    def fetch(self, key: ChunkKey, token_ids: Any, *, timeout: float | None = None) -> Rehydration | None: ...
+
+    def republish(self, key: ChunkKey) -> None: ...
 
 
 class Ingester:
-    """The ingest decisions of one store; ``lock`` is the store's (it guards ``pending`` and ``stats``)."""
+    """The ingest decisions of one store.
 
-    def __init__(self, store: "ChunkStore", lock: threading.RLock, tiers: TierStack, stats: StoreStats,
-                 capture_patches: bool) -> None:
+    ``lock`` is the store's (it guards ``pending``, the tiers and ``stats``); ``offer(item, nbytes)``
+    queues on the store's ingest lane (False: full); ``held(key)``, called with the lock held: whether
+    the store keeps ``key`` locally.
+    """
+
+    def __init__(self, store: IngestTarget, lock: threading.RLock, tiers: TierStack, stats: StoreStats,
+                 capture_patches: bool, offer: Callable[[Any, int], bool], held: Callable[[ChunkKey], bool]) -> None:
         self.store, self.lock, self.tiers, self.stats = store, lock, tiers, stats
-        self.capture_patches = capture_patches
+        self.capture_patches, self.offer, self.held = capture_patches, offer, held
         self.pending: dict[ChunkKey, list[IngestJob]] = {}  # queued or running, oldest first
+
+    def submit(self, chunks: Sequence[IngestChunk], rope: Any) -> list[bool]:
+        """Queue ``chunks`` (one request's): one item while they fit the lane together, else each on its own
+        (those that do not fit alone are dropped, counted, and reported lost).  Per chunk: queued."""
+        jobs = []
+        for c in chunks:
+            ctx = as_signature(c.context)
+            jobs.append(IngestJob(ChunkEntry(key=c.key, token_ids=c.token_ids, positions=c.positions, k=c.k, v=c.v,
+                                             context=ctx, recompute_cost=c.recompute_cost,
+                                             preceding={ctx: tuple(bytes(d) for d in c.preceding)} if c.preceding
+                                             else {}), rope, c.ready))
+        if not jobs:
+            return []
+        with self.lock:
+            for job in jobs:
+                self.register(job)
+        sizes = [job.nbytes for job in jobs]
+        if self.offer(IngestBatch(jobs) if len(jobs) > 1 else jobs[0], sum(sizes)):
+            with self.lock:
+                self.stats.ingests += len(jobs)
+            return [True] * len(jobs)
+        ok = [False] * len(jobs) if len(jobs) == 1 else [self.offer(job, n) for job, n in zip(jobs, sizes)]
+        with self.lock:
+            for job, queued in zip(jobs, ok):
+                if queued:
+                    self.stats.ingests += 1
+                    continue
+                self.unregister(job)
+                self.stats.dropped_ingests += 1
+                if not self.held(job.entry.key):
+                    self.tiers.lost.append(job.entry.key)
+        return ok
 
     def pending_entry(self, key: ChunkKey, context: bytes | None = None) -> ChunkEntry | None:
         """With the lock held: the KV of a chunk still queued for ingest, as copied out (the latest
@@ -96,9 +153,24 @@ class Ingester:
             self.pending.pop(job.entry.key, None)
 
     def run(self, job: IngestJob) -> None:
-        """Store ``job``'s chunk: a new entry, or a stored chunk's new context (see the module doc)."""
+        """Store ``job``'s chunk: a new entry, or a stored chunk's new context (see the module doc).
+
+        A failure is logged and counted: a failed save is a future miss, never a failed request."""
+        try:
+            self._run(job)
+        except Exception:
+            log.exception("kvreuse: ingesting chunk %s failed", job.entry.key.hex()[:12])
+            with self.lock:
+                self.stats.failed_ingests += 1
+        with self.lock:
+            if not self.held(job.entry.key) and self.tiers.redis is None:
+                self.tiers.lost.append(job.entry.key)
+
+    def _run(self, job: IngestJob) -> None:
         t0 = time.perf_counter()
         e = job.entry
+        if job.ready is not None:  # gathered on the forward's stream: this thread's stream waits for it first
+            job.ready.wait(e.k, e.v)
         if not (e.k.is_contiguous() and e.v.is_contiguous()):  # a slice of the saving step's buffer: own its bytes
             e.k, e.v = e.k.contiguous(), e.v.contiguous()
         try:

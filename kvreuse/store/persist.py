@@ -50,7 +50,8 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-def _dtype(name: str) -> torch.dtype:
+def dtype_named(name: str) -> torch.dtype:
+    """The torch dtype a header names (``"bfloat16"``); :class:`EntryCorrupt` for an unknown name."""
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
         raise EntryCorrupt(f"unknown dtype {name!r}")
@@ -267,7 +268,7 @@ def segment_tensor(h: EntryHeader, seg: Segment, raw: Any, *, device: torch.devi
         raise EntryCorrupt(f"segment {seg.name}: checksum mismatch")
     u8 = torch.empty(seg.nbytes, dtype=torch.uint8, pin_memory=pin and torch.cuda.is_available())
     u8.numpy()[:] = arr
-    t = u8.view(_dtype(seg.dtype)).reshape(seg.shape)
+    t = u8.view(dtype_named(seg.dtype)).reshape(seg.shape)
     return t if torch.device(device).type == "cpu" else t.to(device, non_blocking=pin)
 
 
@@ -287,7 +288,7 @@ def assemble(h: EntryHeader, tensors: dict[str, torch.Tensor],
     """Build an entry from a verified header and its decoded segment tensors (or base ``k``, ``v`` given whole)."""
     L = h.num_layers
     if k is None or v is None:
-        empty = torch.empty(h.shape, dtype=_dtype(h.dtype))
+        empty = torch.empty(h.shape, dtype=dtype_named(h.dtype))
         k = torch.stack([tensors[f"k.{i}"] for i in range(L)]) if L else empty
         v = torch.stack([tensors[f"v.{i}"] for i in range(L)]) if L else empty
     in_ctx = {c: (tensors[f"ctx.{j}.k"], tensors[f"ctx.{j}.v"]) for j, c in enumerate(h.contexts)}

@@ -5,6 +5,8 @@ lock held, and none of them does slow work: what would be slow is queued in ``wo
 store to run after it releases the lock (:class:`FitJob`, :class:`SpillJob`).  Rules (the
 store's docstring gives the why):
 
+* ``place``: a new entry goes to the fastest memory tier that can make room for it, else to disk;
+  ``merge`` adds a second copy's contexts and patches to the entry in memory.
 * ``make_room(i, n)``: memory tier i frees n bytes of budget — demote entries holding in-context
   KV, lowest priority first, then evict lowest priority first, spilling each victim to tier i+1.
   Demotion drops in-context KV at once; a context without a patch yet gets a ``FitJob``, which
@@ -31,7 +33,7 @@ from kvreuse.store.keys import ChunkKey
 from kvreuse.store.stats import StoreStats
 from kvreuse.store.tiers import DiskTier, MemoryTier, RedisTier
 
-_AUTO = "auto"
+AUTO_FIT = "auto"  # fit_patch default: kvreuse.fit_patch when kvreuse.patch imports, else no patches
 _EVENT_LOG = 1 << 16  # keys kept for the connector between two reads (older ones are dropped)
 
 
@@ -105,6 +107,46 @@ class TierStack:
             self.spill(i + 1, e)
         return True
 
+    def place(self, entry: ChunkEntry) -> ChunkEntry | None:
+        """Insert ``entry``, a key no memory tier holds, into the fastest memory tier that can make room for
+        it; the stored entry (adopted onto that tier's device), or None: no memory tier can hold it (with
+        a disk tier it is then on its way to disk)."""
+        n = entry.nbytes
+        for i, t in enumerate(self.memory):
+            if n <= t.budget_bytes and self.make_room(i, n):
+                stored = t.adopt(entry)
+                t.insert(stored, n)
+                ts = self.stats.tier(t.name)
+                ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + n
+                return stored
+            self.stats.tier(t.name).rejected_puts += 1
+        if self.disk is not None:
+            self.spilling[entry.key] = entry
+            self.work.append(SpillJob(entry))
+        return None
+
+    def merge(self, i: int, new: ChunkEntry) -> bool:
+        """Add to memory tier i's entry of ``new.key`` the contexts (KV) and patches of ``new`` it lacks, all
+        or none, as room allows; whether it gained a context's KV (the shared copy must learn it)."""
+        t, e = self.memory[i], self.memory[i].entries[new.key]
+        add_ctx = {c: kv for c, kv in new.in_context.items() if c != e.context and c not in e.in_context}
+        if new.context != e.context and new.context not in e.in_context:
+            add_ctx[new.context] = (new.k, new.v)
+        add_patch = {c: p for c, p in new.patches.items() if c not in e.patches}
+        grow = sum(a.numel() * a.element_size() * 2 for a, _ in add_ctx.values())
+        grow += sum(int(p.nbytes) for p in add_patch.values())
+        if not grow or not self.make_room(i, grow, protect=new.key):
+            return False
+        for c, (k, v) in add_ctx.items():
+            e.add_context_kv(c, k, v)
+        for c, p in add_patch.items():
+            e.add_patch(c, p)
+        for c in (*add_ctx, *add_patch):
+            if c in new.preceding and c not in e.preceding:
+                e.preceding[c] = new.preceding[c]
+        t.resized(new.key)
+        return bool(add_ctx)
+
     def demote(self, t: MemoryTier, key: ChunkKey) -> int:
         e = t.entries[key]
         before = e.nbytes
@@ -159,7 +201,7 @@ class TierStack:
         return e
 
     def fit_fn(self) -> Any:
-        if self._fit == _AUTO:
+        if self._fit == AUTO_FIT:
             try:
                 from kvreuse.patch import fit_patch
             except ImportError:

@@ -10,8 +10,7 @@ and written again when an entry gains a context computed in it (see :mod:`kvreus
 Saving.  :meth:`ChunkStore.ingest` is the one call a saver makes: it queues the chunk's KV on a
 bounded background queue and returns at once (a full queue drops the chunk and counts it).  The
 background thread decides what the KV is — a new entry, or a stored chunk seen in a new context —
-relocates the latter into the entry's positional frame, keeps it as in-context KV, fits its
-conditioning patch, and publishes the result (:mod:`kvreuse.store.ingest`).
+and stores it (:mod:`kvreuse.store.ingest`).
 
 Pressure.  Before an insert, the target tier makes room: first it *demotes* entries that hold
 full in-context KV (lowest priority first: that KV is dropped, its context keeps its patch, or
@@ -21,16 +20,11 @@ Redis).  Every tier's budget is checked on insert and never exceeded; bytes of a
 being loaded are reserved up front.  Keys that leave the store, and keys demoted, are recorded
 for the connector (:meth:`ChunkStore.take_events`).
 
-Lookups.  A memory hit is served at once (and a host hit promoted to the device tier); so is an
-entry on its way to disk, or a chunk still queued for ingest (from the bytes already copied
-out).  A context's KV is served as long as the store holds it anywhere: still queued for ingest,
-or demoted and awaiting its patch fit; a context reads as base KV only when neither its KV nor
-its patch is held (``ChunkView.how`` says which).  A disk or Redis hit returns a :class:`~kvreuse.store.rehydrate.Rehydration` filled layer by
-layer on an I/O thread into the fastest memory tier; concurrent lookups of a key share it.  Every
-hit is verified against the stored token ids; a mismatch, a corrupt copy or an unreachable Redis
-is a miss (counted), never an error.  A lookup with a ``timeout`` waits no longer than that for a
-slow tier (Redis' answer, a load's bytes): past it the lookup is a miss, counted in
-``load_timeouts``, and the load goes on in the background (it lands in memory for later lookups).
+Lookups (:mod:`kvreuse.store.lookup`).  Memory hits, entries on their way to disk and chunks still
+queued for ingest are served at once; a disk or Redis hit returns a
+:class:`~kvreuse.store.rehydrate.Rehydration` filled layer by layer on an I/O thread into the
+fastest memory tier, shared by concurrent lookups of the key (:mod:`kvreuse.store.rehydrate`).  A
+mismatch, a corrupt copy or an unreachable Redis is a miss (counted), never an error.
 
 Thread safety: all public methods may be called from any thread.  Metadata is guarded by one lock
 that is held only to look up and to publish: patch fits (SVD), disk writes (fsync) and Redis I/O
@@ -42,10 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -55,19 +48,16 @@ from kvreuse.store.background import Background
 from kvreuse.store.config import StoreConfig
 from kvreuse.store.entry import ISOLATED, ChunkEntry, ChunkView, as_signature
 from kvreuse.store.ingest import Ingester, IngestBatch, IngestChunk, IngestJob
-from kvreuse.store.keys import ChunkKey, ModelFingerprint, token_bytes
-from kvreuse.store.persist import EntryCorrupt
-from kvreuse.store.placement import _AUTO, FitJob, SpillJob, TierStack
+from kvreuse.store.keys import ChunkKey, ModelFingerprint
+from kvreuse.store.lookup import Lookup, Tokens
+from kvreuse.store.placement import AUTO_FIT, SpillJob, TierStack
 from kvreuse.store.policy import make_policy
-from kvreuse.store.rehydrate import ChunkLoadError, Rehydration, load_layers
+from kvreuse.store.rehydrate import Loader, Rehydration
 from kvreuse.store.spill import DiskWriter
 from kvreuse.store.stats import StoreStats
 from kvreuse.store.tiers import DiskTier, MemoryTier, RedisTier, device_tier, host_tier
+from kvreuse.store.work import DeferredWork
 from kvreuse.store.writethrough import RedisWriteThrough
-from kvreuse.threads import enter_background
-
-Tokens = Sequence[int] | torch.Tensor
-log = logging.getLogger("kvreuse.store")
 
 
 @dataclass
@@ -97,7 +87,7 @@ class ChunkStore:
     """
 
     def __init__(self, config: StoreConfig, model: bytes | ModelFingerprint, *, policy: str = "cost",
-                 fit_patch: Any = _AUTO, capture_patches: bool = True, device: torch.device | str | None = None,
+                 fit_patch: Any = AUTO_FIT, capture_patches: bool = True, device: torch.device | str | None = None,
                  io_threads: int = 2, redis_namespace: str = "kvreuse:", redis_write_through: bool = True,
                  write_through_pending_bytes: int = 1 << 30, ingest_items: int = 256,
                  ingest_bytes: int = 256 << 20, background_bytes: int = 256 << 20) -> None:
@@ -122,10 +112,13 @@ class ChunkStore:
         self._write_through = (RedisWriteThrough(self.redis, self.model, self.stats, self._lock,
                                                  write_through_pending_bytes)
                                if redis_write_through and self.redis is not None else None)
-        self._inflight: dict[ChunkKey, Rehydration] = {}
-        self._ingester = Ingester(self, self._lock, self.tiers, self.stats, capture_patches)
-        self._loads = ThreadPoolExecutor(io_threads, thread_name_prefix="kvreuse-load",
-                                         initializer=enter_background)
+        self._ingester = Ingester(self, self._lock, self.tiers, self.stats, capture_patches,
+                                  offer=lambda item, n: self._bg.offer("ingest", item, n), held=self._held)
+        self._work = DeferredWork(self._lock, self.tiers, self.stats, self._ingester, self._disk_writer,
+                                  offer=lambda w, n: self._bg.offer("work", w, n))
+        self._loader = Loader(self._lock, self.tiers, self.stats, self._held, io_threads)
+        self._lookup = Lookup(self._lock, self.tiers, self.stats, self._ingester, self._loader,
+                              settle=lambda: self._work.drain(inline=False))
         self._redis_usage: tuple[int, int] = (0, 0)  # Redis' (bytes, entries), as of the last read
         self._usage_read: Future | None = None
         self._bg = Background(self._run_background, ingest_items=ingest_items, ingest_bytes=ingest_bytes,
@@ -153,35 +146,7 @@ class ChunkStore:
         """:meth:`ingest` of several chunks (one request's) at once: one queue item while they fit the
         ingest queue's bounds together, else each chunk on its own (those that do not fit are dropped
         and counted, as by :meth:`ingest`).  Returns, per chunk, whether it was queued."""
-        jobs = []
-        for c in chunks:
-            ctx = as_signature(c.context)
-            jobs.append(IngestJob(ChunkEntry(key=c.key, token_ids=c.token_ids, positions=c.positions, k=c.k, v=c.v,
-                                             context=ctx, recompute_cost=c.recompute_cost,
-                                             preceding={ctx: tuple(bytes(d) for d in c.preceding)} if c.preceding
-                                             else {}), rope))
-        if not jobs:
-            return []
-        with self._lock:
-            for job in jobs:
-                self._ingester.register(job)
-        sizes = [job.nbytes for job in jobs]
-        if self._bg.offer("ingest", IngestBatch(jobs) if len(jobs) > 1 else jobs[0], sum(sizes)):
-            with self._lock:
-                self.stats.ingests += len(jobs)
-            return [True] * len(jobs)
-        ok = [False] * len(jobs) if len(jobs) == 1 else \
-            [self._bg.offer("ingest", job, n) for job, n in zip(jobs, sizes)]  # what fits alone
-        with self._lock:
-            for job, queued in zip(jobs, ok):
-                if queued:
-                    self.stats.ingests += 1
-                    continue
-                self._ingester.unregister(job)
-                self.stats.dropped_ingests += 1
-                if not self._held(job.entry.key):
-                    self.tiers.lost.append(job.entry.key)
-        return ok
+        return self._ingester.submit(chunks, rope)
 
     def pending_ingest_bytes(self) -> int:
         """Bytes of KV queued or being ingested (bounded by ``ingest_bytes``)."""
@@ -204,57 +169,11 @@ class ChunkStore:
     def _run_background(self, item: Any) -> None:
         if isinstance(item, (IngestJob, IngestBatch)):
             for job in item.jobs if isinstance(item, IngestBatch) else (item,):
-                self._run_ingest(job)
-                self._drain()
+                self._ingester.run(job)
+                self._work.drain()
         else:
-            self._run_work(item)
-            self._drain()
-
-    def _run_ingest(self, job: IngestJob) -> None:
-        try:
-            self._ingester.run(job)
-        except Exception:  # a failed save is a future miss, never a failed request
-            log.exception("kvreuse: ingesting chunk %s failed", job.entry.key.hex()[:12])
-            with self._lock:
-                self.stats.failed_ingests += 1
-        with self._lock:
-            if not self._held(job.entry.key) and self.redis is None:
-                self.tiers.lost.append(job.entry.key)
-
-    def _run_work(self, w: FitJob | SpillJob) -> None:
-        if isinstance(w, FitJob):
-            patch = None
-            try:
-                patch = self._ingester.fit(w.k, w.v, w.base.k, w.base.v)
-            finally:  # one step: the context is served from its KV until then, from its patch from then on
-                with self._lock:
-                    if patch is not None:
-                        self._ingester.publish_context(w.key, w.context, w.base, None, patch)
-                    self.tiers.fitted(w)
-        else:
-            self._disk_writer.write(w.entry, copy=w.copy)
-
-    def _drain(self, inline: bool = True) -> None:
-        """Run (inline) or queue the slow work the tiers deferred while the lock was held."""
-        while True:
-            with self._lock:
-                work, self.tiers.work = self.tiers.work, []
-            if not work:
-                return
-            for w in work:
-                if inline:
-                    self._run_work(w)
-                elif not self._bg.offer("work", w, w.nbytes):
-                    with self._lock:
-                        if isinstance(w, SpillJob):
-                            self.stats.dropped_spills += 1
-                            if not w.copy:
-                                self._disk_writer.abandon(w.entry)
-                        else:
-                            self.stats.dropped_fits += 1
-                            self.tiers.fitted(w)
-            if not inline:
-                return
+            self._work.run(item)
+            self._work.drain()
 
     # ---------------------------------------------------------------- writes
     def put(self, entry: ChunkEntry) -> bool:
@@ -269,7 +188,7 @@ class ChunkStore:
         with self._lock:
             self._put_locked(entry)
             snap = entry.shallow_copy() if self._write_through else None
-        self._drain()
+        self._work.drain()
         with self._lock:
             stored = self._kept(entry.key)
         if snap is not None:
@@ -287,58 +206,28 @@ class ChunkStore:
         t0 = time.perf_counter()
         key = entry.key
         with self._lock:
-            if self._kept(key) or key in self.tiers.spilling or key in self._inflight:
+            if self._kept(key) or key in self.tiers.spilling or key in self._loader.inflight:
                 return None
             self._put_locked(entry)
             stored = self._kept(key)
             if stored:
                 self.stats.ingested_entries += 1
         if self.tiers.work:
-            self._drain()
+            self._work.drain()
         self.stats.put_seconds.observe(time.perf_counter() - t0)
         return stored
 
     def _put_locked(self, entry: ChunkEntry) -> None:
-        for i, t in enumerate(self.memory):
-            if entry.key in t:
-                self._merge_into(i, entry)
-                return
-        n = entry.nbytes
-        for i, t in enumerate(self.memory):
-            if n <= t.budget_bytes and self.tiers.make_room(i, n):
-                stored = t.adopt(entry)
-                t.insert(stored, n)
-                ts = self.stats.tier(t.name)
-                ts.puts, ts.bytes_written = ts.puts + 1, ts.bytes_written + n
-                if self.disk is not None:  # write-behind: every stored chunk reaches disk (restart-warm)
-                    if not self._bg.offer("work", SpillJob(stored.shallow_copy(), copy=True), n):
-                        self.stats.dropped_write_behind += 1
-                return
-            self.stats.tier(t.name).rejected_puts += 1
-        if self.disk is not None:
-            self.tiers.spilling[entry.key] = entry
-            self.tiers.work.append(SpillJob(entry))
-
-    def _merge_into(self, i: int, new: ChunkEntry) -> None:
-        t, e = self.memory[i], self.memory[i].entries[new.key]
-        add_ctx = {c: kv for c, kv in new.in_context.items() if c != e.context and c not in e.in_context}
-        if new.context != e.context and new.context not in e.in_context:
-            add_ctx[new.context] = (new.k, new.v)
-        add_patch = {c: p for c, p in new.patches.items() if c not in e.patches}
-        grow = sum(a.numel() * a.element_size() * 2 for a, _ in add_ctx.values())
-        grow += sum(int(p.nbytes) for p in add_patch.values())
-        if not grow or not self.tiers.make_room(i, grow, protect=new.key):
+        i = next((i for i, t in enumerate(self.memory) if entry.key in t), None)
+        if i is not None:
+            if self.tiers.merge(i, entry):
+                self.republish(entry.key)
             return
-        for c, (k, v) in add_ctx.items():
-            e.add_context_kv(c, k, v)
-        for c, p in add_patch.items():
-            e.add_patch(c, p)
-        for c in (*add_ctx, *add_patch):
-            if c in new.preceding and c not in e.preceding:
-                e.preceding[c] = new.preceding[c]
-        t.resized(new.key)
-        if add_ctx:
-            self.republish(new.key)
+        n = entry.nbytes
+        stored = self.tiers.place(entry)
+        if stored is not None and self.disk is not None:  # write-behind: every stored chunk reaches disk (restart-warm)
+            if not self._bg.offer("work", SpillJob(stored.shallow_copy(), copy=True), n):
+                self.stats.dropped_write_behind += 1
 
     def republish(self, key: ChunkKey) -> None:
         """With the lock held: ``key``'s memory entry gained a context; queue it for Redis again (no I/O here)."""
@@ -361,12 +250,13 @@ class ChunkStore:
                     new = dataclasses.replace(base, k=k, v=v, context=as_signature(context), in_context={},
                                               patches={})
                     before = t.entries[key].nbytes
-                    self._merge_into(i, new)
+                    if self.tiers.merge(i, new):
+                        self.republish(key)
                     ok = t.entries[key].nbytes > before or as_signature(context) == base.context
                     break
             else:
                 return False
-        self._drain()
+        self._work.drain()
         return ok
 
     def add_patch(self, key: ChunkKey, context: bytes | str, patch: Any) -> bool:
@@ -384,7 +274,7 @@ class ChunkStore:
                     break
             else:
                 return False
-        self._drain()
+        self._work.drain()
         return ok
 
     def demote(self, key: ChunkKey | None = None) -> int:
@@ -396,7 +286,7 @@ class ChunkStore:
                 for k in [key] if key is not None else list(t.entries):
                     if k in t and t.entries[k].demotable:
                         freed += self.tiers.demote(t, k)
-        self._drain()
+        self._work.drain()
         return freed
 
     def evict(self, key: ChunkKey) -> bool:
@@ -410,7 +300,7 @@ class ChunkStore:
                     break
             else:
                 return False
-        self._drain()
+        self._work.drain()
         return True
 
     def remove(self, key: ChunkKey) -> None:
@@ -434,29 +324,7 @@ class ChunkStore:
 
         No side effects: nothing is promoted, touched or counted (safe in the scheduler's hooks).
         """
-        tok = None if token_ids is None else token_bytes(token_ids)
-        ok = lambda stored: tok is None or token_bytes(stored) == tok  # noqa: E731
-        with self._lock:
-            for t in self.memory:
-                if key in t:
-                    return t.name if ok(t.entries[key].token_ids) else None
-            e = self.tiers.spilling.get(key)
-            if e is not None:
-                return "spill" if ok(e.token_ids) else None
-            h = self._inflight.get(key)
-            if h is not None:
-                return h.source if ok(h.token_ids) else None
-            if self.disk is not None and key in self.disk:
-                return "disk" if ok(self.disk.index[key].token_ids) else None
-            e = self._ingester.pending_entry(key)
-            if e is not None:
-                return "ingest" if ok(e.token_ids) else None
-        if self.redis is not None:
-            r = self.redis.open(key)
-            if r is not None:
-                r.close()
-                return "redis" if ok(r.header.token_ids) else None
-        return None
+        return self._lookup.contains(key, token_ids)
 
     def fetch(self, key: ChunkKey, token_ids: Tokens, *, timeout: float | None = None) -> Rehydration | None:
         """Look ``key`` up; a handle on its entry (complete for a memory hit, loading otherwise), or None.
@@ -465,125 +333,7 @@ class ChunkStore:
         head_dim]``, as soon as it has arrived; ``handle.result()`` the whole :class:`ChunkEntry`.
         ``timeout``: the most seconds to wait for Redis to answer (the entry's header); past it, None.
         """
-        t0 = time.perf_counter()
-        try:
-            return self._fetch(key, token_bytes(token_ids), t0, timeout)
-        finally:
-            self._drain(inline=False)  # what making room deferred runs in the background, never here
-            self.stats.lookup_seconds.observe(time.perf_counter() - t0)
-
-    def _fetch(self, key: ChunkKey, tok: bytes, t0: float, timeout: float | None) -> Rehydration | None:
-        with self._lock:
-            self.stats.lookups += 1
-            for i, t in enumerate(self.memory):
-                e = t.entries.get(key)
-                if e is None:
-                    self.stats.tier(t.name).misses += 1
-                    continue
-                if token_bytes(e.token_ids) != tok:
-                    return self._mismatch()
-                e.touch()
-                t.touched(key)
-                self.stats.tier(t.name).hits += 1
-                return Rehydration.completed(self.tiers.promote(i, e) if i else e, t.name)
-            e = self.tiers.spilling.get(key)
-            if e is not None:  # on its way to disk: its bytes are still here
-                return Rehydration.completed(e, "spill") if token_bytes(e.token_ids) == tok else self._mismatch()
-            h = self._inflight.get(key)
-            if h is not None:
-                if token_bytes(h.token_ids) != tok:
-                    return self._mismatch()
-                self.stats.shared_rehydrations += 1
-                return h
-            if self.disk is not None:
-                reader = self.disk.open(key)
-                if reader is not None:
-                    return self._start_load(key, tok, reader, "disk", t0)
-                self.stats.tier("disk").misses += 1
-            e = self._ingester.pending_entry(key)
-            if e is not None:  # a new chunk still queued for ingest: served from the bytes handed over, no wait
-                return Rehydration.completed(e, "ingest") if token_bytes(e.token_ids) == tok else self._mismatch()
-        reader = self._open_remote(key, timeout) if self.redis is not None else None  # network: outside the lock
-        if reader is None:
-            if self.redis is not None:
-                self.stats.tier("redis").misses += 1
-            self.stats.misses += 1
-            return None
-        with self._lock:
-            h = self._inflight.get(key)  # another lookup started it while we were away
-            if h is not None:
-                reader.close()
-                if token_bytes(h.token_ids) != tok:
-                    return self._mismatch()
-                self.stats.shared_rehydrations += 1
-                return h
-            return self._start_load(key, tok, reader, "redis", t0)
-
-    def _open_remote(self, key: ChunkKey, timeout: float | None) -> Any:
-        """Redis' reader of ``key``; with a ``timeout``, opened on an I/O thread and waited for that long
-        (a stalled Redis holds that thread until its own socket timeout, never the caller)."""
-        if timeout is None:
-            return self.redis.open(key)
-        fut: Future = self._loads.submit(self.redis.open, key)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            with self._lock:
-                self.stats.load_timeouts += 1
-            return None
-
-    def _start_load(self, key: ChunkKey, tok: bytes, reader: Any, source: str, t0: float) -> Rehydration | None:
-        """With the lock held: verify, reserve room in the fastest memory tier that can take it, start the load."""
-        hd = reader.header
-        if token_bytes(hd.token_ids) != tok:
-            reader.close()
-            return self._mismatch()
-        self.stats.tier(source).hits += 1
-        h = Rehydration(key, source, hd.num_layers, hd.token_ids, hd.positions)
-        need = hd.payload_bytes + 8 * (hd.token_ids.numel() + hd.positions.numel())  # >= the entry's nbytes
-        dest = next((i for i, t in enumerate(self.memory) if need <= t.budget_bytes - sum(t.reserved.values())
-                     and self.tiers.make_room(i, need)), None)
-        if dest is not None:
-            self.memory[dest].reserve(key, need)
-        self._inflight[key] = h
-        self._loads.submit(self._rehydrate, h, reader, dest, t0)
-        return h
-
-    def _rehydrate(self, h: Rehydration, reader: Any, dest: int | None, t0: float) -> None:
-        entry, err = None, None
-        try:
-            t = self.memory[dest] if dest is not None else None
-            entry = load_layers(h, reader, device=t.device if t else torch.device("cpu"),
-                                pin=bool(t and t.pin), patch_from_state_dict=self._patch_loader())
-            entry.touch()
-        except Exception as e:  # corrupt, evicted meanwhile, unreachable: the load fails, the store goes on
-            err = e
-        finally:
-            reader.close()
-        with self._lock:
-            self._inflight.pop(h.key, None)
-            if dest is not None:
-                t = self.memory[dest]
-                if entry is not None and not any(h.key in m for m in self.memory):
-                    t.insert(entry)
-                else:
-                    t.release(h.key)
-            if err is None:
-                self.stats.rehydrations += 1
-                self.stats.bytes_moved += reader.header.payload_bytes
-                self.stats.tier(h.source).bytes_read += reader.header.total_bytes
-                self.stats.rehydrate_seconds.observe(time.perf_counter() - t0)
-            else:
-                self.stats.failed_loads += 1
-                if isinstance(err, (EntryCorrupt, ChunkLoadError)) and h.source == "disk" and self.disk:
-                    self.disk.drop(h.key)
-                if not self._held(h.key):
-                    self.tiers.lost.append(h.key)
-        if err is not None and isinstance(err, EntryCorrupt) and h.source == "redis" and self.redis:
-            self.redis.remove(h.key)
-        if err is None and h.source == "redis" and self.redis:
-            self.redis.touch(h.key, nbytes=reader.header.total_bytes, cost=entry.recompute_cost, hits=entry.hits)
-        h._finish(entry, err)
+        return self._lookup.fetch(key, token_ids, timeout=timeout)
 
     def get(self, key: ChunkKey, token_ids: Tokens, *, context: bytes | str | None = None,
             tokens: slice | None = None, layers: slice | None = None, timeout: float | None = None,
@@ -595,70 +345,23 @@ class ChunkStore:
         background).  The hit is counted under ``label`` (e.g. "reorder") or how it was served
         ("exact", "patched", "base").
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        h = self.fetch(key, token_ids, timeout=timeout)
-        if h is None:
-            return None
-        try:
-            e = h.result(None if deadline is None else max(deadline - time.monotonic(), 0.0))
-        except ChunkLoadError:
-            return None
-        except TimeoutError:
-            with self._lock:
-                self.stats.load_timeouts += 1
-            return None
-        with self._lock:
-            view, source = e.view(context, tokens=tokens, layers=layers), h.source
-            own = self._unpublished(e, view.context) if view.how != "exact" else None
-            if own is not None:  # the context's own KV, not yet stored or not yet a patch: served as it is
-                view, source = own[0].view(view.context, tokens=tokens, layers=layers), own[1]
-            view = dataclasses.replace(view, source=source)
-            name = label or view.how
-            self.stats.hits_by_policy[name] = self.stats.hits_by_policy.get(name, 0) + 1
-        return view
-
-    def _unpublished(self, e: ChunkEntry, ctx: bytes) -> tuple[ChunkEntry, str] | None:
-        """With the lock held: KV of ``e``'s chunk computed in ``ctx`` that the store holds outside
-        the entry, with where: still queued for ingest, or demoted and awaiting its patch fit."""
-        own = self._ingester.pending_entry(e.key, ctx)
-        if own is not None and token_bytes(own.token_ids) == token_bytes(e.token_ids):
-            return own, "ingest"
-        w = self.tiers.fitting.get((e.key, ctx))
-        if w is not None and token_bytes(w.base.token_ids) == token_bytes(e.token_ids):
-            return w.as_entry(), "demoting"
-        return None
+        return self._lookup.get(key, token_ids, context=context, tokens=tokens, layers=layers, timeout=timeout,
+                                label=label)
 
     def record_policy(self, label: str) -> None:
         """Count a hit under a reuse policy decided by the caller."""
         with self._lock:
-            self.stats.hits_by_policy[label] = self.stats.hits_by_policy.get(label, 0) + 1
-
-    def _mismatch(self) -> None:
-        self.stats.token_mismatches += 1
-        self.stats.misses += 1
-        return None
+            self._lookup.count_hit(label)
 
     # ---------------------------------------------------------------- misc
-    @staticmethod
-    def _patch_loader() -> Any:
-        try:
-            from kvreuse.patch import Patch
-        except ImportError:
-            return None
-        return Patch.from_state_dict
-
     def flush(self, timeout: float | None = None) -> None:
         """Wait for queued ingests, background work, Redis writes and in-flight loads."""
-        self._drain()
+        self._work.drain()
         self._bg.join(timeout)
         if self._write_through is not None:
             self._write_through.flush(timeout)
-        for h in list(self._inflight.values()):
-            try:
-                h.result(timeout)
-            except ChunkLoadError:
-                pass
-        self._drain()
+        self._loader.wait(timeout)
+        self._work.drain()
         self._bg.join(timeout)
 
     def take_events(self) -> StoreEvents:
@@ -696,6 +399,7 @@ class ChunkStore:
             ts.used_bytes, ts.entries = usage
             ts.budget_bytes = self.redis.budget_bytes
             ts.errors, ts.evictions = self.redis.errors, ts.evictions + self.redis.evictions
+            ts.dropped_corrupt = self.redis.dropped_corrupt
         return s
 
     def _read_redis_usage(self) -> tuple[int, int]:
@@ -705,14 +409,14 @@ class ChunkStore:
         if f is None or f.done():
             if f is not None and f.result() is not None:
                 self._redis_usage = f.result()
-            self._usage_read = self._loads.submit(self.redis.usage)
+            self._usage_read = self._loader.submit(self.redis.usage)
         return self._redis_usage
 
     def close(self) -> None:
         """Finish pending work and release the disk directory and the Redis connection."""
         self.flush()
         self._bg.close()
-        self._loads.shutdown(wait=True)
+        self._loader.close()
         if self._write_through is not None:
             self._write_through.close()
         if self.disk is not None:

@@ -19,31 +19,35 @@ from kvreuse.connector.worker import WorkerSide, served_policy  # noqa: E402
 from kvreuse.ops import relocate  # noqa: E402
 from kvreuse.paged import block_slots, gather_kv, scatter_kv  # noqa: E402
 from kvreuse.rope.spec import RopeSpec  # noqa: E402
-from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint, StoreConfig  # noqa: E402
+from kvreuse.store import ChunkEntry, ChunkKey, ChunkStore, ModelFingerprint, StoreConfig  # noqa: E402
+from tests.support.waits import returns  # noqa: E402
 
 L, H, D, BS, NB, N = 2, 2, 32, 16, 12, 20  # N: tokens per chunk
 ROPE = RopeSpec.from_hf_config({"hidden_size": 64, "num_attention_heads": 2, "head_dim": D, "rope_theta": 10000.0,
                                 "max_position_embeddings": 4096, "model_type": "llama"})
 FP = ModelFingerprint("Tiny", "w", "float32")
-FAST = 0.5  # seconds; the fit below is held for as long as the test runs
 C0, C1 = context_signature(()), context_signature((b"x" * 16,))
 ENTRY_BYTES = 2 * L * N * H * D * 4 + 2 * 8 * N  # K, V (fp32), token ids, positions
 
 
 class GatedFit:
-    """A real patch fit that blocks until released (a deliberately slow SVD)."""
+    """A real patch fit that blocks until released (a deliberately slow SVD); ``finished`` once it returns or
+    gives up."""
 
     def __init__(self) -> None:
-        self.started, self.release = threading.Event(), threading.Event()
+        self.started, self.release, self.finished = threading.Event(), threading.Event(), threading.Event()
 
     def __call__(self, dk, dv, **kw):
         self.started.set()
-        assert self.release.wait(30), "test never released the fit"
-        return fit_patch(dk, dv, max_rank=2, **kw)
+        try:
+            assert self.release.wait(30), "test never released the fit"
+            return fit_patch(dk, dv, max_rank=2, **kw)
+        finally:
+            self.finished.set()
 
 
-def worker(store_cfg: StoreConfig | None = None, *, mode: str = "any", fit=None) -> WorkerSide:
-    cfg = ConnectorConfig(policy=PolicyConfig(mode=mode), store=store_cfg or StoreConfig(device_bytes=1 << 20))
+def worker(store_cfg: StoreConfig | None = None, *, fidelity: str = "fast", fit=None) -> WorkerSide:
+    cfg = ConnectorConfig(policy=PolicyConfig(fidelity=fidelity), store=store_cfg or StoreConfig(device_bytes=1 << 20))
     store = ChunkStore(cfg.store, FP, fit_patch=fit) if fit is not None else None
     w = WorkerSide(cfg, ROPE, FP, store=store)
     w.register({f"model.layers.{i}.self_attn.attn": torch.zeros(NB, H, BS, 2 * D) for i in range(L)}, "CPU_ATTN", H, D)
@@ -80,12 +84,10 @@ def read(w: WorkerSide, blocks: list[int], start: int, n: int = N):
     return torch.stack([a for a, _ in kv]), torch.stack([b for _, b in kv])
 
 
-def load(w: WorkerSide, *reqs: ReqLoad) -> float:
-    t0 = time.perf_counter()
+def load(w: WorkerSide, *reqs: ReqLoad) -> None:
     w.start_load(KVReuseMetadata(loads=list(reqs)))
     for name in w.caches:
         w.load_layer(name)
-    return time.perf_counter() - t0
 
 
 def test_served_policy_labels_what_the_store_returned():
@@ -110,8 +112,8 @@ def test_load_never_waits_on_a_pending_slow_fit_and_places_each_item_at_its_own_
         # r3 places `a` at 10..30 and `b` (still queued behind the fit) at 50..70: two segments, a gap between
         blocks3 = [0, 9, 10, 11, 1]
         items = [LoadItem(a[0], a[1], 0, N, 10, C0, "exact"), LoadItem(b[0], b[1], 0, N, 50, C1, "exact")]
-        dt = load(w, ReqLoad("r3", blocks3, items))
-        assert dt < FAST, f"a load waited {dt:.2f} s behind the store's background work"
+        returns(lambda: load(w, ReqLoad("r3", blocks3, items, fidelity="fast")))
+        assert not fit.finished.is_set(), "the load waited for the store's background work"
         assert w.take_failed_blocks() == set()
         for (key, toks, k, v), start in ((a, 10), (b, 50)):
             gk, gv = read(w, blocks3, start)
@@ -127,9 +129,12 @@ def test_load_never_waits_on_a_pending_slow_fit_and_places_each_item_at_its_own_
     w.close()
 
 
-@pytest.mark.parametrize("mode,strict", [("patched_or_exact", False), ("any", True), ("any", False)])
-def test_budget_too_small_for_the_context_serves_base_only_as_blind(mode, strict):
-    w = worker(StoreConfig(device_bytes=ENTRY_BYTES), mode=mode)  # room for the base KV, not for a context or patch
+@pytest.mark.parametrize("fidelity,claimed", [("fast", "exact"), ("exact", "exact"), ("fast", "survival"),
+                                              ("accurate", "survival")])
+def test_budget_too_small_for_the_context_serves_base_only_as_blind(fidelity, claimed):
+    """Base KV served for a claim is blind: refused for an exact claim (vLLM caches those under plain block
+    hashes) and for an exact request; placed for an approximate claim of a request that accepts it."""
+    w = worker(StoreConfig(device_bytes=ENTRY_BYTES))  # room for the base KV, not for a context or patch
     a = chunk(3)
     w.save(KVReuseMetadata(saves=[ReqSave("r1", [3, 1], [computed(w, [3, 1], 5, a, C0)])]))
     w.store.flush()
@@ -137,11 +142,11 @@ def test_budget_too_small_for_the_context_serves_base_only_as_blind(mode, strict
     w.store.flush()
     assert w.store.get(ChunkKey(a[0]), a[1], context=C1).how == "base"  # the context did not fit
     blocks = [0, 7, 8]
-    # the scheduler recorded C1 when it planned the save: it claims the chunk as exact
-    load(w, ReqLoad("r3", blocks, [LoadItem(a[0], a[1], 0, N, 10, C1, "exact")], strict=strict))
+    # the scheduler recorded C1 when it planned the save: it claims the chunk as exact (or survival after it)
+    load(w, ReqLoad("r3", blocks, [LoadItem(a[0], a[1], 0, N, 10, C1, claimed)], fidelity=fidelity))
     gk, gv = read(w, blocks, 10)
     s = w.take_stats()
-    if mode == "patched_or_exact" or strict:
+    if claimed == "exact" or fidelity == "exact":
         assert w.take_failed_blocks() == {0, 7}  # recomputed by vLLM
         assert not gk.any() and not gv.any() and not s.claims  # nothing of the base KV was placed
         assert w.take_report().lost_keys == [a[0]]
@@ -155,7 +160,7 @@ def test_a_failed_load_saves_nothing_of_its_request_in_that_step():
     w = worker()
     a, b, c = chunk(4), chunk(5), chunk(9)
     missing = LoadItem(b"m" * 16, tuple(range(N)), 0, N, 0, C0, "exact")
-    meta = KVReuseMetadata(loads=[ReqLoad("r", [0, 1, 2], [missing])],
+    meta = KVReuseMetadata(loads=[ReqLoad("r", [0, 1, 2], [missing], fidelity="fast")],
                            saves=[ReqSave("r", [0, 1, 2], [computed(w, [0, 1, 2], 20, a, C1)]),
                                   ReqSave("q", [5, 6], [computed(w, [5, 6], 0, b, C0)]),
                                   # holds r's first block through vLLM's prefix cache: vLLM rolls it back too
@@ -207,33 +212,35 @@ def test_store_stats_are_read_at_most_once_a_second():
     w.close()
 
 
-def test_per_step_calls_never_wait_for_the_store_lock():
-    # the store's background thread holds its lock while it stores a chunk; a worker between two steps
-    # (stats, report) must not wait for it: gauges are read at a later step, events when there are some
+def test_per_step_calls_never_wait_for_the_store_lock(monkeypatch):
+    # the store's thread holds its lock while it stores a chunk; a worker between two steps (stats, report)
+    # must not wait for it: gauges are read at a later step, events when there are some
     w = worker()
-    a = chunk(11)
+    a, b = chunk(11), chunk(12)
     w.save(KVReuseMetadata(saves=[ReqSave("r1", [3, 1], [computed(w, [3, 1], 5, a, C0)])]))
     w.store.flush()
-    held, release = threading.Event(), threading.Event()
+    tier, held, release = w.store.memory[0], threading.Event(), threading.Event()
+    real_insert = tier.insert
 
-    def hold():
-        with w.store._lock:
-            held.set()
-            release.wait(30)
+    def insert(entry, nbytes=None):  # runs with the store's lock held
+        held.set()
+        assert release.wait(30), "test never released the insert"
+        real_insert(entry, nbytes)
 
-    t = threading.Thread(target=hold)
-    t.start()
+    monkeypatch.setattr(tier, "insert", insert)
+    storing = threading.Thread(target=w.store.put, args=(ChunkEntry(ChunkKey(b[0]), torch.tensor(b[1]),
+                                                                    torch.arange(N), b[2], b[3]),))
+    storing.start()
     try:
-        assert held.wait(10)
-        t0 = time.perf_counter()
-        s = w.take_stats(now=200.0)
-        assert w.take_report() is None
-        assert time.perf_counter() - t0 < 0.5
+        assert held.wait(30)
+        s = returns(lambda: w.take_stats(now=200.0))
+        assert returns(w.take_report) is None
+        assert storing.is_alive()  # both returned while the store's lock was held
         assert s.store_entries == {} and s.saved_chunks == 1  # counters now, gauges later
     finally:
         release.set()
-        t.join()
-    assert w.take_stats(now=200.1).store_entries == {"device": 1}  # the next step reads them
+        storing.join(30)
+    assert w.take_stats(now=200.1).store_entries == {"device": 2}  # the next step reads them
     w.close()
 
 
@@ -257,18 +264,22 @@ def test_report_aggregates_over_workers():
     assert (m.lost_keys, m.demoted_keys, m.unsaved_req_ids) == ([b"1", b"2"], [b"d"], ["r", "q"])
 
 
-def gated_gather(monkeypatch) -> threading.Event:
-    """Make the worker's copy-out wait for the returned event before it reads the cache."""
+def gated_gather(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make the worker's copy-out wait for the returned ``gate`` before it reads the cache; ``finished`` is set
+    once a read has returned (or given up)."""
     import kvreuse.connector.worker as wm
 
-    gate, real = threading.Event(), wm.gather
+    gate, finished, real = threading.Event(), threading.Event(), wm.gather
 
     def slow_gather(*args, **kw):
-        assert gate.wait(30)
-        return real(*args, **kw)
+        try:
+            assert gate.wait(30)
+            return real(*args, **kw)
+        finally:
+            finished.set()
 
     monkeypatch.setattr(wm, "gather", slow_gather)
-    return gate
+    return gate, finished
 
 
 def test_an_asynchronous_copy_out_is_settled_before_the_next_step_writes(monkeypatch):
@@ -280,12 +291,11 @@ def test_an_asynchronous_copy_out_is_settled_before_the_next_step_writes(monkeyp
     w = worker()
     a = chunk(30)
     item = computed(w, [1, 2], 4, a, C0)
-    gate = gated_gather(monkeypatch)
-    t0 = time.perf_counter()
-    w.save(KVReuseMetadata(saves=[ReqSave("r1", [1, 2], [item])]), wait=False)
-    assert time.perf_counter() - t0 < 1.0 and w.take_stats().saved_chunks == 0  # the copy waits on the gate
+    gate, finished = gated_gather(monkeypatch)
+    returns(lambda: w.save(KVReuseMetadata(saves=[ReqSave("r1", [1, 2], [item])]), wait=False))
+    assert not finished.is_set() and w.take_stats().saved_chunks == 0  # returned while the copy waits on the gate
     threading.Timer(0.2, gate.set).start()
-    load(w, ReqLoad("r2", [5, 6], [LoadItem(a[0], a[1], 0, N, 9, C0, "exact")]))  # settles, then loads
+    load(w, ReqLoad("r2", [5, 6], [LoadItem(a[0], a[1], 0, N, 9, C0, "exact")], fidelity="fast"))  # settles, then loads
     assert not w.take_failed_blocks()
     assert w.take_stats().saved_chunks == 1
     k, v = read(w, [5, 6], 9)
@@ -309,24 +319,24 @@ def test_a_step_waits_only_for_copy_outs_reading_the_blocks_it_allocates(monkeyp
     while it runs, and what it copied is then stored."""
     w = worker()
     a = chunk(40)
-    gate = gated_gather(monkeypatch)
+    gate, finished = gated_gather(monkeypatch)
     w.save(KVReuseMetadata(saves=[ReqSave("r1", [1, 2], [computed(w, [1, 2], 4, a, C0)])]), wait=False)
-    t0 = time.perf_counter()
-    w.settle_saves([3, 7])  # a step allocating blocks 3 and 7: the copy of blocks 1, 2 goes on
-    w.start_load(KVReuseMetadata(fresh_blocks=[5, 6]))
-    assert time.perf_counter() - t0 < 1.0 and not gate.is_set()
+    returns(lambda: w.settle_saves([3, 7]))  # a step allocating blocks 3 and 7: the copy of blocks 1, 2 goes on
+    returns(lambda: w.start_load(KVReuseMetadata(fresh_blocks=[5, 6])))
+    assert not finished.is_set()  # both returned while the copy was held at its gate
     assert w.take_stats().saved_chunks == 0
     threading.Timer(0.3, gate.set).start()
     w.settle_saves([9, 2])  # block 2 allocated anew: waits for the copy
-    assert gate.is_set() and w.take_stats().saved_chunks == 1
+    assert finished.is_set() and w.take_stats().saved_chunks == 1
     gate.clear()
+    finished.clear()
     b = chunk(41)
     w.save(KVReuseMetadata(saves=[ReqSave("r2", [3, 4], [computed(w, [3, 4], 0, b, C0)])]), wait=False)
     threading.Timer(0.3, gate.set).start()
     # a step loading the chunk still being copied waits for its own bytes (other blocks allocated)
-    w.start_load(KVReuseMetadata(loads=[ReqLoad("r3", [5, 6], [LoadItem(b[0], b[1], 0, N, 9, C0, "exact")])],
+    w.start_load(KVReuseMetadata(loads=[ReqLoad("r3", [5, 6], [LoadItem(b[0], b[1], 0, N, 9, C0, "exact")], fidelity="fast")],
                                  fresh_blocks=[5, 6]))
-    assert gate.is_set()
+    assert finished.is_set()  # it returned only once the copy had read the cache
     w.finish_loads()
     assert not w.take_failed_blocks()
     k, v = read(w, [5, 6], 9)
@@ -341,38 +351,39 @@ def test_a_copy_out_starts_with_the_next_step_or_after_the_gate_time(monkeypatch
     import kvreuse.connector.worker as wm
 
     read_at: list[float] = []
+    reading, hold, finished = threading.Event(), threading.Event(), threading.Event()
     real = wm.gather
 
-    def timed_gather(*args, **kw):
+    def held_gather(*args, **kw):  # the copy's read of the cache: recorded, then held until `hold`
         read_at.append(time.perf_counter())
-        return real(*args, **kw)
+        reading.set()
+        try:
+            assert hold.wait(30)
+            return real(*args, **kw)
+        finally:
+            finished.set()
 
-    monkeypatch.setattr(wm, "gather", timed_gather)
-    monkeypatch.setattr(wm, "_COPY_GATE_S", 30.0)
+    monkeypatch.setattr(wm, "gather", held_gather)
+    monkeypatch.setattr(wm, "_COPY_GATE_S", 300.0)  # past every wait below: here only a step starts the copy
     w = worker()
     a = chunk(50)
     w.save(KVReuseMetadata(saves=[ReqSave("r1", [1, 2], [computed(w, [1, 2], 4, a, C0)])]), wait=False)
-    time.sleep(0.3)
-    assert not read_at and w.take_stats().saved_chunks == 0  # held at the gate: no step started yet
-    t0 = time.perf_counter()
-    w.settle_saves([7])  # the next step starts (allocating another block): the copy goes, nothing waits for it
-    assert time.perf_counter() - t0 < 1.0
-    deadline = time.monotonic() + 10
-    while not read_at and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert read_at and read_at[0] - t0 < 5.0
+    assert not reading.wait(0.3) and w.take_stats().saved_chunks == 0  # held at the gate: no step started yet
+    returns(lambda: w.settle_saves([7]))  # the next step starts (allocating another block): the copy goes
+    assert reading.wait(60), "the next step did not start the copy"
+    assert not finished.is_set()  # settle_saves returned while the copy was still held: nothing waited for it
+    hold.set()
     w.settle_saves()
     assert w.take_stats().saved_chunks == 1
 
     monkeypatch.setattr(wm, "_COPY_GATE_S", 0.2)  # no next step: the copy starts by itself
     b = chunk(51)
     read_at.clear()
+    reading.clear()
     t0 = time.perf_counter()
     w.save(KVReuseMetadata(saves=[ReqSave("r2", [3, 4], [computed(w, [3, 4], 0, b, C0)])]), wait=False)
-    deadline = time.monotonic() + 10
-    while not read_at and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert read_at and 0.15 <= read_at[0] - t0 < 5.0
+    assert reading.wait(60), "the copy never started by itself"
+    assert read_at[0] - t0 >= 0.15  # not before the gate time (a lower bound: no busy machine breaks it)
     w.close()
 
 

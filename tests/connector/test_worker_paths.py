@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -61,7 +62,7 @@ def test_save_then_load_relocated(backend):
     # request 2: the same chunk at 37..57 in blocks [6, 0, 2, 5]
     blocks2 = [6, 0, 2, 5]
     item = LoadItem(key, toks, 0, n, dst0, context_signature(()), "reorder")
-    w.start_load(KVReuseMetadata(loads=[ReqLoad("r2", blocks2, [item])]))
+    w.start_load(KVReuseMetadata(loads=[ReqLoad("r2", blocks2, [item], fidelity="fast")]))
     for name in caches:
         w.load_layer(name)
     slots2 = block_slots(blocks2, BS, dst0, dst0 + n)
@@ -98,7 +99,7 @@ def test_cpu_load_of_many_chunks_writes_what_the_reference_places(backend, tile,
         chunks.append((k, v, torch.arange(src0, src0 + n), torch.arange(start, start + n)))
         start += n
     w.store.flush()
-    w.start_load(KVReuseMetadata(loads=[ReqLoad("r", blocks, items)]))
+    w.start_load(KVReuseMetadata(loads=[ReqLoad("r", blocks, items, fidelity="fast")]))
     for name in caches:
         w.load_layer(name)
     assert not w.take_failed_blocks()
@@ -151,7 +152,7 @@ def test_amx_page_load_through_vllms_writer_is_what_kvreuses_own_writes_give():
         items[1] = LoadItem(items[1].key, items[1].token_ids, 30, 130, items[1].dst_start + 30, items[1].context,
                             "exact")  # a piece of a chunk (edge fill)
         w.store.flush()
-        w.start_load(KVReuseMetadata(loads=[ReqLoad("r", [3, 0, 2], items)]))
+        w.start_load(KVReuseMetadata(loads=[ReqLoad("r", [3, 0, 2], items, fidelity="fast")]))
         for name in caches:
             w.load_layer(name)
         assert not w.take_failed_blocks()
@@ -168,7 +169,7 @@ def test_failed_load_reports_blocks_and_lost_key():
     caches = make_caches("CPU_ATTN")
     w.register(caches, "CPU_ATTN", H, D)
     item = LoadItem(b"z" * 16, tuple(range(40)), 0, 40, 20, context_signature(()), "exact")
-    w.start_load(KVReuseMetadata(loads=[ReqLoad("r", [4, 5, 6, 7], [item])]))
+    w.start_load(KVReuseMetadata(loads=[ReqLoad("r", [4, 5, 6, 7], [item], fidelity="fast")]))
     assert w.take_failed_blocks() == {5, 6, 7}   # tokens 20..60 live in blocks 1..3 of the request
     rep = w.take_report()
     assert rep.lost_keys == [b"z" * 16] and rep.failed_req_ids == ["r"]  # counted by the scheduler
@@ -195,12 +196,26 @@ def test_stats_merge_and_carrier():
 
 def _stats_once_redis_reads(w: WorkerSide, entries: int) -> ReuseStats:
     """The worker's stats once its redis gauge reads `entries` (Redis is read in the background, a period apart)."""
-    for i in range(100):
-        s = w.take_stats(now=1000.0 * (i + 1))
+    deadline, i = time.monotonic() + 30, 0  # a hang guard, not a speed bound
+    while time.monotonic() < deadline:
+        i += 1
+        s = w.take_stats(now=1000.0 * i)
         if s.store_entries.get("redis") == entries:
             return s
         time.sleep(0.02)
     raise AssertionError(f"the redis gauge never read {entries} entries: {s.store_entries}")
+
+
+class _CallerThreads:
+    """Wraps a method: records the thread of every call, and the keyword arguments of each."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.threads, self.kwargs = fn, [], []
+
+    def __call__(self, *args, **kw):
+        self.threads.append(threading.get_ident())
+        self.kwargs.append(kw)
+        return self.fn(*args, **kw)
 
 
 def test_redis_tier_gauges_count_its_entries():
@@ -226,9 +241,10 @@ def test_redis_tier_gauges_count_its_entries():
         srv.close()
 
 
-def test_a_step_waits_no_longer_than_the_load_timeout_for_a_stalled_redis():
+def test_a_step_waits_no_longer_than_the_load_timeout_for_a_stalled_redis(monkeypatch):
     """Chunks only Redis holds, Redis stopped (SIGSTOP): the step's loads give up after `load_timeout_seconds`
-    in all, every claimed block is reported for recompute, and the timeouts are counted."""
+    in all (the first waits it out, the second gets what is left: nothing), every claimed block is reported for
+    recompute, and the timeouts are counted; the stats' Redis read never runs on the step's thread."""
     srv = redis_server_or_skip()
     try:
         cfg = ConnectorConfig(store=StoreConfig(redis_url=srv.url, redis_bytes=1 << 24), load_timeout_seconds=0.5)
@@ -242,23 +258,29 @@ def test_a_step_waits_no_longer_than_the_load_timeout_for_a_stalled_redis():
                  for j in range(2)]
         w.save(KVReuseMetadata(saves=[ReqSave("r1", [0, 1], items)]))
         w.store.flush()  # no memory tier: Redis alone holds them
-        loads = [ReqLoad(f"q{j}", [4 + j], [LoadItem(it.key, it.token_ids, 0, 16, 0, ctx, "exact")])
+        loads = [ReqLoad(f"q{j}", [4 + j], [LoadItem(it.key, it.token_ids, 0, 16, 0, ctx, "exact")], fidelity="fast")
                  for j, it in enumerate(items)]
+        gets, usage = _CallerThreads(w.store.get), _CallerThreads(w.store.redis.usage)
+        monkeypatch.setattr(w.store, "get", gets)
+        monkeypatch.setattr(w.store.redis, "usage", usage)
         os.kill(srv.proc.pid, signal.SIGSTOP)
         try:
             t0 = time.monotonic()
             w.start_load(KVReuseMetadata(loads=loads))
             w.finish_loads()
-            took = time.monotonic() - t0
-            t0 = time.monotonic()
+            assert time.monotonic() - t0 >= 0.5  # the first load waited its timeout (a lower bound)
             stats = [w.take_stats(now=100.0), w.take_stats(now=102.0)]  # the gauges' Redis read: in the background
-            assert time.monotonic() - t0 < 0.2
         finally:
             os.kill(srv.proc.pid, signal.SIGCONT)
-        assert took < 0.5 + 0.5, f"the step waited {took:.2f}s"
+        timeouts = [kw["timeout"] for kw in gets.kwargs]  # one budget for the step, not one per load:
+        assert len(timeouts) == 2 and 0.0 < timeouts[0] <= 0.5 and timeouts[1] == 0.0  # the second gets none
+        deadline = time.monotonic() + 30  # the Redis read the stats started runs once Redis answers (a hang guard)
+        while not usage.threads and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert usage.threads and threading.get_ident() not in usage.threads  # never on the step's thread
         assert w.take_failed_blocks() == {4, 5} and w.take_report().failed_req_ids == ["q0", "q1"]
         assert stats[0].load_timeouts == 2
-        w.start_load(KVReuseMetadata(loads=[ReqLoad("q2", [6], loads[0].items)]))  # Redis answers again
+        w.start_load(KVReuseMetadata(loads=[ReqLoad("q2", [6], loads[0].items, fidelity="fast")]))  # Redis answers again
         w.finish_loads()
         assert w.take_failed_blocks() == set() and w.take_stats(now=104.0).reused_tokens == 16
         w.close()

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("vllm")
 
 from kvreuse.connector.claim import LoadItem, SaveItem, context_signature  # noqa: E402
-from kvreuse.connector.config import ChunkingConfig, ConnectorConfig  # noqa: E402
+from kvreuse.connector.config import ChunkingConfig, ConnectorConfig, PolicyConfig  # noqa: E402
 from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave  # noqa: E402
 from kvreuse.connector.mrope import as_tuple  # noqa: E402
 from kvreuse.connector.scheduler import SchedulerSide  # noqa: E402
@@ -50,7 +50,8 @@ def _request(rid, toks, feats, params=None):
 
 
 def test_scheduler_counts_encoder_inputs_and_reused_items():
-    sched = SchedulerSide(ConnectorConfig(chunking=ChunkingConfig(min_tokens=4, avg_tokens=8, max_tokens=16)),
+    sched = SchedulerSide(ConnectorConfig(chunking=ChunkingConfig(min_tokens=4, avg_tokens=8, max_tokens=16),
+                                          policy=PolicyConfig(fidelity="fast")),
                           b"m" * 16, frozenset(), positions_fn=_fn("qwen2_vl"))
     a, b, c = Item("a"), Item("b"), Item("c")
     t1, f1 = build([[50] * 10, a, [51] * 5, b, [52] * 6])
@@ -128,7 +129,7 @@ def test_worker_places_an_image_by_its_mrope_positions():
     entry_pos = w.store.fetch(ChunkKey(key), list(toks)).result().positions
     assert torch.equal(entry_pos, p1[:, o1:o1 + n]), "stored entries keep [3, T] positions"
     item = LoadItem(key, toks, 0, n, o2, context_signature(()), "blind", as_tuple(p2[:, o2:o2 + n]))
-    w.start_load(KVReuseMetadata(loads=[ReqLoad("r2", blocks2, [item])]))
+    w.start_load(KVReuseMetadata(loads=[ReqLoad("r2", blocks2, [item], fidelity="fast")]))
     for name in caches:
         w.load_layer(name)
     slots2 = block_slots(blocks2, BS, o2, o2 + n)
@@ -141,6 +142,6 @@ def test_worker_places_an_image_by_its_mrope_positions():
     bad = p2[:, o2:o2 + n].clone()
     bad[1] = bad[0]
     w.start_load(KVReuseMetadata(loads=[ReqLoad("r3", blocks2, [LoadItem(key, toks, 0, n, o2, context_signature(()),
-                                                                         "blind", as_tuple(bad))])]))
+                                                                         "blind", as_tuple(bad))], fidelity="fast")]))
     assert w.take_failed_blocks() and w.take_report().lost_keys == [key]
     w.close()
