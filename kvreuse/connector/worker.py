@@ -31,8 +31,6 @@ import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -40,13 +38,12 @@ from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.fidelity import allows
 from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, ReqLoad, ReqSave
 from kvreuse.connector.mrope import chunk_shift
+from kvreuse.connector.placing import CacheWriter, Job, Placers
 from kvreuse.connector.stats import ReuseStats
 from kvreuse.errors import KVReuseError
 from kvreuse.layout import PagedLayout, Reading, from_vllm_view
-from kvreuse.ops import gather, place
-from kvreuse.ops.reference import compute_dtype, delta_cos_sin, relocate_reference, source_table_dtype
-from kvreuse.ops.validate import check_positions_pair
-from kvreuse.paged import block_slots, scatter_kv_runs, slot_runs
+from kvreuse.ops import gather
+from kvreuse.paged import block_slots
 from kvreuse.patch import fit_patch
 from kvreuse.rope.spec import RopeSpec
 from kvreuse.store import ChunkKey, ChunkStore, ModelFingerprint
@@ -56,13 +53,10 @@ from kvreuse.threads import enter_background
 
 log = logging.getLogger("kvreuse.connector")
 _STORE_SNAPSHOT_PERIOD_S = 1.0  # the store's gauges and counters are read at most this often
-_SERIAL_ELEMENTS = 32768  # PyTorch runs an op on at most this many elements on the calling thread (GRAIN_SIZE)
-_MAX_TILES = 8            # a CPU load of more tokens than this many serial tiles is relocated a layer at a time
 _MAX_COPIES_IN_FLIGHT = 8  # copy-outs queued on the copy thread before a save waits for them
 _COPY_GATE_S = 0.05  # a copy-out starts with the next step, or this long after its save when none comes
 
 
-CacheWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def layer_index(name: str) -> int:
@@ -97,36 +91,6 @@ def detect_layout(kv_cache: torch.Tensor, backend_name: str | None, num_kv_heads
                           block_size=block_size, kv_cache_dtype=kv_cache_dtype, kv_layout=kv_layout)
 
 
-@dataclass
-class _CpuPlan:
-    """What every layer of a CPU load shares, built at its first layer.
-
-    A layer's keys are relocated into `out`; for CPU_ATTN (keys stored transposed, Kᵀ `[D, N]` per
-    block and head) with tokens innermost, so that every op runs along contiguous tokens and each
-    block run's write is a plain strided copy.
-    """
-
-    table: tuple[torch.Tensor, torch.Tensor]  # the delta rotation's cos, sin: [N, rotary_dim // 2]
-    runs: list[tuple[int, int, int, int]]     # the slots as runs inside kernel blocks (`slot_runs`)
-    tiles: list[slice]                        # token ranges relocated op by op (see `_SERIAL_ELEMENTS`)
-    k: torch.Tensor                           # every item's keys, all layers: [L, N, H, D] ([L, H, D, N] CPU_ATTN)
-    v: torch.Tensor | None                    # [L, N, H, D] (None for MLA)
-    out: torch.Tensor                         # [N, H, D] view, compute dtype (the cache rounds it once)
-
-
-@dataclass
-class _Job:
-    """One layer-independent placement: the chunks of one request's load, concatenated (each item
-    with its own destination slots)."""
-
-    k: list[torch.Tensor]  # per item: [num_layers, n_i, H, D] (entry frame)
-    v: list[torch.Tensor]
-    src_pos: torch.Tensor  # [N], or [3, N] for M-RoPE
-    dst_pos: torch.Tensor  # [N], or [3, N] for M-RoPE
-    slots: torch.Tensor    # [N]
-    cpu: _CpuPlan | None = None
-
-
 class WorkerSide:
     def __init__(self, cfg: ConnectorConfig, rope: RopeSpec, fingerprint: ModelFingerprint, *,
                  store: ChunkStore | None = None) -> None:
@@ -144,7 +108,7 @@ class WorkerSide:
         self._stats = ReuseStats()
         self._last_store = None
         self._last_store_t = float("-inf")
-        self._jobs: list[_Job] = []
+        self._jobs: list[Job] = []
         self._layers_done: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._failed_reqs: set[str] = set()  # requests with a failed load in this step: nothing of theirs is saved
@@ -196,6 +160,7 @@ class WorkerSide:
             # hybrid/odd models: fall back to registration order
             self.layers = {n: i for i, n in enumerate(kv_caches)}
         self.spec = first
+        self._placers = Placers(self.rope, first, bool(self.writers))
         log.info("kvreuse: %d layers, backend %s (%s, KV cache layout %s), block size %d (kernel blocks of %d), %s",
                  len(self.layers), first.backend, first.reading.value, first.kv_layout or "?", first.block_size,
                  first.kernel_block_size, first.dtype)
@@ -217,7 +182,7 @@ class WorkerSide:
                 self._jobs.append(job)
         self._load_t = time.perf_counter() - t0 if meta.loads else 0.0
 
-    def _fetch(self, req: ReqLoad, deadline: float) -> _Job | None:
+    def _fetch(self, req: ReqLoad, deadline: float) -> Job | None:
         """Views of the request's chunks, each bound for the slots of its own `dst_start`.
 
         Waits for nothing but the chunks' own bytes, and for those until `deadline` (monotonic).
@@ -271,7 +236,7 @@ class WorkerSide:
                 self._stats.bytes_loaded[view.source] = self._stats.bytes_loaded.get(view.source, 0) + nb
         if not ks:
             return None
-        return _Job(ks, vs, torch.cat(src, dim=-1), torch.cat(dst, dim=-1), torch.cat(slots))
+        return Job(ks, vs, torch.cat(src, dim=-1), torch.cat(dst, dim=-1), torch.cat(slots))
 
     def _frame(self, pos: torch.Tensor) -> torch.Tensor:
         """Positions in the rope's frame: M-RoPE wants `[3, n]` (text at index positions: one row, thrice)."""
@@ -298,26 +263,9 @@ class WorkerSide:
         t0 = time.perf_counter()
         i = self.layers[layer_name]
         cache = self.caches[layer_name]
-        for job in self._jobs:
-            if cache.device.type == "cpu" and len({x.shape[0] for x in job.k}) == 1:
-                # CPU: one layer at a time, in ops small enough to stay on this
-                # thread (`_cpu_plan`); the keys are relocated, then written by block runs.
-                plan = job.cpu or self._cpu_plan(job)
-                # CPU_ATTN: [H, D, N], read as [N, H, D]
-                k = plan.k[i].permute(2, 0, 1) if self.spec.reading is Reading.CPU_ATTN else plan.k[i]
-                for t in plan.tiles:
-                    relocate_reference(k[t], job.src_pos, job.dst_pos, self.rope, out=plan.out[t],
-                                       table=(plan.table[0][t], plan.table[1][t]))
-                v = plan.v[i] if plan.v is not None else None
-                write = self.writers.get(layer_name)
-                if write is not None:
-                    write(plan.out.to(cache.dtype), v.to(cache.dtype), cache, job.slots)
-                else:
-                    scatter_kv_runs(cache, self.spec, plan.out, v, plan.runs)
-            else:  # GPU: the fused relocate + scatter kernel, straight into the layer's cache
-                k = torch.cat([x[i] for x in job.k])  # [N, H, D]
-                v = torch.cat([x[i] for x in job.v]) if self.spec.has_v else None
-                place(cache, self.spec, k, v, job.src_pos, job.dst_pos, job.slots, self.rope)
+        write = self.writers.get(layer_name)
+        for job in self._jobs:  # the CPU or the device path (`kvreuse.connector.placing`)
+            self._placers.for_job(job, cache).place_layer(job, i, cache, write)
         self._layers_done.add(layer_name)
         self._load_t += time.perf_counter() - t0
         if len(self._layers_done) == len(self.layers):
@@ -326,42 +274,6 @@ class WorkerSide:
                 self._stats.load_seconds.append(self._load_t)
                 self._load_obs = (self._load_obs[0] + self._load_t, self._load_obs[1] + ntok)
             self._jobs = []
-
-    def _cpu_plan(self, job: _Job) -> _CpuPlan:
-        """Shared by every layer of a CPU load: the rotation table, the slot runs, and the items' KV
-        concatenated once for all layers (one copy a load; per item and layer it was ~100 small ops a
-        layer).  Each op on more than `_SERIAL_ELEMENTS` elements would wake PyTorch's OpenMP team,
-        which costs more than a small op itself (~0.1 ms on a 2-core VM with the other core idle,
-        dozens of ops a load): a layer is relocated in token tiles under that size and written in runs
-        no longer than a tile, so that it runs on the calling thread; a load of more than `_MAX_TILES`
-        tiles runs in whole-layer ops, big enough for the team to pay off."""
-        assert self.spec is not None
-        src, dst = check_positions_pair(self.rope, job.src_pos, job.dst_pos, job.slots.numel())
-        dtype = job.k[0].dtype
-        ct = compute_dtype(dtype)
-        table = delta_cos_sin(self.rope, src, dst, ct, source_table_dtype(dtype))  # [N, rotary_dim // 2]
-        n, (h, d) = job.slots.numel(), job.k[0].shape[2:]
-        tile = max(1, _SERIAL_ELEMENTS // (h * d))
-        if n > _MAX_TILES * tile:
-            tile = n
-        tiles = [slice(t, t + tile) for t in range(0, n, tile)]
-        # the items concatenated once for every layer (one copy a load, not one per item and layer)
-        if self.spec.reading is Reading.CPU_ATTN:  # tokens innermost, as the transposed keys are written
-            k = torch.cat([x.permute(0, 2, 3, 1) for x in job.k], dim=-1)
-        else:
-            k = torch.cat(job.k, dim=1)
-        v = torch.cat(job.v, dim=1) if self.spec.has_v else None
-        # block runs for kvreuse's own writes (none needed where vLLM's write takes the AMX page)
-        runs = [] if self.writers else \
-            [(b, o + a, t + a, min(tile, m - a)) for b, o, t, m in slot_runs(self.spec, job.slots)
-             for a in range(0, m, tile)]
-        if self.spec.reading is Reading.CPU_ATTN:
-            table = tuple(t.t().contiguous().t() for t in table)
-            out = torch.empty(h, d, n, dtype=ct).permute(2, 0, 1)
-        else:
-            out = torch.empty(n, h, d, dtype=ct)
-        job.cpu = _CpuPlan(table, runs, tiles, k, v, out)
-        return job.cpu
 
     def finish_loads(self) -> None:
         """Place any layer whose attention did not call `wait_for_layer_load` (then nothing is lost)."""

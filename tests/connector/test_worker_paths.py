@@ -16,7 +16,7 @@ from kvreuse.connector.claim import LoadItem, SaveItem, context_signature  # noq
 from kvreuse.connector.config import ConnectorConfig  # noqa: E402
 from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport, ReqLoad, ReqSave  # noqa: E402
 from kvreuse.connector.stats import KVReuseConnectorStats, ReuseStats  # noqa: E402
-from kvreuse.connector import worker as worker_module  # noqa: E402
+from kvreuse.connector import placing as placing_module  # noqa: E402
 from kvreuse.connector.worker import WorkerSide, detect_layout, layer_index  # noqa: E402
 from kvreuse.ops import place, relocate  # noqa: E402
 from kvreuse.errors import KVReuseError  # noqa: E402
@@ -85,7 +85,7 @@ def test_cpu_load_of_many_chunks_writes_what_the_reference_places(backend, tile,
     innermost for CPU_ATTN's transposed keys) writes the cache bit for bit as the reference `place` does,
     chunk by chunk."""
     if tile is not None:
-        monkeypatch.setattr(worker_module, "_SERIAL_ELEMENTS", tile * H * D)
+        monkeypatch.setattr(placing_module, "_SERIAL_ELEMENTS", tile * H * D)
     w = WorkerSide(ConnectorConfig(), ROPE, ModelFingerprint("Tiny", "w", "bfloat16"))
     caches = make_caches(backend, torch.bfloat16)
     w.register(caches, backend, H, D)
