@@ -66,6 +66,9 @@ class ChunkEntry:
         k, v: base KV, ``[num_layers, num_tokens, num_kv_heads, head_dim]``.
         context: signature of the context the base KV was computed in.
         in_context: full KV computed in other contexts, ``{signature: (k, v)}`` with base's shape.
+        frames: ``{signature: positions}`` for in-context KV computed at other positions than the base:
+            kept in its own frame, unrotated, so that an exact claim (same context, so same positions)
+            reads it bit for bit as computed (a rotation into the base's frame and back rounds twice).
         patches: conditioning patches ``{signature: Patch}`` fitted on in-context − base.
         recompute_cost: estimated seconds to recompute this chunk's KV (vision encoder included).
         hits, last_use: reuse bookkeeping (``last_use`` in ``time.monotonic()`` seconds).
@@ -81,6 +84,7 @@ class ChunkEntry:
     v: torch.Tensor
     context: bytes = ISOLATED
     in_context: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    frames: dict[bytes, torch.Tensor] = field(default_factory=dict)
     patches: dict[bytes, Any] = field(default_factory=dict)
     recompute_cost: float = 0.0
     hits: int = 0
@@ -106,6 +110,11 @@ class ChunkEntry:
         self.in_context = {as_signature(c): kv for c, kv in self.in_context.items()}
         for c, (ck, cv) in self.in_context.items():
             self._check_like_base(c, ck, cv)
+        self.frames = {as_signature(c): torch.as_tensor(p, dtype=torch.int64).cpu() for c, p in self.frames.items()
+                       if as_signature(c) in self.in_context}
+        for c, p in self.frames.items():
+            if p.shape != self.positions.shape:
+                raise ValueError(f"frame of {c!r}: expected {tuple(self.positions.shape)}, got {tuple(p.shape)}")
         self.patches = {as_signature(c): p for c, p in self.patches.items()}
         if self.recompute_cost <= 0:
             self.recompute_cost = self.num_tokens * self.num_layers * SECONDS_PER_TOKEN_LAYER
@@ -142,6 +151,7 @@ class ChunkEntry:
         n = _tensor_bytes(self.k) + _tensor_bytes(self.v)
         n += _tensor_bytes(self.token_ids) + _tensor_bytes(self.positions)
         n += sum(_tensor_bytes(a) + _tensor_bytes(b) for a, b in self.in_context.values())
+        n += sum(_tensor_bytes(p) for p in self.frames.values())
         n += sum(int(p.nbytes) for p in self.patches.values())
         return n
 
@@ -150,15 +160,18 @@ class ChunkEntry:
         return bool(self.in_context)
 
     # mutation
-    def add_context_kv(self, context: bytes | str, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Record KV of this chunk computed in ``context`` (same positional frame as the base).
+    def add_context_kv(self, context: bytes | str, k: torch.Tensor, v: torch.Tensor,
+                       positions: torch.Tensor | None = None) -> None:
+        """Record KV of this chunk computed in ``context``, at ``positions`` (None: the base's frame).
 
-        k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``.
+        k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``; kept in their own frame (see ``frames``).
         """
         ctx = as_signature(context)
         self._check_like_base(ctx, k, v)
         if ctx != self.context:
             self.in_context[ctx] = (k.to(self.k.device), v.to(self.k.device))
+            if positions is not None and not torch.equal(positions.cpu(), self.positions):
+                self.frames[ctx] = torch.as_tensor(positions, dtype=torch.int64).cpu()
 
     def add_patch(self, context: bytes | str, patch: Any) -> None:
         """Record a conditioning patch for ``context``."""
@@ -172,8 +185,9 @@ class ChunkEntry:
         lock and adds them with :meth:`add_patch`.  Until then this entry reads those contexts as base
         KV (the store keeps serving the dropped KV while the fit runs).
         """
-        out = [(c, ck, cv) for c, (ck, cv) in self.in_context.items() if c not in self.patches]
-        self.in_context = {}
+        # (a context kept in its own frame and fitted no patch at capture reads as base KV from now on)
+        out = [(c, ck, cv) for c, (ck, cv) in self.in_context.items() if c not in self.patches and c not in self.frames]
+        self.in_context, self.frames = {}, {}
         return out
 
     def has_context(self, context: bytes | str) -> bool:
@@ -201,6 +215,9 @@ class ChunkEntry:
         elif ctx in self.in_context:
             ck, cv = self.in_context[ctx]
             k, v, how = ck[ls, ts], cv[ls, ts], "exact"
+            if ctx in self.frames:  # computed at other positions than the base: read in its own frame
+                return ChunkView(key=self.key, token_ids=self.token_ids[ts], positions=self.frames[ctx][..., ts],
+                                 k=k, v=v, how=how, context=ctx)
         elif ctx in self.patches:
             start, stop, step = ts.indices(self.num_tokens)
             if step != 1:
@@ -218,8 +235,8 @@ class ChunkEntry:
     def shallow_copy(self) -> "ChunkEntry":
         """A copy sharing the tensors, with its own context and patch maps (safe to serialise on
         another thread while this entry gains or drops contexts)."""
-        return dataclasses.replace(self, in_context=dict(self.in_context), patches=dict(self.patches),
-                                   preceding=dict(self.preceding))
+        return dataclasses.replace(self, in_context=dict(self.in_context), frames=dict(self.frames),
+                                   patches=dict(self.patches), preceding=dict(self.preceding))
 
     def to(self, device: torch.device | str, *, pin: bool = False) -> "ChunkEntry":
         """A copy of this entry with every tensor on ``device`` (pinned when ``pin`` and CPU)."""
@@ -232,7 +249,7 @@ class ChunkEntry:
         return ChunkEntry(key=self.key, token_ids=self.token_ids, positions=self.positions,
                           k=mv(self.k), v=mv(self.v), context=self.context,
                           in_context={c: (mv(a), mv(b)) for c, (a, b) in self.in_context.items()},
-                          patches=patches, recompute_cost=self.recompute_cost,
+                          frames=dict(self.frames), patches=patches, recompute_cost=self.recompute_cost,
                           hits=self.hits, last_use=self.last_use, preceding=dict(self.preceding))
 
 

@@ -7,9 +7,10 @@ are served from these bytes) and queues it on the store's bounded ingest lane; a
 decides:
 
 * a key the store does not hold becomes a new entry (``ChunkStore.put``);
-* a stored key computed in another context: its KV is relocated into the entry's positional
-  frame (``kvreuse.ops.relocate``), its patch fitted on in-context − base, and both are added
-  to the entry if the memory tier can make room — the patch first, as it is the smaller;
+* a stored key computed in another context: its KV is kept as computed, in its own positional
+  frame (``ChunkEntry.frames``: an exact claim reads it unrotated), its patch fitted on in-context −
+  base in the entry's frame (``kvreuse.ops.relocate``), and both are added to the entry if the
+  memory tier can make room — the patch first, as it is the smaller;
 * a context the entry already holds is a no-op.
 
 Fits (SVDs) and any disk or Redis reads run outside the store's lock; the lock is taken to look
@@ -203,17 +204,19 @@ class Ingester:
             return
         if base.has_context(e.context):
             return
-        k = e.k
-        if not torch.equal(e.positions, base.positions):
-            if job.rope is None:
-                raise ValueError("ingest: a chunk at other positions than its stored entry needs `rope`")
-            from kvreuse.ops import relocate
+        k, v = e.k.to(base.k.device), e.v.to(base.k.device)  # kept in its own frame (`ChunkEntry.frames`)
+        patch = None
+        if self.capture_patches:
+            fk = k
+            if not torch.equal(e.positions, base.positions):
+                if job.rope is None:
+                    raise ValueError("ingest: a chunk at other positions than its stored entry needs `rope`")
+                from kvreuse.ops import relocate
 
-            k = relocate(e.k, e.positions, base.positions, job.rope)  # into the entry's frame
-        k, v = k.to(base.k.device), e.v.to(base.k.device)
-        patch = self.fit(k, v, base.k, base.v) if self.capture_patches else None
+                fk = relocate(k, e.positions, base.positions, job.rope)  # the patch is fitted in the entry's frame
+            patch = self.fit(fk, v, base.k, base.v)
         with self.lock:
-            self.publish_context(e.key, e.context, base, (k, v), patch, e.preceding.get(e.context))
+            self.publish_context(e.key, e.context, base, (k, v), patch, e.preceding.get(e.context), e.positions)
 
     def fit(self, k: torch.Tensor, v: torch.Tensor, base_k: torch.Tensor, base_v: torch.Tensor) -> Any:
         """A patch for in-context ``k, v`` over the base (all ``[L, N, H, D]``), or None (no fit, or it failed)."""
@@ -230,7 +233,7 @@ class Ingester:
 
     def publish_context(self, key: ChunkKey, ctx: bytes, base: ChunkEntry,
                         kv: tuple[torch.Tensor, torch.Tensor] | None, patch: Any,
-                        preceding: tuple[bytes, ...] | None = None) -> None:
+                        preceding: tuple[bytes, ...] | None = None, positions: torch.Tensor | None = None) -> None:
         """With the lock held: add a context's patch, then its KV, to ``key``'s memory entry if room allows.
 
         ``base`` is the entry both were computed against; skipped when that entry left memory or
@@ -251,7 +254,7 @@ class Ingester:
             if kv is not None and ctx not in cur.in_context:
                 n = sum(x.numel() * x.element_size() for x in kv)
                 if self.tiers.make_room(i, n, protect=key):
-                    cur.add_context_kv(ctx, *kv)
+                    cur.add_context_kv(ctx, *kv, positions)
                     t.resized(key)
                     self.stats.ingested_contexts += 1
             if preceding and cur.has_context(ctx):

@@ -8,7 +8,7 @@ Layout::
                payload checksum)
     payload  : segments back to back: k.0, v.0, k.1, v.1, ... (one layer's base K and V each,
                so a reader can verify and hand out layer i before layer i+1 arrives), then
-               in-context KV ("ctx.J.k", "ctx.J.v") and patch tensors ("patch.J.NAME").
+               in-context KV ("ctx.J.k", "ctx.J.v", and "ctx.J.pos" where it has its own frame) and patch tensors ("patch.J.NAME").
 
 Every segment carries its own xxh3_64 and the header carries xxh3_64 of the whole payload.
 Tensors are stored as their raw bytes (bf16 through a uint8 view), so round trips are bit-exact.
@@ -178,6 +178,8 @@ def plan(entry: ChunkEntry, model: bytes) -> tuple[bytes, list[np.ndarray]]:
     for j, c in enumerate(contexts):
         ck, cv = entry.in_context[c]
         tensors += [(f"ctx.{j}.k", ck), (f"ctx.{j}.v", cv)]
+        if c in entry.frames:  # computed at other positions than the base: its own frame
+            tensors.append((f"ctx.{j}.pos", entry.frames[c]))
     patch_contexts = list(entry.patches)
     for j, c in enumerate(patch_contexts):
         for name, t in entry.patches[c].state_dict().items():
@@ -292,6 +294,7 @@ def assemble(h: EntryHeader, tensors: dict[str, torch.Tensor],
         k = torch.stack([tensors[f"k.{i}"] for i in range(L)]) if L else empty
         v = torch.stack([tensors[f"v.{i}"] for i in range(L)]) if L else empty
     in_ctx = {c: (tensors[f"ctx.{j}.k"], tensors[f"ctx.{j}.v"]) for j, c in enumerate(h.contexts)}
+    frames = {c: tensors[f"ctx.{j}.pos"].cpu() for j, c in enumerate(h.contexts) if f"ctx.{j}.pos" in tensors}
     patches = {}
     for j, c in enumerate(h.patch_contexts):
         pre = f"patch.{j}."
@@ -300,7 +303,7 @@ def assemble(h: EntryHeader, tensors: dict[str, torch.Tensor],
             continue  # no patch class available: the base still serves
         patches[c] = patch_from_state_dict(sd)
     return ChunkEntry(key=h.key, token_ids=h.token_ids, positions=h.positions, k=k, v=v, context=h.context,
-                      in_context=in_ctx, patches=patches, recompute_cost=h.recompute_cost, hits=h.hits,
+                      in_context=in_ctx, frames=frames, patches=patches, recompute_cost=h.recompute_cost, hits=h.hits,
                       preceding=dict(h.preceding))
 
 

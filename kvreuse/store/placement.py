@@ -138,7 +138,7 @@ class TierStack:
         if not grow or not self.make_room(i, grow, protect=new.key):
             return False
         for c, (k, v) in add_ctx.items():
-            e.add_context_kv(c, k, v)
+            e.add_context_kv(c, k, v, new.frames.get(c, new.positions))
         for c, p in add_patch.items():
             e.add_patch(c, p)
         for c in (*add_ctx, *add_patch):

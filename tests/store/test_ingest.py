@@ -50,23 +50,26 @@ def _in_context(e, seed: int):
     return (e.k.float() + 0.2 * w).to(e.k.dtype), (e.v.float() - 0.2 * w).to(e.v.dtype)
 
 
-def test_new_entry_then_new_context_relocated_into_the_entry_frame():
-    e = make_entry(1, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_new_context_is_kept_as_computed_in_its_own_frame(dtype):
+    """In-context KV computed at other positions than the entry's is read back bit for bit at those positions (an
+    exact claim places it unrotated); its patch is fitted in the entry's frame and serves other positions."""
+    e = make_entry(1, layers=2, tokens=12, heads=4, dim=16, dtype=dtype)
     ck, cv = _in_context(e, 5)
+    ck40 = relocate(ck, e.positions, e.positions + 40, ROPE)  # the chunk computed 40 positions later, elsewhere
     with ChunkStore(StoreConfig(device_bytes=1 << 20), FP, fit_patch=functools.partial(fit_patch, budget=None)) as st:
         assert _ingest(st, e)
         st.flush()
-        # the same chunk computed elsewhere in the prompt (40 positions later) after other chunks
-        assert _ingest(st, e, context=b"ctx-A", shift=40, k=relocate(ck, e.positions, e.positions + 40, ROPE), v=cv)
+        assert _ingest(st, e, context=b"ctx-A", shift=40, k=ck40, v=cv)
         st.flush()
         exact = st.get(e.key, e.token_ids, context=b"ctx-A")
-        assert exact.how == "exact" and torch.equal(exact.positions, e.positions)
-        torch.testing.assert_close(exact.k, ck, atol=1e-5, rtol=1e-5)  # back in the entry's frame
-        torch.testing.assert_close(exact.v, cv)
+        assert exact.how == "exact" and torch.equal(exact.positions, e.positions + 40)
+        assert torch.equal(exact.k, ck40) and torch.equal(exact.v, cv)   # as computed: no rounding in between
         s = st.snapshot_stats()
         assert (s.ingests, s.ingested_entries, s.ingested_contexts, s.captured_patches) == (2, 1, 1, 1)
-        st.demote(e.key)  # the context keeps its patch: served patched, no fit needed now
-        assert st.get(e.key, e.token_ids, context=b"ctx-A").how == "patched"
+        st.demote(e.key)  # the context keeps its patch: served patched, in the entry's frame
+        patched = st.get(e.key, e.token_ids, context=b"ctx-A")
+        assert patched.how == "patched" and torch.equal(patched.positions, e.positions)
         assert st.take_events().demoted == [e.key]
 
 
@@ -119,9 +122,9 @@ def test_a_context_still_queued_for_ingest_is_served_its_own_kv_never_base():
         finally:
             fit.release.set()
         st.flush()
-        for ctx in (b"ctx-A", b"ctx-B"):
+        for ctx, shift in ((b"ctx-A", 40), (b"ctx-B", 80)):  # stored in the frame it was computed in
             view = st.get(e.key, e.token_ids, context=ctx)
-            assert (view.how, view.source) == ("exact", "device") and torch.equal(view.positions, e.positions)
+            assert (view.how, view.source) == ("exact", "device") and torch.equal(view.positions, e.positions + shift)
         assert st.pending_bytes() == {"ingest": 0, "work": 0}  # nothing handed over is held any more
 
 
