@@ -22,18 +22,20 @@ step (p50 from the `kvreuse_load_seconds` histogram, interpolated in its bucket,
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.serve_common import (ARMS, arm_order, bench_model_spec, client_medians, client_run,  # noqa: E402
-                                fmt, host_label, print_client_table, serve, warm_seed, write_json)
+from bench.common_cli import bench_parser, kvreuse_config, parse_bench_args, rep_seed, write_result  # noqa: E402
+from bench.common_client import (add_client_options, client_arms, client_medians, jsonl_dataset,  # noqa: E402
+                                 load_args, print_client_table)
+from bench.serve_common import bench_model_spec, build_bench_model, fmt, host_text, serve, warm_seed  # noqa: E402
+
+QUICK = {"prompts": 12, "repeats": 1}
 
 
 def rag_prompts(n: int, *, passages: int, per_prompt: int, joiner: str, question_words: int, seed: int,
@@ -47,53 +49,29 @@ def rag_prompts(n: int, *, passages: int, per_prompt: int, joiner: str, question
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_parser(__doc__, repeats=3, quick="smoke test: 12 prompts, 1 repeat")
+    add_client_options(ap, prompts=48)
     ap.add_argument("--passages", type=int, default=12)
     ap.add_argument("--per-prompt", type=int, default=4)
-    ap.add_argument("--prompts", type=int, default=48)
-    ap.add_argument("--concurrency", type=int, default=2)
-    ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--question-words", type=int, default=16)
     ap.add_argument("--joiner", default="\n\n",
                     help='text between passages (and before the question); " " leaves CDC cuts only')
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kvreuse-config", default=None, help="JSON for the kvreuse arm (default: serve_common's)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 12 prompts, 1 repeat")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
-    a = ap.parse_args()
-    if a.quick:
-        a.prompts, a.repeats = 12, 1
-    from kvreuse.models import build_tiny_model
-    from kvreuse.models.tiny import tiny_words
-
+    a = parse_bench_args(ap, QUICK)
     spec = bench_model_spec()
-    model_dir = str(build_tiny_model(None, spec))
-    words = tiny_words(spec.vocab_size)
+    model_dir, words = build_bench_model(spec)
     shape = dict(passages=a.passages, per_prompt=a.per_prompt, joiner=a.joiner, question_words=a.question_words,
                  words=words)
-    kvcfg = json.loads(a.kvreuse_config) if a.kvreuse_config else None
     tmp = tempfile.mkdtemp(prefix="kvreuse-rag-bench-")
-    runs = {arm: [] for arm in ARMS}
-    commands: dict[str, str] = {}
-    t0 = time.time()
-    for rep in range(a.repeats):
-        seed = 1000 * (a.seed + 1) + rep
-        dataset = os.path.join(tmp, f"rag-{rep}.jsonl")
-        with open(dataset, "w") as f:
-            for p in rag_prompts(a.prompts, seed=seed, **shape):
-                f.write(json.dumps({"prompt": p, "output_tokens": a.output_len}) + "\n")
-        warm = rag_prompts(2, seed=warm_seed(seed), **shape)
-        args = ["--dataset-name", "custom", "--dataset-path", dataset, "--num-prompts", str(a.prompts),
-                "--custom-output-len", str(a.output_len), "--skip-chat-template", "--disable-shuffle",
-                "--ignore-eos", "--max-concurrency", str(a.concurrency), "--request-rate", "inf", "--seed", str(seed)]
-        for arm in arm_order(rep):
-            with serve(arm, model_dir, kvreuse_config=kvcfg, log_dir=tmp) as srv:
-                runs[arm].append(client_run(srv, model_dir, args, warm))
-                commands[arm] = srv.command()
-    elapsed = time.time() - t0
 
-    m, ratios = client_medians(runs)
+    def prepare(rep: int) -> tuple[list[str], list[str]]:  # (client options of the repeat's dataset, warm-up)
+        seed = rep_seed(a.seed, rep)
+        dataset = jsonl_dataset(os.path.join(tmp, f"rag-{rep}.jsonl"), rag_prompts(a.prompts, seed=seed, **shape),
+                                a.output_len)
+        return dataset + load_args(a, seed), rag_prompts(2, seed=warm_seed(seed), **shape)
+
+    runs = client_arms(a.repeats, model_dir, prepare,
+                       lambda arm, rep: serve(arm, model_dir, kvreuse_config=kvreuse_config(a), log_dir=tmp))
+    m, ratios = client_medians(runs.runs)
     k = m["kvreuse"]
     summary = {**ratios, "placed_share": k["placed_share"], "load_ms_p50": k["load_ms_p50"],
                "targets": {"placed_share": ">= 0.65", "mean_ttft_ratio": "<= 0.50", "p99_ttft_ratio": "<= 1.0",
@@ -101,13 +79,13 @@ def main() -> int:
     print(f"\nRAG via vllm.benchmarks.serve (custom JSONL, /v1/completions): {a.per_prompt} of {a.passages} passages "
           f"per prompt, random order, joined by {json.dumps(a.joiner)}, {a.prompts} prompts, {a.concurrency} "
           f"concurrent, {a.output_len} output tokens; model: tiny llama 8 layers, hidden 512, bf16; medians of "
-          f"{a.repeats} repeats (one server at a time); {host_label()}; {elapsed:.0f} s")
-    print_client_table(m, ratios, runs)
+          f"{a.repeats} repeats (one server at a time); {host_text()}; {runs.elapsed_s:.0f} s")
+    print_client_table(m, ratios, runs.runs)
     print(f"targets: placed >= 65% (got {fmt(k['placed_share'], '.1%')}), mean TTFT <= 0.50x "
           f"(got {fmt(ratios['mean_ttft_ratio'])}), p99 <= 1.00x (got {fmt(ratios['p99_ttft_ratio'])}), "
           f"load p50 <= 15 ms (got {fmt(k['load_ms_p50'], '.1f')})")
-    write_json(a.out, {"bench": "rag", "args": vars(a), "model": spec.tag(), "medians": m, "summary": summary,
-                       "runs": runs, "elapsed_s": elapsed, "server_commands": commands, "client_args": args})
+    write_result(a, "rag", model=spec.tag(), medians=m, summary=summary, **runs.fields(),
+                 client_args=runs.prepared[-1][0])
     return 0
 
 

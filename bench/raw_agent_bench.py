@@ -23,17 +23,23 @@ counts vLLM's prefix hit and kvreuse's placed tokens), kvreuse's claims by polic
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.serve_common import (ARMS, arm_order, bench_model_spec, delta, fmt, host_label,  # noqa: E402
-                                median, print_spread, ratio, reuse_summary, serve, settle, stream_completion,
-                                turn_spread, warm_seed, write_json)
+from bench.common_cli import bench_parser, kvreuse_config, parse_bench_args, rep_seed, write_result  # noqa: E402
+from bench.common_table import Col, print_table  # noqa: E402
+from bench.common_turns import (TTFT_COLS, agent_turn, claims_cell, from_turn2, openai_client, replay,  # noqa: E402
+                                segments_cell, spreads, stream_completion, ttft_cells, turn_median, turn_share)
+from bench.serve_common import (ARMS, alternate_arms, bench_model_spec, build_bench_model, fmt, host_text,  # noqa: E402
+                                median, serve, warm_seed)
+
+QUICK = {"turns": 3, "repeats": 1}
+COLS = (Col("turn", 4), Col("prompt", 6, ".0f"), Col("reusable", 8, ".0%"), "|", *TTFT_COLS, "|",
+        Col("placed", 6, ".0%"), Col("cached kvr", 10, ".0%"), Col("cached pfx", 10, ".0%"), "|",
+        Col("segs p/c", 8), Col("gap tok", 7, ".0f"), "|", Col("claims by policy"))
 
 
 def raw_agent_trace(turns: int, *, window: int, frame_words: int, sep_words: int, system_words: int,
@@ -65,25 +71,14 @@ def raw_agent_trace(turns: int, *, window: int, frame_words: int, sep_words: int
 
 def run_arm(server, model: str, trace: list[dict], warm: list[dict]) -> list[dict]:
     """Replay `trace` on one server (after `warm`); one row of measurements per turn."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=600)
-    for turn in warm:
-        stream_completion(client, model, turn["prompt"])
-    before = settle(server.url)
-    rows = []
-    for turn in trace:
-        s, prompt, cached = stream_completion(client, model, turn["prompt"])
-        after = settle(server.url)
-        d = delta(after, before)
-        before = after
-        rows.append({"ttft_s": s, "prompt_tokens": prompt, "cached_tokens": cached,
-                     "prefix_cache_hits": int(d.get("vllm:prefix_cache_hits_total", 0)), **reuse_summary(d)})
-    return rows
+    client = openai_client(server.url)
+    return replay(server, lambda turn: stream_completion(client, model, turn["prompt"]), trace, warm,
+                  lambda d: {"prefix_cache_hits": int(d.get("vllm:prefix_cache_hits_total", 0))})
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_parser(__doc__, repeats=3, quick="smoke test: 3 turns, 1 repeat",
+                      dtype="vLLM's --dtype for both arms (the checkpoint is bf16)")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--window", type=int, default=5)
     ap.add_argument("--frame-words", type=int, default=160)
@@ -92,93 +87,48 @@ def main() -> int:
                     help="fixed: the same words join all frames; fresh: new words around every frame each turn")
     ap.add_argument("--system-words", type=int, default=64)
     ap.add_argument("--question-words", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kvreuse-config", default=None, help="JSON for the kvreuse arm (default: serve_common's)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="vLLM's --dtype for both arms (the checkpoint is bf16)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 3 turns, 1 repeat")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
-    a = ap.parse_args()
-    if a.quick:
-        a.turns, a.repeats = 3, 1
-    import json
-
-    from kvreuse.models import build_tiny_model
-    from kvreuse.models.tiny import tiny_words
-
+    a = parse_bench_args(ap, QUICK)
     spec = bench_model_spec()
-    model_dir = str(build_tiny_model(None, spec))
-    words = tiny_words(spec.vocab_size)
+    model_dir, words = build_bench_model(spec)
     shape = dict(window=a.window, frame_words=a.frame_words, sep_words=a.sep_words, system_words=a.system_words,
                  question_words=a.question_words, words=words, separators=a.separators)
-    kvcfg = json.loads(a.kvreuse_config) if a.kvreuse_config else None
-    runs = {arm: [] for arm in ARMS}  # per arm: one list of turn rows per repeat
-    commands: dict[str, str] = {}
-    traces = []
-    t0 = time.time()
-    for rep in range(a.repeats):
-        trace = raw_agent_trace(a.turns, seed=1000 * (a.seed + 1) + rep, **shape)
-        warm = raw_agent_trace(2, seed=warm_seed(1000 * (a.seed + 1) + rep), **shape)
-        traces.append(trace)
-        for arm in arm_order(rep):
-            with serve(arm, model_dir, kvreuse_config=kvcfg, dtype=a.dtype) as srv:
-                runs[arm].append(run_arm(srv, model_dir, trace, warm))
-                commands[arm] = srv.command()
-    elapsed = time.time() - t0
 
-    def med(arm: str, t: int, key: str):
-        return median(r[t][key] for r in runs[arm])
+    def prepare(rep: int) -> tuple[list[dict], list[dict]]:  # (the repeat's trace, its warm-up)
+        seed = rep_seed(a.seed, rep)
+        return raw_agent_trace(a.turns, seed=seed, **shape), raw_agent_trace(2, seed=warm_seed(seed), **shape)
 
-    def share(arm: str, t: int, key: str):
-        return median(r[t][key] / r[t]["prompt_tokens"] for r in runs[arm])
-
+    runs = alternate_arms(a.repeats, prepare,
+                          lambda arm, rep: serve(arm, model_dir, kvreuse_config=kvreuse_config(a), dtype=a.dtype),
+                          lambda srv, rep, tw: run_arm(srv, model_dir, *tw))
+    traces = [trace for trace, _ in runs.prepared]
+    table = []
+    for t in range(a.turns):
+        table.append({**agent_turn(runs.runs, t),
+                      "reusable_share": median(tr[t]["reusable_words"] / tr[t]["words"] for tr in traces),
+                      "cached_share": {arm: turn_share(runs.runs[arm], t, "cached_tokens") for arm in ARMS},
+                      "gap_tokens": turn_median(runs.runs["kvreuse"], t, "gap_tokens"),
+                      "load_ms_p50": turn_median(runs.runs["kvreuse"], t, "load_ms_p50")})
     print(f"\nraw-text sliding-window agent, /v1/completions; model: tiny llama 8 layers, hidden 512, bf16 checkpoint "
           f"served as {a.dtype}; window {a.window} x {a.frame_words} words, {a.sep_words} {a.separators} separator "
           f"words per frame, {a.turns} turns; medians of {a.repeats} repeats (one server at a time); "
-          f"{host_label()}; {elapsed:.0f} s")
-    print(f"{'turn':>4} {'prompt':>6} {'reusable':>8} | {'TTFT ms kvreuse':>15} {'prefix':>8} {'ratio':>6} | "
-          f"{'placed':>6} {'cached kvr':>10} {'cached pfx':>10} | {'segs p/c':>8} {'gap tok':>7} | claims by policy")
-    table = []
-    for t in range(a.turns):
-        k, p = med("kvreuse", t, "ttft_s"), med("prefix", t, "ttft_s")
-        last = runs["kvreuse"][-1][t]
-        reusable = median(tr[t]["reusable_words"] / tr[t]["words"] for tr in traces)
-        row = {"turn": t + 1, "prompt_tokens": med("kvreuse", t, "prompt_tokens"), "reusable_share": reusable,
-               "ttft_ms": {"kvreuse": 1e3 * k, "prefix": 1e3 * p}, "ttft_ratio": ratio(k, p),
-               "placed_share": share("kvreuse", t, "reused_tokens"),
-               "cached_share": {arm: share(arm, t, "cached_tokens") for arm in ARMS},
-               "claims_by_policy_last_repeat": last["claims_by_policy"], "segments_last_repeat": last["segments"],
-               "gap_tokens": med("kvreuse", t, "gap_tokens"), "load_ms_p50": med("kvreuse", t, "load_ms_p50")}
-        table.append(row)
-        segs = f"{last['segments'].get('placed', 0)}/{last['segments'].get('computed', 0)}"
-        claims = ", ".join(f"{k2} {v}" for k2, v in last["claims_by_policy"].items()) or "-"
-        print(f"{t + 1:>4} {row['prompt_tokens']:>6.0f} {reusable:>8.0%} | {1e3 * k:>15.1f} {1e3 * p:>8.1f} "
-              f"{fmt(row['ttft_ratio']):>6} | {row['placed_share']:>6.0%} {row['cached_share']['kvreuse']:>10.0%} "
-              f"{row['cached_share']['prefix']:>10.0%} | {segs:>8} {row['gap_tokens']:>7.0f} | {claims}")
-    later = table[1:]
-    summary = {}
-    if later:
-        placed = median(sum(r[t]["reused_tokens"] for t in range(1, a.turns)) /
-                        sum(r[t]["prompt_tokens"] for t in range(1, a.turns)) for r in runs["kvreuse"])
+          f"{host_text()}; {runs.elapsed_s:.0f} s")
+    print_table(COLS, [[r["turn"], r["prompt_tokens"], r["reusable_share"], *ttft_cells(r), r["placed_share"],
+                        r["cached_share"]["kvreuse"], r["cached_share"]["prefix"], segments_cell(r), r["gap_tokens"],
+                        claims_cell(r)] for r in table])
+    summary = from_turn2(runs.runs, table)
+    if summary:
         claims: dict[str, int] = {}
-        for r in runs["kvreuse"]:
+        for r in runs.runs["kvreuse"]:
             for t in range(1, a.turns):
                 for pol, n in r[t]["claims_by_policy"].items():
                     claims[pol] = claims.get(pol, 0) + n
-        summary = {"median_ttft_ratio_from_turn2": median(r["ttft_ratio"] for r in later),
-                   "placed_share_from_turn2": placed,
-                   "claims_by_policy_from_turn2_all_repeats": claims,
-                   "targets": {"placed_share_from_turn2": ">= 0.70", "median_ttft_ratio_from_turn2": "<= 0.40"}}
+        summary.update(claims_by_policy_from_turn2_all_repeats=claims,
+                       targets={"placed_share_from_turn2": ">= 0.70", "median_ttft_ratio_from_turn2": "<= 0.40"})
         print(f"from turn 2: median TTFT ratio kvreuse / prefix {fmt(summary['median_ttft_ratio_from_turn2'])} "
-              f"(target <= 0.40); placed {placed:.1%} of prompt tokens (target >= 70%); claims by policy "
-              f"(all repeats): {claims}")
-    summary["turn1"] = turn_spread(runs, range(0, 1))
-    summary["from_turn2"] = turn_spread(runs, range(1, a.turns))
-    print_spread("turn 1", summary["turn1"])
-    print_spread("from turn 2 (every request of every repeat)", summary["from_turn2"])
-    write_json(a.out, {"bench": "raw_agent", "args": vars(a), "model": spec.tag(), "turns": table, "summary": summary,
-                       "runs": runs, "elapsed_s": elapsed, "server_commands": commands})
+              f"(target <= 0.40); placed {summary['placed_share_from_turn2']:.1%} of prompt tokens (target >= 70%); "
+              f"claims by policy (all repeats): {claims}")
+    summary.update(spreads(runs.runs, a.turns))
+    write_result(a, "raw_agent", model=spec.tag(), turns=table, summary=summary, **runs.fields())
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What the serving benchmarks share: one server at a time, its metrics, vLLM's own benchmark client.
+"""What the serving benchmarks share: their models, one server at a time, its metrics, the host record.
 
 Every benchmark here compares two arms on the same checkpoint and vLLM arguments:
   * kvreuse — `python -m kvreuse.cli serve MODEL ...` (KVReuseConnector, segmented prefill, vLLM's
@@ -11,6 +11,10 @@ arm, in alternating order (`arm_order`), and the scripts report medians over rep
 Counters come from the server's `/metrics` (`scrape` before and after, `delta`), so every figure is
 what the server itself reports: kvreuse_* families through `kvreuse.cli.parse_kvreuse_metrics`, and
 vLLM's prompt-token and prefix-cache counters for both arms.
+
+Beside it: bench/common_cli.py (the shared options and the result file), bench/common_table.py (the
+text tables), bench/common_client.py (vLLM's benchmark client against each arm) and
+bench/common_turns.py (multi-turn traces replayed turn by turn).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import re
 import shlex
 import statistics
@@ -28,9 +33,10 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from kvreuse.cli import parse_kvreuse_metrics  # noqa: E402
 from server.demo import free_port, stop, wait_healthy  # noqa: E402
@@ -45,12 +51,42 @@ VLLM_COUNTERS = ("vllm:prompt_tokens_total", "vllm:prompt_tokens_cached_total", 
 DEFAULT_KVREUSE_CONFIG = {"store": {"device_bytes": "1GiB"}, "policy": {"fidelity": "fast"}}
 
 
-def bench_model_spec():
-    """The 8-layer bf16 tiny Llama of `bench/ttft_bench.py` and `make demo` (prefill dominates TTFT on CPU)."""
+def bench_model_spec(num_layers: int = 8, hidden_size: int = 512, dtype: str = "bfloat16"):
+    """The benches' tiny Llama: heads of 64, a quarter as many KV heads, a 4096-word vocabulary.  The
+    defaults are the 8-layer bf16 one of `make demo` and the serving benches (prefill dominates TTFT on CPU)."""
     from kvreuse.models import TinySpec
 
-    return TinySpec(num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=2, head_dim=64, intermediate_size=2048,
-                    vocab_size=4096, dtype="bfloat16", init_std=0.02)
+    heads = hidden_size // 64
+    return TinySpec(num_layers=num_layers, hidden_size=hidden_size, num_heads=heads, num_kv_heads=max(1, heads // 4),
+                    head_dim=64, intermediate_size=4 * hidden_size, vocab_size=4096, dtype=dtype, init_std=0.02)
+
+
+def bench_vl_spec(arch: str = "qwen2_vl", num_layers: int = 8, hidden_size: int = 512, pixels: int = 448,
+                  vision_depth: int = 2, vision_dim: int = 128, dtype: str = "bfloat16"):
+    """The benches' tiny Qwen2-VL: heads of 64, mrope sections (8, 12, 12), a 2048-word vocabulary and
+    screenshots up to `pixels` square (448 -> 256 image tokens)."""
+    from kvreuse.models.tiny_vl import TinyVLSpec
+
+    heads = hidden_size // 64
+    q = 32 // 8  # mrope sections of head_dim 64: (8, 12, 12)
+    return TinyVLSpec(arch=arch, num_layers=num_layers, hidden_size=hidden_size, num_heads=heads,
+                      num_kv_heads=max(1, heads // 4), intermediate_size=4 * hidden_size, vocab_size=2048,
+                      mrope_section=(2 * q, 3 * q, 3 * q), vision_depth=vision_depth, vision_dim=vision_dim,
+                      vision_heads=2, dtype=dtype, init_std=0.02, max_pixels=pixels * pixels)
+
+
+def build_bench_model(spec) -> tuple[str, list[str]]:
+    """(checkpoint directory, words of its vocabulary) of a tiny Llama or Qwen2-VL spec, built offline once."""
+    from kvreuse.models.tiny_vl import TinyVLSpec
+
+    if isinstance(spec, TinyVLSpec):
+        from kvreuse.models.tiny_vl import build_tiny_vl_model, vl_words
+
+        return str(build_tiny_vl_model(None, spec)), vl_words(spec.vocab_size)
+    from kvreuse.models import build_tiny_model
+    from kvreuse.models.tiny import tiny_words
+
+    return str(build_tiny_model(None, spec)), tiny_words(spec.vocab_size)
 
 
 def warm_seed(seed: int) -> int:
@@ -91,8 +127,74 @@ def allocator_env() -> dict[str, str]:
 
 def host_label() -> str:
     """The host as the benches' headers name it: CPU cores and the allocator both arms ran with."""
+    return f"CPU ({os.cpu_count()} cores), malloc {allocator_name()}"
+
+
+def allocator_name() -> str:
+    """`allocator()` by name: "tcmalloc_minimal", "tcmalloc" or "glibc"."""
     lib = allocator()
-    return f"CPU ({os.cpu_count()} cores), malloc {os.path.basename(lib).split('.so')[0][3:] if lib else 'glibc'}"
+    return os.path.basename(lib).split(".so")[0][3:] if lib else "glibc"
+
+
+def cpu_info() -> dict[str, Any]:
+    """{"cpu": /proc/cpuinfo's model name, "cores": CPUs, "amx": whether the CPU flags name AMX}."""
+    model, flags = None, set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model is None:
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    return {"cpu": model or platform.processor() or platform.machine() or "unknown CPU", "cores": os.cpu_count(),
+            "amx": any(f.startswith("amx") for f in flags)}
+
+
+def shell_quote(s: str) -> str:
+    """`s` as bash takes it, on one line: bare when safe, $'...' with escapes when it holds a newline or tab."""
+    if s and re.fullmatch(r"[\w@%+=:,./-]+", s):
+        return s
+    if any(not c.isprintable() for c in s):
+        return "$'" + s.encode("unicode_escape").decode().replace("'", "\\'") + "'"
+    return shlex.quote(s)
+
+
+def command_line(argv: list[str] | None = None, drop: tuple[str, ...] = ("--out",)) -> str:
+    """This process's command line as `python bench/SCRIPT ...` (the script relative to the repository), without
+    the options in `drop` and their values (the output path: a result file sits where it belongs)."""
+    argv = list(sys.argv if argv is None else argv)
+    script = os.path.abspath(argv[0]) if argv and argv[0] else ""
+    if script.startswith(ROOT + os.sep):
+        script = os.path.relpath(script, ROOT)
+    rest, skip = [], False
+    for tok in argv[1:]:
+        if skip:
+            skip = False
+        elif tok in drop:
+            skip = True
+        elif not any(tok.startswith(d + "=") for d in drop):
+            rest.append(tok)
+    return " ".join(["python", *(shell_quote(t) for t in [script, *rest] if t)])
+
+
+def host_name(info: dict[str, Any] | None = None) -> str:
+    """The host as a result file names it: CPU model, cores, AMX or not ("AMD EPYC, 2 cores, no AMX")."""
+    info = info or cpu_info()
+    return f"{info['cpu']}, {info['cores']} cores, {'AMX' if info['amx'] else 'no AMX'}"
+
+
+def host_text() -> str:
+    """`host_name` and the allocator both arms ran with, for the benches' printed headers."""
+    return f"{host_name()}; malloc {allocator_name()}"
+
+
+def host_record(argv: list[str] | None = None) -> dict[str, Any]:
+    """What a result file records of where and how it ran: `host` (`host_name`), `host_detail` (the same as
+    fields, plus the allocator both arms preload) and `command` (`command_line`)."""
+    info = cpu_info()
+    return {"host": host_name(info), "host_detail": {**info, "malloc": allocator_name()},
+            "command": command_line(argv)}
 
 
 def arm_order(rep: int) -> tuple[str, ...]:
@@ -135,9 +237,10 @@ def server_argv(arm: str, model_dir: str | os.PathLike, port: int, *, dtype: str
 
 @contextlib.contextmanager
 def serve(arm: str, model_dir: str | os.PathLike, *, log_dir: str | None = None, env: dict | None = None,
-          **kw) -> Iterator[Server]:
-    """Start one arm's server, wait until healthy, yield it, and always stop it."""
-    port = free_port()
+          port: int | None = None, **kw) -> Iterator[Server]:
+    """Start one arm's server (on `port`, default a free one), wait until healthy, yield it, and always stop it;
+    `kw` go to `server_argv`."""
+    port = port or free_port()
     argv = server_argv(arm, model_dir, port, **kw)
     log_dir = log_dir or tempfile.mkdtemp(prefix="kvreuse-bench-")
     log = os.path.join(log_dir, f"{arm}-{port}.log")
@@ -156,6 +259,38 @@ def serve(arm: str, model_dir: str | os.PathLike, *, log_dir: str | None = None,
         yield Server(arm, url, proc, log, argv)
     finally:
         stop(proc)
+
+
+@dataclass
+class ArmRuns:
+    """What `alternate_arms` measured: per arm one result per repeat, each arm's server command line, the
+    seconds it took, and what `prepare` returned for each repeat."""
+
+    runs: dict[str, list]
+    commands: dict[str, str]
+    elapsed_s: float
+    prepared: list
+
+    def fields(self) -> dict[str, Any]:
+        """The result file's fields of these runs."""
+        return {"runs": self.runs, "elapsed_s": self.elapsed_s, "server_commands": self.commands}
+
+
+def alternate_arms(repeats: int, prepare: Callable[[int], Any], serve_arm: Callable[[str, int], ContextManager[Server]],
+                   measure: Callable[[Server, int, Any], Any]) -> ArmRuns:
+    """Each repeat: `prepare(rep)` (its workload, the same for both arms), then per arm in `arm_order(rep)` a
+    server from `serve_arm(arm, rep)` (a fresh `serve` as a rule) and `measure(server, rep, prepared)`."""
+    runs: dict[str, list] = {arm: [] for arm in ARMS}
+    commands: dict[str, str] = {}
+    prepared = []
+    t0 = time.time()
+    for rep in range(repeats):
+        prepared.append(prepare(rep))
+        for arm in arm_order(rep):
+            with serve_arm(arm, rep) as srv:
+                runs[arm].append(measure(srv, rep, prepared[-1]))
+                commands[arm] = srv.command()
+    return ArmRuns(runs, commands, time.time() - t0, prepared)
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -242,116 +377,6 @@ def prefix_cache_hits(d: dict[str, float]) -> int:
     return int(d.get("vllm:prefix_cache_hits_total", 0))
 
 
-def vllm_bench_serve(url: str, model_dir: str | os.PathLike, args: list[str]) -> dict:
-    """Run vLLM's own benchmark client (`vllm.benchmarks.serve`, what `vllm bench serve` runs) in this process
-    against `url`; `args` are its CLI options (dataset, concurrency, ...).  Returns its result dict with the
-    per-request lists (`ttfts`, `input_lens`, ...) kept."""
-    from vllm.benchmarks.serve import add_cli_args, main
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    p = FlexibleArgumentParser()
-    add_cli_args(p)
-    ns = p.parse_args(["--base-url", url, "--model", str(model_dir), "--backend", "vllm",
-                       "--endpoint", "/v1/completions", "--save-detailed", "--disable-tqdm",
-                       "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-                       "--temperature", "0", *args])
-    result = main(ns)
-    if result.get("failed"):
-        errs = [e for e in result.get("errors", []) if e]
-        raise SystemExit(f"vllm.benchmarks.serve: {result['failed']} requests failed: {errs[:3]}")
-    return result
-
-
-CLIENT_FIGURES = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "request_throughput", "output_throughput",
-                  "prompt_tokens", "placed_share", "prefix_cache_share", "load_ms_p50", "load_ms_mean", "gap_tokens")
-
-
-def client_run(server: Server, model_dir: str, bench_args: list[str], warm: list[str]) -> dict:
-    """Warm `server` up with `warm` prompts, then one `vllm_bench_serve` run: its TTFT and throughput figures
-    plus what the server's /metrics counted meanwhile (placed share, prefix-cache share, `reuse_summary`)."""
-    warm_up_completions(server.url, model_dir, warm)
-    before = settle(server.url)
-    res = vllm_bench_serve(server.url, model_dir, ["--num-warmups", "0", "--ready-check-timeout-sec", "0",
-                                                   *bench_args])
-    d = delta(settle(server.url), before)
-    n_prompt = prompt_tokens(d)
-    reuse = reuse_summary(d)
-    return {"mean_ttft_ms": res["mean_ttft_ms"], "median_ttft_ms": res["median_ttft_ms"],
-            "p99_ttft_ms": res["p99_ttft_ms"], "request_throughput": res["request_throughput"],
-            "output_throughput": res["output_throughput"], "duration_s": res["duration"],
-            "completed": res["completed"], "prompt_tokens": n_prompt,
-            "placed_share": reuse["reused_tokens"] / n_prompt if n_prompt else None,
-            "prefix_cache_share": prefix_cache_hits(d) / n_prompt if n_prompt else None,
-            "ttfts_s": res["ttfts"], **reuse}
-
-
-def client_medians(runs: dict[str, list[dict]]) -> tuple[dict, dict]:
-    """Per arm, the median over repeats of each of `CLIENT_FIGURES`; and the kvreuse / prefix ratios."""
-    m = {arm: {k: median(r[k] for r in runs[arm]) for k in CLIENT_FIGURES} for arm in ARMS}
-    k, p = m["kvreuse"], m["prefix"]
-    ratios = {"mean_ttft_ratio": ratio(k["mean_ttft_ms"], p["mean_ttft_ms"]),
-              "median_ttft_ratio": ratio(k["median_ttft_ms"], p["median_ttft_ms"]),
-              "p99_ttft_ratio": ratio(k["p99_ttft_ms"], p["p99_ttft_ms"]),
-              "throughput_ratio": ratio(k["request_throughput"], p["request_throughput"]),
-              "output_throughput_ratio": ratio(k["output_throughput"], p["output_throughput"])}
-    return m, ratios
-
-
-def paired_ratios(runs: dict[str, list[dict]]) -> dict:
-    """Per figure, the median over repeats of kvreuse / vLLM alone *within* each repeat (the two arms of a
-    repeat run back to back, so a slow spell of the host weighs on both)."""
-    out = {}
-    for name, fig in (("mean_ttft_ratio", "mean_ttft_ms"), ("median_ttft_ratio", "median_ttft_ms"),
-                      ("p99_ttft_ratio", "p99_ttft_ms"), ("throughput_ratio", "request_throughput")):
-        out[name] = median(ratio(k[fig], p[fig]) for k, p in zip(runs["kvreuse"], runs["prefix"]))
-        out[name + "_each"] = [ratio(k[fig], p[fig]) for k, p in zip(runs["kvreuse"], runs["prefix"])]
-    return out
-
-
-def print_client_table(m: dict, ratios: dict, runs: dict[str, list[dict]]) -> None:
-    """Both arms' medians, the ratio row, and kvreuse's counters of every repeat."""
-    print(f"{'arm':>8} | {'TTFT ms mean':>12} {'median':>8} {'p99':>8} | {'req/s':>6} {'out tok/s':>9} | "
-          f"{'placed':>6} {'prefix hit':>10} | {'load ms p50':>11} {'mean':>6}")
-    for arm in ARMS:
-        x = m[arm]
-        print(f"{arm:>8} | {x['mean_ttft_ms']:>12.1f} {x['median_ttft_ms']:>8.1f} {x['p99_ttft_ms']:>8.1f} | "
-              f"{x['request_throughput']:>6.2f} {x['output_throughput']:>9.1f} | {fmt(x['placed_share'], '.1%'):>6} "
-              f"{fmt(x['prefix_cache_share'], '.1%'):>10} | {fmt(x['load_ms_p50'], '.1f'):>11} "
-              f"{fmt(x['load_ms_mean'], '.1f'):>6}")
-    print(f"{'ratio':>8} | {fmt(ratios['mean_ttft_ratio']):>12} {fmt(ratios['median_ttft_ratio']):>8} "
-          f"{fmt(ratios['p99_ttft_ratio']):>8} | {fmt(ratios['throughput_ratio']):>6} "
-          f"{fmt(ratios['output_throughput_ratio']):>9} |")
-    for i, r in enumerate(runs["kvreuse"]):
-        print(f"kvreuse repeat {i + 1}: claims by policy {r['claims_by_policy']}; segments {r['segments']}; "
-              f"gap tokens {r['gap_tokens']}; loads {r['loads']} (failed {r['load_failures']}); patches captured "
-              f"{r['captured_patches']}; chunks saved {r.get('saved_chunks')}, dropped {r['dropped_saves']}, deferred "
-              f"{r.get('deferred_saves')}")
-
-
-def warm_up_completions(url: str, model: str, prompts: list[str], max_tokens: int = 4) -> None:
-    """Send `prompts` (content unrelated to the measured run) so one-time start-up costs are not measured."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=600)
-    for p in prompts:
-        client.completions.create(model=model, prompt=p, max_tokens=max_tokens, temperature=0)
-
-
-def stream_completion(client, model: str, prompt: str, max_tokens: int = 4) -> tuple[float, int, int]:
-    """(seconds to first token, prompt tokens, cached tokens) of one streamed `/v1/completions` request."""
-    t0 = time.perf_counter()
-    first, usage = None, None
-    for ev in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                        stream=True, stream_options={"include_usage": True}):
-        if first is None and ev.choices and ev.choices[0].text:
-            first = time.perf_counter() - t0
-        if ev.usage is not None:
-            usage = ev.usage
-    details = getattr(usage, "prompt_tokens_details", None)
-    cached = (details.cached_tokens or 0) if details else 0
-    return (first if first is not None else time.perf_counter() - t0), usage.prompt_tokens, cached
-
-
 def median(xs) -> float | None:
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -359,29 +384,6 @@ def median(xs) -> float | None:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
-
-
-def turn_spread(runs: dict[str, list[list[dict]]], turns: range) -> dict:
-    """TTFT over every (repeat, turn) of `turns`, per arm: mean, p50 and p99 in ms, and kvreuse / prefix of each
-    (the per-turn medians hide a slow outlier; this is what a user of the trace sees)."""
-    out: dict = {}
-    for arm, reps in runs.items():
-        xs = sorted(1e3 * r[t]["ttft_s"] for r in reps for t in turns if t < len(r))
-        if xs:
-            out[arm] = {"mean_ms": statistics.mean(xs), "p50_ms": statistics.median(xs),
-                        "p99_ms": xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))], "n": len(xs)}
-    if "kvreuse" in out and "prefix" in out:
-        out["ratio"] = {k: out["kvreuse"][k] / out["prefix"][k] for k in ("mean_ms", "p50_ms", "p99_ms")}
-    return out
-
-
-def print_spread(label: str, spread: dict) -> None:
-    r = spread.get("ratio")
-    if r:
-        print(f"{label}: TTFT kvreuse / prefix mean {r['mean_ms']:.2f}, p50 {r['p50_ms']:.2f}, p99 {r['p99_ms']:.2f} "
-              f"(kvreuse {spread['kvreuse']['mean_ms']:.1f} / {spread['kvreuse']['p99_ms']:.1f} ms mean / p99, "
-              f"prefix {spread['prefix']['mean_ms']:.1f} / {spread['prefix']['p99_ms']:.1f}; "
-              f"{spread['kvreuse']['n']} requests an arm)")
 
 
 def fmt(x, spec: str = ".2f") -> str:
