@@ -40,7 +40,7 @@ from bench.fidelity.arms import (DEFAULT_KVREUSE_CONFIGS, VLLM, VLLM_NOPC, Arm, 
                                  parse_arm, run_arm)
 from bench.fidelity.compare import markdown, rows  # noqa: E402
 from bench.fidelity.workloads import WORKLOADS, warmup  # noqa: E402
-from bench.serve_common import host_label, write_json  # noqa: E402
+from bench.serve_common import host_label, host_name, write_json  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     workloads = {w: WORKLOADS[w](a.requests, a.seed) for w in names}
     command = shlex.join(["python", "bench/fidelity_bench.py", *(sys.argv[1:] if argv is None else argv)])
-    host = host_label()
+    host = host_name()  # CPU model, cores, AMX
     model = os.path.basename(os.path.normpath(model_dir))
     log_dir = tempfile.mkdtemp(prefix="kvreuse-fidelity-")
     t0 = time.time()

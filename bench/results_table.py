@@ -303,8 +303,8 @@ def main_rows(results: Path = RESULTS) -> list[Row]:
                 rows += [(ORDER.index("ttft"), tag, r) for r in ttft_text_row(path, path.read_text())]
             continue
         if bench.startswith("fidelity"):
-            rows += [(0, tag, r) for r in fidelity_rows(path, json.loads(path.read_text()))]
-        elif bench in READERS:
+            continue  # fidelity_table / frontier_table
+        if bench in READERS:
             rows += [(ORDER.index(bench), tag, r) for r in READERS[bench](path, json.loads(path.read_text()))]
     return [r for _, _, r in sorted(rows, key=lambda x: (x[0], x[1]))]
 
@@ -369,7 +369,65 @@ def other_table(results: Path = RESULTS) -> str:
     return "\n".join(lines + [""] + cmds + [""] + "\n\n".join(_notes(rows)).splitlines())
 
 
-DOCUMENTS = {"README.md": ("results", main_table), "docs/benchmarks.md": ("results:other", other_table)}
+def _fid(row: dict) -> tuple[str, str, str, str]:
+    """(same answers, accuracy, placed, TTFT mean / p99) of one fidelity row."""
+    return (pct(row.get("same_answer"), 0), pct(row.get("accuracy"), 0), pct(row.get("placed_share"), 0),
+            f"{row.get('ttft_ratio_mean', float('nan')):.2f} / {row.get('ttft_ratio_p99', float('nan')):.2f}")
+
+
+def _fidelity_files(results: Path, frontier: bool) -> list[Path]:
+    return [p for p in sorted(results.glob("fidelity*.json")) if ("frontier" in p.name) == frontier]
+
+
+def fidelity_table(results: Path = RESULTS) -> str:
+    """Per workload: vLLM alone's accuracy, the noise floor, and each fidelity level's answers and speed."""
+    out = []
+    for path in _fidelity_files(results, False):
+        d = json.loads(path.read_text())
+        rows = {(r["workload"], r["arm"]): r for r in d["rows"]}
+        arms = [a for a in ("kvreuse-exact", "kvreuse-accurate", "kvreuse-fast") if any(k[1] == a for k in rows)]
+        out += [f"SmolLM2-135M-Instruct in {d.get('dtype')}, {d.get('requests')} requests a workload, one at a "
+                f"time, greedy; host: {host_of(path, d)}; `{d.get('command')}`. Each kvreuse cell: same answers as "
+                "vLLM alone · accuracy · prompt placed · TTFT vs vLLM alone, mean / p99.", "",
+                "| workload | vLLM alone: accuracy | noise floor (vLLM alone, prefix caching off): same answers · TTFT | "
+                + " | ".join(f"`{a.removeprefix('kvreuse-')}`" for a in arms) + " |",
+                "|---|---|---|" + "---|" * len(arms)]
+        for w in d.get("workloads") or sorted({k[0] for k in rows}):
+            ref, nopc = rows.get((w, "vllm"), {}), rows.get((w, "vllm-nopc"), {})
+            cells = [" · ".join(_fid(rows[(w, a)])) if (w, a) in rows else "—" for a in arms]
+            floor = (f"{pct(nopc.get('same_answer'), 0)} · {nopc.get('ttft_ratio_mean', float('nan')):.2f} / "
+                     f"{nopc.get('ttft_ratio_p99', float('nan')):.2f}")
+            out.append(f"| {w} | {pct(ref.get('accuracy'), 0)} | {floor} | "
+                       + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out) if out else "(no fidelity results)"
+
+
+def frontier_table(results: Path = RESULTS) -> str:
+    """The repairs tried for `accurate`: each arm's answers, accuracy, placed share and TTFT per workload."""
+    out = []
+    for path in _fidelity_files(results, True):
+        d = json.loads(path.read_text())
+        out += [f"host: {host_of(path, d)}; `{d.get('command')}`", "",
+                "| workload | arm (config) | same answers | accuracy (vLLM alone) | placed | TTFT mean / p99 |",
+                "|---|---|---|---|---|---|"]
+        cfgs = {name: (a.get("kvreuse_config") if isinstance(a, dict) else None)
+                for name, a in (d.get("arms") or {}).items()} if isinstance(d.get("arms"), dict) else {}
+        for r in d["rows"]:
+            if r["arm"] == "vllm":
+                continue
+            same, acc, placed, ttft = _fid(r)
+            cfg = cfgs.get(r["arm"])
+            arm = r["arm"] + (f" `{json.dumps(cfg.get('policy', cfg))}`" if cfg else "")
+            out.append(f"| {r['workload']} | {_cell(arm)} | {same} | {acc} ({pct(r.get('accuracy_ref'), 0)}) | "
+                       f"{placed} | {ttft} |")
+        out.append("")
+    return "\n".join(out) if out else "(no frontier results)"
+
+
+DOCUMENTS = [("README.md", "fidelity", fidelity_table), ("docs/benchmarks.md", "results", main_table),
+             ("docs/benchmarks.md", "results:other", other_table),
+             ("docs/benchmarks.md", "fidelity:frontier", frontier_table)]
 
 
 def replace_between(text: str, name: str, body: str) -> str:
@@ -388,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     root = Path(ns.root)
     stale = []
-    for doc, (name, build) in DOCUMENTS.items():
+    for doc, name, build in DOCUMENTS:
         body = build(root / "bench" / "results")
         if ns.print:
             print(f"== {doc} ({name})\n{body}\n")

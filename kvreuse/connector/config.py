@@ -40,6 +40,9 @@ from kvreuse.store.config import StoreConfig, StoreConfigError
 # vLLM computes; "accurate" approximate placements repaired by recomputing the tokens where their context changed;
 # "fast" approximate placements unrepaired.
 FIDELITY_LEVELS = ("exact", "accurate", "fast")
+# which approximate chunks "accurate" repairs: "moved", those stored after another chunk than the one before them
+# here; "every", every one
+REPAIR_SCOPES = ("moved", "every")
 # "adaptive": when recent requests recur less than `admission_min_share`, a first-seen chunk is not saved
 # (`kvreuse.connector.admission`); "always": every new chunk is saved.
 ADMISSION_MODES = ("adaptive", "always")
@@ -84,7 +87,8 @@ class ChunkingConfig:
 class PolicyConfig:
     """`fidelity`: what KV a request may be served (`FIDELITY_LEVELS`; a request may tighten it, never loosen it).
     `repair_tokens`: under "accurate", the first tokens of each placed chunk whose preceding chunk changed are
-    recomputed in place instead of placed (the chunk's attention sinks, which depend most on their context).
+    recomputed in place instead of placed (the chunk's attention sinks, which depend most on their context);
+    `repair_scope` "every": of every approximate chunk.
 
     `admission`: which new chunks are saved (see `kvreuse.connector.admission`); "adaptive" saves
     only chunks seen before while the last `admission_window` requests recurred less than
@@ -93,6 +97,7 @@ class PolicyConfig:
 
     fidelity: str = "exact"
     repair_tokens: int = 16
+    repair_scope: str = "moved"
     patch_energy: float = 0.99
     patch_max_rank: int = 16
     patch_budget: float | None = 0.05   # patch bytes / chunk KV bytes (kvreuse.fit_patch); None: no cap
@@ -104,6 +109,8 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.fidelity not in FIDELITY_LEVELS:
             raise ConnectorConfigError(f"policy.fidelity: expected one of {FIDELITY_LEVELS}, got {self.fidelity!r}")
+        if self.repair_scope not in REPAIR_SCOPES:
+            raise ConnectorConfigError(f"policy.repair_scope: expected one of {REPAIR_SCOPES}, got {self.repair_scope!r}")
         if isinstance(self.repair_tokens, bool) or not isinstance(self.repair_tokens, int) or self.repair_tokens < 0:
             raise ConnectorConfigError(f"policy.repair_tokens: expected an integer >= 0, got {self.repair_tokens!r}")
         if self.admission not in ADMISSION_MODES:

@@ -118,7 +118,7 @@ _PIECES = 4  # stored chunks edge fill may chain on each side of one gap
 def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Sequence[bytes], directory: Directory,
                   num_computed: int, fidelity: str = "exact", positions: torch.Tensor | None = None,
                   cost: CostModel | None = None, gaps: bool = True, anchors: Anchors | None = None,
-                  ns: bytes = b"", repair: int = 0) -> Plan:
+                  ns: bytes = b"", repair: int = 0, repair_every: bool = False) -> Plan:
     """Placements of the stored chunks of a prompt (pure: nothing is recorded).
 
     `positions`: the request's `[3, N]` M-RoPE positions (`kvreuse.connector.mrope`); each item
@@ -127,7 +127,8 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
     prompt's content anchors (`segment.segment_prompt`); with them, a chunk after gaps is survival
     or reorder only where a recorded context held the gaps' text (None: gaps are not checked).
     `ns`: the request's chunk namespace (`claim.chunk_namespace`), for edge fill.  `repair`: tokens
-    computed at the start of each approximate chunk whose preceding chunk changed ("accurate").
+    computed at the start of each approximate chunk whose preceding chunk changed ("accurate"; of every
+    approximate chunk with `repair_every`).
     """
     repair = repair if repairs(fidelity) else 0
     limit = len(token_ids) - 1  # vLLM must compute at least the last prompt token
@@ -204,7 +205,7 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
                                 pick[1], pick[0], dst_pos)
                 if repair:
                     rec = e.contexts.get(pick[1], ())
-                    moved = not (j and rec and rec[-1] == keys[j - 1])  # stored after another chunk than here
+                    moved = repair_every or not (j and rec and rec[-1] == keys[j - 1])  # stored after another chunk
                     item = _repaired(item, repair, moved, positions)
                 if item is None:
                     plan.misses += 1

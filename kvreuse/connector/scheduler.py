@@ -38,7 +38,7 @@ from kvreuse.connector.admission import Recurrence
 from kvreuse.connector.claim import Directory, chunk_keys, chunk_namespace
 from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.costs import CostModel
-from kvreuse.connector.fidelity import RequestOptions, salted
+from kvreuse.connector.fidelity import MEASURED_LOSS, RequestOptions, salted
 from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
 from kvreuse.connector.mrope import PositionsFn
 from kvreuse.connector.plan import Placement, plan_saves, plan_segments
@@ -91,6 +91,8 @@ class SchedulerSide:
         pol = cfg.policy
         self.recurrence = Recurrence(pol.admission_window, pol.admission_min_share) \
             if pol.admission == "adaptive" else None
+        if pol.fidelity in MEASURED_LOSS:  # once a server: what the looser level was measured to cost
+            log.warning("%s", MEASURED_LOSS[pol.fidelity])
         self.reqs: dict[str, RequestState] = {}
         self.modalities: dict[str, list[str]] = {}  # request -> modality of each mm feature (encoder counts)
         self.stats = ReuseStats()
@@ -151,7 +153,8 @@ class SchedulerSide:
             st.seen = self.recurrence.observe(st.chunks, st.keys, num_computed, self.directory.__contains__)
         plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
                              st.opts.fidelity, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors,
-                             ns=st.ns, repair=self.cfg.policy.repair_tokens)
+                             ns=st.ns, repair=self.cfg.policy.repair_tokens,
+                             repair_every=self.cfg.policy.repair_scope == "every")
         st.replan(plan)  # a new request, or one resumed after preemption (its blocks are gone)
         self._salt(st, plan.first_approximate)
         return plan.leading

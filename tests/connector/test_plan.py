@@ -246,6 +246,8 @@ def test_policy_mode_is_replaced_by_fidelity():
         ConnectorConfig.from_extra_config({"policy": {"mode": "any"}})
     with pytest.raises(ConnectorConfigError, match="policy.fidelity"):
         ConnectorConfig.from_extra_config({"policy": {"fidelity": "approximately"}})
+    with pytest.raises(ConnectorConfigError, match="policy.repair_scope"):
+        ConnectorConfig.from_extra_config({"policy": {"repair_scope": "some"}})
     with pytest.raises(ConnectorConfigError, match="policy.repair_tokens"):
         ConnectorConfig.from_extra_config({"policy": {"repair_tokens": -1}})
 

@@ -114,6 +114,14 @@ def test_accurate_recomputes_the_first_tokens_of_each_moved_chunk():
         assert not placed(acc) & set(range(at, at + 16)) and at + 20 in placed(acc)  # their sinks computed
     # inside each passage a chunk still follows the chunk it was stored after: placed whole
     assert any(it.src_start == 0 and it.policy != "exact" for it in acc.items)
+    # repair_scope "every": the first tokens of every approximate chunk are computed, moved or not
+    s = side("accurate", repair_tokens=16, repair_scope="every")
+    run_to_end(s, Req("r1", A + B + C + q))
+    r = Req("r2", msg(44, 40) + C + B + q)
+    s.matched(r, 0)
+    every = s.reqs["r2"].plan
+    assert every.items and all(it.src_start >= 16 for it in every.items if it.policy != "exact")
+    assert every.placed_tokens < acc.placed_tokens
 
 
 def test_the_response_says_what_the_request_was_served():

@@ -16,9 +16,10 @@ def Req(request_id: str, prompt: list[int], **kw) -> SchedRequest:
     return SchedRequest(request_id, prompt, hash_block=BS, **kw)
 
 
-def side(fidelity: str = "fast", repair_tokens: int = 16, **cost) -> SchedulerSide:
+def side(fidelity: str = "fast", repair_tokens: int = 16, repair_scope: str = "moved", **cost) -> SchedulerSide:
     cfg = ConnectorConfig.from_extra_config({"chunking": {"min_tokens": 16, "avg_tokens": 32, "max_tokens": 64},
-                                            "policy": {"fidelity": fidelity, "repair_tokens": repair_tokens},
+                                            "policy": {"fidelity": fidelity, "repair_tokens": repair_tokens,
+                                                       "repair_scope": repair_scope},
                                             "cost": {"learn": False, "step_overhead_s": 0.0, **cost}})
     s = SchedulerSide(cfg, b"m" * 16, frozenset({START}), block_size=BS)
     s.segmented = True

@@ -28,8 +28,10 @@ def tree(tmp_path: Path) -> Path:
     """A repository root with the real result files and documents holding empty tables."""
     shutil.copytree(ROOT / "bench" / "results", tmp_path / "bench" / "results")
     (tmp_path / "docs").mkdir()
-    (tmp_path / "README.md").write_text("# r\n<!-- results:begin -->\n<!-- results:end -->\ntail\n")
-    (tmp_path / "docs" / "benchmarks.md").write_text("<!-- results:other:begin -->\n<!-- results:other:end -->\n")
+    (tmp_path / "README.md").write_text("# r\n<!-- fidelity:begin -->\n<!-- fidelity:end -->\ntail\n")
+    (tmp_path / "docs" / "benchmarks.md").write_text(
+        "<!-- results:begin -->\n<!-- results:end -->\n<!-- results:other:begin -->\n<!-- results:other:end -->\n"
+        "<!-- fidelity:frontier:begin -->\n<!-- fidelity:frontier:end -->\n")
     return tmp_path
 
 
@@ -37,9 +39,8 @@ def test_check_fails_until_rewritten(tree: Path):
     assert rt.main(["--check", "--root", str(tree)]) == 1
     assert rt.main(["--root", str(tree)]) == 0
     assert rt.main(["--check", "--root", str(tree)]) == 0
-    text = (tree / "README.md").read_text()
-    assert text.startswith("# r\n<!-- results:begin -->\n| workload |")
-    assert text.endswith("<!-- results:end -->\ntail\n")
+    text = (tree / "docs" / "benchmarks.md").read_text()
+    assert text.startswith("<!-- results:begin -->\n| workload |")
 
 
 def test_every_row_names_model_host_and_command(tree: Path):
@@ -53,23 +54,26 @@ def test_every_row_names_model_host_and_command(tree: Path):
     assert not re.search(r"--out\b", body) and "/tmp/" not in body
 
 
-def test_fidelity_rows(tree: Path):
+def _fidelity_row(workload: str, arm: str, same: float, acc: float, placed: float, ttft: float) -> dict:
+    return {"workload": workload, "arm": arm, "n": 40, "same_answer": same, "accuracy": acc, "accuracy_ref": 0.72,
+            "placed_share": placed, "ttft_ratio_mean": ttft, "ttft_ratio_p99": ttft + 0.1}
+
+
+def test_fidelity_table(tree: Path):
     res = tree / "bench" / "results"
+    for p in res.glob("fidelity*.json"):
+        p.unlink()
     (res / "fidelity.json").write_text(json.dumps({
-        "bench": "fidelity", "model": "SmolLM2-135M-Instruct", "host": "2-core x86 VM, AMX",
-        "command": "python bench/fidelity_bench.py --requests 80",
-        "workloads": {"rag": {"label": "RAG", "arms": {
-            "exact": {"same": 79, "n": 80, "accuracy": 0.61, "reference_accuracy": 0.61, "placed_share": 0.07,
-                      "ttft_ratio": 0.98},
-            "fast": {"agreement": 0.34, "accuracy": 0.35, "placed_share": 0.86, "ttft_ratio": 0.74}}}}}))
-    rows = [r for r in rt.main_rows(res) if r.model == "SmolLM2-135M-Instruct"]
-    assert [r.workload for r in rows] == ["RAG: exact", "RAG: fast"]
-    exact, fast = rows
-    assert exact.agreement == "99% (79/80)" and exact.accuracy == "61% (vLLM alone 61%)"
-    assert exact.placed == "7.0%" and exact.ttft == "0.98"
-    assert fast.agreement == "34%" and fast.accuracy == "35%"
-    assert exact.host == "2-core x86 VM, AMX" and exact.command == "python bench/fidelity_bench.py --requests 80"
-    assert rt.main_table(res).splitlines()[2].startswith("| RAG: exact | SmolLM2-135M-Instruct |")
+        "bench": "fidelity", "model": "SmolLM2-135M-Instruct-float32", "dtype": "bfloat16", "requests": 40,
+        "host": "2-core x86 VM, AMX", "command": "python bench/fidelity_bench.py --requests 40",
+        "workloads": ["rag"], "rows": [
+            _fidelity_row("rag", "vllm", 1.0, 0.72, 0.0, 1.0), _fidelity_row("rag", "vllm-nopc", 1.0, 0.72, 0.0, 1.07),
+            _fidelity_row("rag", "kvreuse-exact", 1.0, 0.72, 0.19, 0.93),
+            _fidelity_row("rag", "kvreuse-fast", 0.3, 0.57, 0.84, 0.33)]}))
+    body = rt.fidelity_table(res)
+    assert "| workload | vLLM alone: accuracy | noise floor" in body and "`exact` | `fast` |" in body
+    assert "| rag | 72% | 100% · 1.07 / 1.17 | 100% · 72% · 19% · 0.93 / 1.03 | 30% · 57% · 84% · 0.33 / 0.43 |" in body
+    assert "python bench/fidelity_bench.py --requests 40" in body and "2-core x86 VM, AMX" in body
 
 
 def _slug(heading: str) -> str:
