@@ -199,3 +199,26 @@ def test_approximate_kv_never_reaches_a_strict_request(servers_2layer):
         got = chat(on, m(*docs, q=q), kv_transfer_params=strict)
         assert_same(got, chat(off, m(*docs, q=q)), tol=1e-4)
 
+
+
+def test_the_response_says_what_the_request_was_served(servers_2layer):
+    """The response's kv_transfer_params: the fidelity served and the prompt tokens placed by provenance."""
+    on, _ = servers_2layer
+    system, X = words(740, 140), words(741, 300)
+
+    def served(messages, **extra):
+        c = OpenAI(base_url=on.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        r = c.chat.completions.create(model=c.models.list().data[0].id, messages=messages, max_tokens=2,
+                                      temperature=0, extra_body=extra or None)
+        return (r.model_extra or {}).get("kv_transfer_params")
+
+    def m(*docs, q):
+        return [{"role": "system", "content": system}] + [{"role": "tool", "content": d} for d in docs] + \
+            [{"role": "user", "content": q}]
+    served(m(X, q=words(742, 6)))                                   # stores system and X
+    moved = served(m(words(743, 60), X, q=words(744, 6)))["kvreuse"]  # X after new text: approximate
+    assert moved["fidelity"] == "fast" and moved["placed_tokens"]["approximate"] > 100
+    assert moved["computed_after_approximate_tokens"] > 0
+    strict = served(m(words(745, 60), X, q=words(746, 6)), kv_transfer_params={"kvreuse": {"fidelity": "exact"}})
+    assert strict["kvreuse"]["fidelity"] == "exact" and strict["kvreuse"]["placed_tokens"]["approximate"] == 0
+    assert served(m(X, q=words(747, 6)), kv_transfer_params={"kvreuse": False}) is None
