@@ -73,6 +73,26 @@ def test_a_new_context_is_kept_as_computed_in_its_own_frame(dtype):
         assert st.take_events().demoted == [e.key]
 
 
+@pytest.mark.parametrize("room", [0, 8 * 12])  # bytes of budget beyond the base and the context's K and V
+def test_a_context_in_its_own_frame_is_held_within_the_budget(room):
+    """The frame kept beside a context's KV counts against the tier's budget: with no room for it the context
+    is not added (nothing raises, the budget holds); with room it is."""
+    e = make_entry(2, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32)
+    ck, cv = _in_context(e, 3)
+    budget = e.nbytes + 2 * ck.numel() * ck.element_size() + room
+    with ChunkStore(StoreConfig(device_bytes=budget), FP, fit_patch=None) as st:
+        assert _ingest(st, e)
+        st.flush()
+        assert _ingest(st, e, context=b"ctx-A", shift=40, k=relocate(ck, e.positions, e.positions + 40, ROPE), v=cv)
+        st.flush()
+        s = st.snapshot_stats()
+        assert s.failed_ingests == 0
+        tier = st.memory[0]
+        assert tier.used_bytes <= tier.budget_bytes
+        view = st.get(e.key, e.token_ids, context=b"ctx-A")
+        assert view.how == ("exact" if room else "base")
+
+
 def test_lookups_never_wait_on_a_slow_fit_nor_take_a_lock_it_holds():
     a, b = (make_entry(s, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32) for s in (2, 3))
     fit = GatedFit()
