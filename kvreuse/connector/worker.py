@@ -98,9 +98,13 @@ class WorkerSide:
         self.cfg, self.rope = cfg, rope
         self.tp_rank, self.tp_size = fingerprint.tp_rank, fingerprint.tp_size
         pol = cfg.policy  # patches are fitted with the operator's settings, at ingest and under pressure
-        self.store = store if store is not None else ChunkStore(cfg.store, fingerprint, fit_patch=functools.partial(
-            fit_patch, energy=pol.patch_energy, max_rank=pol.patch_max_rank, budget=pol.patch_budget),
-            capture_patches=pol.capture_patches and pol.patch_max_rank > 0)
+        # a server at fidelity "exact" never serves a patch (base + patch is approximate): none is fitted, and
+        # demotion drops a context's KV (its in-context KV, kept while room allows, serves exact claims)
+        patches = pol.fidelity != "exact" and pol.patch_max_rank > 0
+        fit = functools.partial(fit_patch, energy=pol.patch_energy, max_rank=pol.patch_max_rank,
+                                budget=pol.patch_budget) if patches else None
+        self.store = store if store is not None else ChunkStore(cfg.store, fingerprint, fit_patch=fit,
+                                                                capture_patches=patches and pol.capture_patches)
         self.layers: dict[str, int] = {}
         self.caches: dict[str, torch.Tensor] = {}
         self.spec: PagedLayout | None = None
