@@ -4,7 +4,7 @@ Runs the real script (a `kvreuse serve` under tiny tier budgets with a disk tier
 for the replay) and asserts its checks: no server errors, no tier above its budget in any
 per-second sample, the server's RSS never above vLLM alone's on the same trace for as long (+160 MiB: at
 fidelity "exact", where every new context of a stored chunk is saved, the worker was measured 117-130 MiB
-above vLLM alone on this trace, flat after warm-up; at "fast" 48 MiB), every
+above vLLM alone on this trace, flat after warm-up), every
 completed answer identical to vLLM alone (a differing token only at a near tie); and that the trace
 did what it is for: evictions and rehydrations happened, stored chunks were placed, and requests
 were cancelled and streams cut.  The script's `rss_flat` check (late slope after warm-up) is not
