@@ -113,7 +113,7 @@ class SchedulerSide:
             keys = chunk_keys(tokens, chunks, self.model_digest, salt, lora)
             opts = RequestOptions.parse(request.kv_transfer_params, self.cfg.policy.fidelity, self.allow_fault_injection)
             st = self.reqs[request.request_id] = RequestState(request, chunks, keys, anchors,
-                                                      chunk_namespace(self.model_digest, salt, lora), opts)
+                                                              chunk_namespace(self.model_digest, salt, lora), opts)
             if unresolved is not None:
                 log.warning("kvreuse: request %s: %s; not reused or saved", request.request_id, unresolved)
                 st.to(Phase.OFF)
