@@ -160,6 +160,14 @@ class ChunkEntry:
         return bool(self.in_context)
 
     # mutation
+    def own_frame(self, positions: torch.Tensor | None) -> bool:
+        """Whether KV computed at ``positions`` is kept in a frame of its own (other positions than the base)."""
+        return positions is not None and not torch.equal(positions.cpu(), self.positions)
+
+    def context_nbytes(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None) -> int:
+        """Bytes :meth:`add_context_kv` adds to this entry for ``k, v`` computed at ``positions``."""
+        return _tensor_bytes(k) + _tensor_bytes(v) + (_tensor_bytes(positions) if self.own_frame(positions) else 0)
+
     def add_context_kv(self, context: bytes | str, k: torch.Tensor, v: torch.Tensor,
                        positions: torch.Tensor | None = None) -> None:
         """Record KV of this chunk computed in ``context``, at ``positions`` (None: the base's frame).
@@ -170,7 +178,7 @@ class ChunkEntry:
         self._check_like_base(ctx, k, v)
         if ctx != self.context:
             self.in_context[ctx] = (k.to(self.k.device), v.to(self.k.device))
-            if positions is not None and not torch.equal(positions.cpu(), self.positions):
+            if self.own_frame(positions):
                 self.frames[ctx] = torch.as_tensor(positions, dtype=torch.int64).cpu()
 
     def add_patch(self, context: bytes | str, patch: Any) -> None:

@@ -252,9 +252,7 @@ class Ingester:
                 t.resized(key)
                 self.stats.captured_patches += 1
             if kv is not None and ctx not in cur.in_context:
-                n = sum(x.numel() * x.element_size() for x in kv)
-                if positions is not None and not torch.equal(positions, cur.positions):
-                    n += positions.numel() * positions.element_size()  # its own frame, kept beside it
+                n = cur.context_nbytes(*kv, positions)
                 if self.tiers.make_room(i, n, protect=key):
                     cur.add_context_kv(ctx, *kv, positions)
                     t.resized(key)

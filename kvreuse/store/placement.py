@@ -133,15 +133,13 @@ class TierStack:
         if new.context != e.context and new.context not in e.in_context:
             add_ctx[new.context] = (new.k, new.v)
         add_patch = {c: p for c, p in new.patches.items() if c not in e.patches}
-        frames = {c: new.frames.get(c, new.positions) for c in add_ctx}
-        frames = {c: p for c, p in frames.items() if not torch.equal(p, e.positions)}  # kept beside their KV
-        grow = sum(a.numel() * a.element_size() * 2 for a, _ in add_ctx.values())
-        grow += sum(p.numel() * p.element_size() for p in frames.values())
+        frames = {c: new.frames.get(c, new.positions) for c in add_ctx}  # where each was computed
+        grow = sum(e.context_nbytes(k, v, frames[c]) for c, (k, v) in add_ctx.items())
         grow += sum(int(p.nbytes) for p in add_patch.values())
         if not grow or not self.make_room(i, grow, protect=new.key):
             return False
         for c, (k, v) in add_ctx.items():
-            e.add_context_kv(c, k, v, frames.get(c))
+            e.add_context_kv(c, k, v, frames[c])
         for c, p in add_patch.items():
             e.add_patch(c, p)
         for c in (*add_ctx, *add_patch):
