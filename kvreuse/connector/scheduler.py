@@ -34,8 +34,8 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
-from kvreuse.connector.admission import Recurrence
-from kvreuse.connector.claim import Directory, chunk_keys, chunk_namespace
+from kvreuse.connector.admission import Recurrence, in_context_ids
+from kvreuse.connector.claim import Directory, chunk_keys, chunk_namespace, prefix_signatures
 from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.costs import CostModel
 from kvreuse.connector.fidelity import MEASURED_LOSS, RequestOptions, salted
@@ -150,7 +150,7 @@ class SchedulerSide:
             self._unsalt(st)
             st.reset()
         if st.seen is None and self.recurrence is not None:  # once per request, with vLLM's first prefix hit
-            st.seen = self.recurrence.observe(st.chunks, st.keys, num_computed, self.directory.__contains__)
+            st.seen = self._observe(st, num_computed)
         plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
                              st.opts.fidelity, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors,
                              ns=st.ns, repair=self.cfg.policy.repair_tokens,
@@ -310,11 +310,26 @@ class SchedulerSide:
                     self.directory.record_save(it, st.anchors, st.ns)
         return meta
 
+    def _observe(self, st: RequestState, num_computed: int) -> list[bool]:
+        """`Recurrence.observe` of a new request: which of its chunks recur.  A server at fidelity "exact"
+        observes chunks in their context (`in_context_ids`): stored means stored after the same keys."""
+        if self.cfg.policy.fidelity != "exact":
+            return self.recurrence.observe(st.chunks, st.keys, num_computed, self.directory.__contains__)
+        ids = in_context_ids(st.keys)
+        stored = set()
+        for i, k, sig in zip(ids, st.keys, prefix_signatures(st.keys)):
+            e = self.directory.get(k)
+            if e is not None and sig in e.contexts:
+                stored.add(i)
+        return self.recurrence.observe(st.chunks, ids, num_computed, stored.__contains__)
+
     def _admit(self, st: RequestState, items: list) -> list:
-        """Nothing recurs lately: a new text chunk is saved only if an earlier prompt had it too
+        """Nothing recurs lately: a new text chunk is saved only if an earlier prompt had it too, and at
+        fidelity "exact" a stored one in a new context only if an earlier prompt had it in that context
         (`kvreuse.connector.admission`); the rest are counted as deferred saves."""
         first = {c.start for c, seen in zip(st.chunks, st.seen) if not seen}
-        kept = [it for it in items if not (it.is_new and it.text and it.start in first)]
+        exact = self.cfg.policy.fidelity == "exact"
+        kept = [it for it in items if not ((it.is_new or exact) and it.text and it.start in first)]
         self.stats.deferred_saves += len(items) - len(kept)
         return kept
 

@@ -133,3 +133,28 @@ def test_admission_config_is_checked():
                      ({"admission_min_share": 1.5}, "policy.admission_min_share")):
         with pytest.raises(ConnectorConfigError, match=key):
             ConnectorConfig.from_extra_config({"policy": bad})
+
+
+def test_at_exact_a_sliding_window_turns_cold_and_saves_nothing_it_could_not_place():
+    """At fidelity "exact" a chunk recurs only after the same chunks: a window sliding by one passage repeats
+    every passage but never a passage's context, so once a window of requests is seen its saves stop, stored
+    passages in new contexts included (under "fast" the passages recur and every save goes on); a conversation
+    that repeats its whole history recurs in context, keeps saving, and is placed."""
+    passages = [msg(200 + i, 64) for i in range(12)]
+    saved: dict[str, list] = {}
+    for fidelity in ("exact", "fast"):
+        s = side(fidelity=fidelity)
+        saved[fidelity] = [prefill(s, f"w{t}", [x for p in passages[t:t + 4] for x in p] + msg(300 + t, 20))
+                           for t in range(8)]
+        if fidelity == "exact":
+            assert all(saved["exact"][:3]) and s.recurrence.cold
+            assert not any(saved["exact"][3:]) and s.take_stats().deferred_saves > 0
+            history = [msg(400, 200)]
+            for t in range(4):  # each turn repeats the whole conversation so far: it recurs in context
+                history.append(history[-1] + msg(500 + t, 40))
+                prefill(s, f"c{t}", history[-1])
+            assert not s.recurrence.cold
+            r = Req("c-next", history[-1] + msg(600, 40))
+            s.matched(r, 0)
+            assert s.reqs["c-next"].plan.placed_tokens >= len(history[-2])
+    assert all(saved["fast"])
