@@ -7,7 +7,12 @@
     m, ratios = client_medians(runs.runs); print_client_table(m, ratios, runs.runs)
 
 `client_run` warms a server up, runs `vllm.benchmarks.serve` (what `vllm bench serve` runs) in this
-process against it, and adds what the server's /metrics counted meanwhile.
+process against it, and adds what the server's /metrics counted meanwhile, and the texts it generated.
+`--model smollm2` serves the real pretrained model (`kvreuse.models.smollm2`) instead of the tiny
+random one, with kvreuse's default configuration (fidelity "exact") unless `--kvreuse-config` says
+otherwise; `same_output` is then the share of requests whose greedy output (every generated token) is
+the same as vLLM alone's on the same prompt in the same repeat.  Run it with `--concurrency 1`, so both
+arms batch alike (vLLM's CPU kernels may round differently in another batch).
 """
 
 from __future__ import annotations
@@ -15,11 +20,51 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
 from bench.common_table import Col, print_table
-from bench.serve_common import (ARMS, ArmRuns, Server, alternate_arms, delta, fmt, median, prefix_cache_hits,
-                                prompt_tokens, ratio, reuse_summary, settle)
+from bench.serve_common import (ARMS, ArmRuns, Server, alternate_arms, bench_model_spec, build_bench_model, delta,
+                                fmt, median, prefix_cache_hits, prompt_tokens, ratio, reuse_summary, settle)
+
+MODELS = ("tiny", "smollm2")
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """The served checkpoint, words to build prompts from (one token each), and its description."""
+
+    dir: str
+    words: list[str]
+    tag: str
+    text: str
+    kvreuse_config: dict | None  # the kvreuse arm's config when `--kvreuse-config` is not given (None: serve_common's)
+
+
+def add_model_option(ap: argparse.ArgumentParser) -> None:
+    """`--model`: the tiny random Llama (speed and mechanics) or SmolLM2-135M-Instruct (answers)."""
+    ap.add_argument("--model", choices=MODELS, default="tiny",
+                    help="tiny: 8-layer random-weight Llama, kvreuse at fidelity \"fast\" (speed and mechanics); "
+                         "smollm2: SmolLM2-135M-Instruct, a real pretrained model (make setup builds it), kvreuse's "
+                         "default configuration, outputs compared with vLLM alone's")
+
+
+def bench_model(a: argparse.Namespace) -> BenchModel:
+    """`--model`'s checkpoint (built offline once) and its words."""
+    if getattr(a, "model", "tiny") == "smollm2":
+        from transformers import AutoTokenizer
+
+        from kvreuse.models.smollm2 import build_smollm2
+
+        path = str(build_smollm2())
+        vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+        # " word" is one token for these: a prompt of n of them is n tokens
+        words = sorted(t[1:] for t in vocab if t.startswith("\u0120") and t[1:].isalpha() and t[1:].islower()
+                       and len(t) > 3)
+        return BenchModel(path, words, "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct, bf16", {})
+    spec = bench_model_spec()
+    path, words = build_bench_model(spec)
+    return BenchModel(path, words, spec.tag(), "tiny llama 8 layers, hidden 512, bf16, random weights", None)
 
 
 def add_client_options(ap: argparse.ArgumentParser, *, prompts: int) -> None:
@@ -95,7 +140,7 @@ def client_run(server: Server, model_dir: str, bench_args: list[str], warm: list
             "completed": res["completed"], "prompt_tokens": n_prompt,
             "placed_share": reuse["reused_tokens"] / n_prompt if n_prompt else None,
             "prefix_cache_share": prefix_cache_hits(d) / n_prompt if n_prompt else None,
-            "ttfts_s": res["ttfts"], **reuse}
+            "ttfts_s": res["ttfts"], "texts": res["generated_texts"], **reuse}
 
 
 def client_medians(runs: dict[str, list[dict]]) -> tuple[dict, dict]:
@@ -108,6 +153,16 @@ def client_medians(runs: dict[str, list[dict]]) -> tuple[dict, dict]:
               "throughput_ratio": ratio(k["request_throughput"], p["request_throughput"]),
               "output_throughput_ratio": ratio(k["output_throughput"], p["output_throughput"])}
     return m, ratios
+
+
+def agreement(runs: dict[str, list[dict]]) -> dict:
+    """`same_output`: the share of all requests whose output kvreuse generated exactly as vLLM alone did (same
+    prompt, same repeat); `same_output_each`: per repeat."""
+    each = [(sum(x == y for x, y in zip(k["texts"], p["texts"])), len(p["texts"]))
+            for k, p in zip(runs["kvreuse"], runs["prefix"])]
+    same, n = sum(s for s, _ in each), sum(t for _, t in each)
+    return {"same_output": same / n if n else None, "same_output_each": [s / t if t else None for s, t in each],
+            "same_output_count": [same, n]}
 
 
 def paired_ratios(runs: dict[str, list[dict]]) -> dict:
@@ -127,7 +182,7 @@ CLIENT_COLUMNS = (Col("arm", 8), "|", Col("TTFT ms mean", 12, ".1f"), Col("media
 
 
 def print_client_table(m: dict, ratios: dict, runs: dict[str, list[dict]]) -> None:
-    """Both arms' medians, the ratio row, and kvreuse's counters of every repeat."""
+    """Both arms' medians, the ratio row, kvreuse's counters of every repeat, and how many outputs agreed."""
     rows = [[arm, *(m[arm][k] for k in ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "request_throughput",
                                         "output_throughput", "placed_share", "prefix_cache_share", "load_ms_p50",
                                         "load_ms_mean"))] for arm in ARMS]
@@ -139,6 +194,9 @@ def print_client_table(m: dict, ratios: dict, runs: dict[str, list[dict]]) -> No
               f"gap tokens {r['gap_tokens']}; loads {r['loads']} (failed {r['load_failures']}); patches captured "
               f"{r['captured_patches']}; chunks saved {r.get('saved_chunks')}, dropped {r['dropped_saves']}, deferred "
               f"{r.get('deferred_saves')}")
+    same = agreement(runs)
+    print(f"outputs identical to vLLM alone's: {same['same_output_count'][0]}/{same['same_output_count'][1]} "
+          f"(per repeat: {' '.join(fmt(x, '.0%') for x in same['same_output_each'])})")
 
 
 def warm_up_completions(url: str, model: str, prompts: list[str], max_tokens: int = 4) -> None:

@@ -9,7 +9,9 @@ repeating by chance has probability ~4096^-16).  They go as a custom JSONL datas
 `--dataset random` uses vLLM's own random dataset instead.  Beware: it builds each prompt as a window
 of consecutive ids of one cyclic sequence over the vocabulary (`allowed_tokens[(offset + i + arange(n))
 % len]`), so on a 4k vocabulary two 1,024-token prompts share a long run of tokens at another offset
-about half the time; kvreuse places those runs, which is reuse, not its overhead.
+about half the time; kvreuse places those runs, which is reuse, not its overhead.  `--dataset
+prefix_repetition` is vLLM's own shared-prefix dataset: vLLM's prefix cache serves the reuse there
+exactly, so kvreuse at fidelity "exact" may add only the prefix's last, partial block.
 
 Each repeat starts a fresh server per arm, one at a time, in alternating order, warms it up with two
 unrelated random prompts and runs the client on the repeat's prompts (the same for both arms).  The
@@ -23,6 +25,7 @@ ratio, and the share of prompt tokens kvreuse placed (0 expected).
 
     python bench/noreuse_bench.py [--prompts 40 --input-len 1024 --concurrency 2 --repeats 6 --out FILE]
     python bench/noreuse_bench.py --quick            # smoke test: 12 prompts, 1 repeat
+    python bench/noreuse_bench.py --model smollm2 --concurrency 1 --dataset random   # the real model
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common_cli import bench_parser, kvreuse_config, parse_bench_args, rep_seed, write_result  # noqa: E402
-from bench.common_client import (add_client_options, client_arms, client_medians, jsonl_dataset,  # noqa: E402
+from bench.common_client import (add_client_options, add_model_option, agreement, bench_model,  # noqa: E402
+                                 client_arms, client_medians, jsonl_dataset,
                                  load_args, paired_ratios, print_client_table)
-from bench.serve_common import (ARMS, bench_model_spec, build_bench_model, fmt, host_text, serve,  # noqa: E402
-                                warm_seed)
+from bench.serve_common import ARMS, fmt, host_text, serve, warm_seed  # noqa: E402
 
 QUICK = {"prompts": 12, "repeats": 1}
 
@@ -52,16 +55,18 @@ def random_prompts(n: int, length: int, *, seed: int, words: list[str]) -> list[
 
 def main() -> int:
     ap = bench_parser(__doc__, repeats=6, quick="smoke test: 12 prompts, 1 repeat")
+    add_model_option(ap)
     add_client_options(ap, prompts=40)
     ap.add_argument("--input-len", type=int, default=1024)
-    ap.add_argument("--dataset", choices=["words", "random"], default="words",
-                    help="words: independent random words (custom JSONL); random: vLLM's random dataset")
+    ap.add_argument("--dataset", choices=["words", "random", "prefix_repetition"], default="words",
+                    help="words: independent random words (custom JSONL); random: vLLM's random dataset; "
+                         "prefix_repetition: vLLM's shared-prefix dataset (4 prefixes of 3/4 of --input-len)")
     ap.add_argument("--same-servers", action="store_true", help="both servers up for the whole run, driven in turn")
     ap.add_argument("--prefix-args", default="", help="extra vLLM arguments for vLLM alone only (e.g. "
                     "'--no-async-scheduling', which kvreuse serve sets; on vLLM's CPU backend it changes nothing)")
     a = parse_bench_args(ap, QUICK)
-    spec = bench_model_spec()
-    model_dir, words = build_bench_model(spec)
+    model = bench_model(a)
+    model_dir, words = model.dir, model.words
     tmp = tempfile.mkdtemp(prefix="kvreuse-noreuse-bench-")
 
     def prepare(rep: int) -> tuple[list[str], list[str]]:  # (client options of the repeat's dataset, warm-up)
@@ -69,13 +74,18 @@ def main() -> int:
         if a.dataset == "words":
             dataset = jsonl_dataset(os.path.join(tmp, f"noreuse-{rep}.jsonl"),
                                     random_prompts(a.prompts, a.input_len, seed=seed, words=words), a.output_len)
+        elif a.dataset == "prefix_repetition":
+            prefix = 3 * a.input_len // 4
+            dataset = ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(prefix),
+                       "--prefix-repetition-suffix-len", str(a.input_len - prefix),
+                       "--prefix-repetition-num-prefixes", "4", "--prefix-repetition-output-len", str(a.output_len)]
         else:
             dataset = ["--dataset-name", "random", "--random-input-len", str(a.input_len), "--random-output-len",
                        str(a.output_len), "--random-range-ratio", "0"]
         return dataset + load_args(a, seed), random_prompts(2, a.input_len, seed=warm_seed(seed), words=words)
 
     def fresh(arm: str, rep: int = 0):
-        return serve(arm, model_dir, kvreuse_config=kvreuse_config(a), log_dir=tmp,
+        return serve(arm, model_dir, kvreuse_config=kvreuse_config(a, model.kvreuse_config), log_dir=tmp,
                      prefix_extra=a.prefix_args.split())
 
     with contextlib.ExitStack() as stack:  # --same-servers: both up for the run (stopped on any error too)
@@ -88,12 +98,12 @@ def main() -> int:
     ratios["output_throughput_ratio"] = paired["throughput_ratio"]  # (every request generates the same tokens)
     summary = {**ratios, "ratios_of_medians": of_medians,
                "paired_each": {k: v for k, v in paired.items() if k.endswith("_each")},
-               "placed_share": m["kvreuse"]["placed_share"],
+               "placed_share": m["kvreuse"]["placed_share"], **agreement(runs.runs),
                "targets": {"mean_ttft_ratio": "<= 1.05", "throughput_ratio": ">= 0.95"}}
     how = "both servers up, driven in turn" if a.same_servers else "a fresh server per arm and repeat"
     print(f"\nnothing reusable via vllm.benchmarks.serve ({a.dataset} dataset, /v1/completions): {a.prompts} prompts "
-          f"of {a.input_len} tokens, {a.concurrency} concurrent, {a.output_len} output tokens; model: tiny llama "
-          f"8 layers, hidden 512, bf16; {a.repeats} repeats ({how}); {host_text()}; {runs.elapsed_s:.0f} s")
+          f"of {a.input_len} tokens, {a.concurrency} concurrent, {a.output_len} output tokens; model: {model.text}; "
+          f"{a.repeats} repeats ({how}); {host_text()}; {runs.elapsed_s:.0f} s")
     print_client_table(m, ratios, runs.runs)
     print("ratio row: medians over repeats of each repeat's kvreuse / vLLM alone; ratios of the arms' medians: "
           + ", ".join(f"{k} {fmt(v)}" for k, v in of_medians.items()))
@@ -101,7 +111,7 @@ def main() -> int:
         print(f"  {k[:-5]} per repeat: " + " ".join(fmt(x) for x in v))
     print(f"targets: mean TTFT <= 1.05x (got {fmt(ratios['mean_ttft_ratio'])}), throughput >= 0.95x "
           f"(got {fmt(ratios['throughput_ratio'])}); p99 ratio {fmt(ratios['p99_ttft_ratio'])}")
-    write_result(a, "noreuse", model=spec.tag(), medians=m, summary=summary, **runs.fields(),
+    write_result(a, "noreuse", model=model.tag, medians=m, summary=summary, **runs.fields(),
                  client_args=runs.prepared[-1][0])
     return 0
 

@@ -14,6 +14,10 @@ the command, read from the file where it records them (`model`, `host`, `command
 derived from its own fields: the model from its checkpoint name, the command from the script and the
 `args` it recorded, the host from the file name (marked †: the file records no CPU model).
 
+`<bench>_smollm2[_<host>].json` (rag_bench.py / noreuse_bench.py `--model smollm2`: vLLM's own benchmark
+client on the real model) go to README.md's `client` table, with the share of outputs identical to
+vLLM alone's beside the TTFT ratios.
+
 `fidelity*.json` (bench/fidelity_bench.py: answers on a real model against vLLM alone) gives one row
 per workload and arm; `fidelity_rows` reads `{"workloads": {name: {"arms": {arm: {...}}}}}` or
 `{"rows": [{"workload", "arm", ...}]}` with `agreement` (or `same` of `n`), `accuracy`,
@@ -425,7 +429,41 @@ def frontier_table(results: Path = RESULTS) -> str:
     return "\n".join(out) if out else "(no frontier results)"
 
 
-DOCUMENTS = [("README.md", "fidelity", fidelity_table), ("docs/benchmarks.md", "results", main_table),
+_CLIENT_WORKLOADS = {"words": "nothing reusable (random words)", "random": "nothing reusable (vLLM's `random` dataset)",
+                     "prefix_repetition": "shared prefixes (vLLM's `prefix_repetition` dataset)"}
+
+
+def client_table(results: Path = RESULTS) -> str:
+    """vLLM's own benchmark client against the real model: TTFT ratios with the outputs' agreement beside them."""
+    lines = ["| workload | kvreuse fidelity | placed | TTFT, kvreuse / vLLM alone: mean · median · p99 | "
+             "throughput | outputs identical to vLLM alone's | command |", "|---|---|---|---|---|---|---|"]
+    rows = []
+    for path in sorted(results.glob("*_smollm2*.json")):
+        d = json.loads(path.read_text())
+        a, s = d.get("args") or {}, d["summary"]
+        if d.get("bench") == "rag":
+            workload = (f"RAG: {a.get('per_prompt')} of {a.get('passages')} passages, random order, joined by "
+                        + ("blank lines" if a.get("joiner", "\n\n") == "\n\n" else repr(a.get("joiner"))))
+        else:
+            workload = _CLIENT_WORKLOADS.get(a.get("dataset"), str(a.get("dataset")))
+        cfg = json.loads(a["kvreuse_config"]) if a.get("kvreuse_config") else {}
+        fidelity = f"`{(cfg.get('policy') or {}).get('fidelity', 'exact')}`" + ("" if cfg else " (default)")
+        same, n = s.get("same_output_count", [None, None])
+        rows.append((workload, fidelity, pct(s.get("placed_share")),
+                     f"{ratio(s['mean_ttft_ratio'])} · {ratio(s['median_ttft_ratio'])} · {ratio(s['p99_ttft_ratio'])}",
+                     f"{ratio(s['throughput_ratio'])}×", f"{pct(s.get('same_output'), 0)} ({same}/{n})",
+                     command_of(SCRIPTS[d["bench"]], d) + " --model smollm2", host_of(path, d)))
+    if not rows:
+        return "(no results of vLLM's benchmark client on the real model)"
+    nums, cmds = _commands([Row("", "", "", r[6]) for r in rows])
+    hosts = sorted({r[7] for r in rows})
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(x) for x in (*r[:6], f"[{nums[r[6]]}]")) + " |")
+    return "\n".join([f"SmolLM2-135M-Instruct in bf16, `/v1/completions`, one request at a time, greedy, EOS "
+                      f"ignored; host: {', '.join(hosts)}.", ""] + lines + [""] + cmds)
+
+
+DOCUMENTS = [("README.md", "fidelity", fidelity_table), ("README.md", "client", client_table), ("docs/benchmarks.md", "results", main_table),
              ("docs/benchmarks.md", "results:other", other_table),
              ("docs/benchmarks.md", "fidelity:frontier", frontier_table)]
 

@@ -44,7 +44,8 @@ FIDELITY_LEVELS = ("exact", "accurate", "fast")
 # here; "every", every one
 REPAIR_SCOPES = ("moved", "every")
 # "adaptive": when recent requests recur less than `admission_min_share`, a first-seen chunk is not saved
-# (`kvreuse.connector.admission`; at fidelity "exact" a chunk recurs only after the same chunks); "always": every new chunk is saved.
+# (`kvreuse.connector.admission`; at fidelity "exact" a chunk recurs only after the same chunks);
+# "always": every new chunk is saved.
 ADMISSION_MODES = ("adaptive", "always")
 # "salt": requests share chunks when their cache_salt is equal (unsalted requests form one pool);
 # "salted_only": only salted requests store or place chunks (unsalted ones are served without kvreuse).
