@@ -15,7 +15,7 @@ derived from its own fields: the model from its checkpoint name, the command fro
 `args` it recorded, the host from the file name (marked †: the file records no CPU model).
 
 `<bench>_smollm2[_<host>].json` (rag_bench.py / noreuse_bench.py `--model smollm2`: vLLM's own benchmark
-client on the real model) go to README.md's `client` table, with the share of outputs identical to
+client on the real model) go to docs/benchmarks.md's `client` table, with the share of outputs identical to
 vLLM alone's beside the TTFT ratios.
 
 `fidelity*.json` (bench/fidelity_bench.py: answers on a real model against vLLM alone) gives one row
@@ -463,7 +463,7 @@ def client_table(results: Path = RESULTS) -> str:
                       f"ignored; host: {', '.join(hosts)}.", ""] + lines + [""] + cmds)
 
 
-DOCUMENTS = [("README.md", "fidelity", fidelity_table), ("README.md", "client", client_table), ("docs/benchmarks.md", "results", main_table),
+DOCUMENTS = [("README.md", "fidelity", fidelity_table), ("docs/benchmarks.md", "client", client_table), ("docs/benchmarks.md", "results", main_table),
              ("docs/benchmarks.md", "results:other", other_table),
              ("docs/benchmarks.md", "fidelity:frontier", frontier_table)]
 
