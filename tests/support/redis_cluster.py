@@ -4,22 +4,23 @@
         cl.url                       # redis://127.0.0.1:<port of node 0>/0
         cl.kill(1)                   # SIGKILL one node (its slots become unreachable)
 
-Nodes run with ``cluster-require-full-coverage no`` so the surviving nodes keep serving their
+Each node is a `tests/support/redis_server.py` server (start, stop, its directory and log) with
+cluster mode on, ``cluster-require-full-coverage no`` so the surviving nodes keep serving their
 slots, and a short ``cluster-node-timeout``.  Skips without ``redis-server``/``redis-cli`` unless
 ``CI`` is set.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 
+from tests.support.local_server import start_or_skip
+from tests.support.redis_server import RedisServer
 
 
 def _free_cluster_port() -> int:
@@ -37,15 +38,34 @@ def _free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+class ClusterNode(RedisServer):
+    """One cluster-enabled ``redis-server``; its cluster bus listens on its port + 10000."""
+
+    def __init__(self) -> None:
+        super().__init__(port=_free_cluster_port())
+
+    def argv(self) -> list[str]:
+        return super().argv() + ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                 "--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no"]
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, as a crashed node."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.stop()
+
+
 class RedisCluster3:
     def __init__(self) -> None:
-        self.server = shutil.which("redis-server")
         self.cli = shutil.which("redis-cli")
-        if self.server is None or self.cli is None:
-            raise FileNotFoundError("redis-server / redis-cli not found (apt-get install redis-server redis-tools)")
-        self.dir = tempfile.mkdtemp(prefix="kvreuse-cluster-")
-        self.ports = [_free_cluster_port() for _ in range(3)]
-        self.procs: list[subprocess.Popen | None] = [None] * 3
+        if self.cli is None:
+            raise FileNotFoundError("redis-cli not found (apt-get install redis-tools)")
+        self.nodes = [ClusterNode() for _ in range(3)]
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
 
     @property
     def url(self) -> str:
@@ -56,57 +76,31 @@ class RedisCluster3:
         return r.stdout + r.stderr
 
     def start(self, timeout: float = 30.0) -> "RedisCluster3":
-        for i, port in enumerate(self.ports):
-            d = os.path.join(self.dir, str(port))
-            os.makedirs(d)
-            self.procs[i] = subprocess.Popen(
-                [self.server, "--port", str(port), "--bind", "127.0.0.1", "--dir", d, "--save", "",
-                 "--appendonly", "no", "--protected-mode", "no", "--cluster-enabled", "yes",
-                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000",
-                 "--cluster-require-full-coverage", "no", "--logfile", os.path.join(d, "redis.log")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        for port in self.ports:
-            while "PONG" not in self._cli(port, "ping"):
+        try:
+            for n in self.nodes:
+                n.start(timeout)
+            out = self._cli(self.ports[0], "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                            "--cluster-replicas", "0", "--cluster-yes")
+            while not all("cluster_state:ok" in self._cli(p, "cluster", "info") for p in self.ports):
                 if time.monotonic() > deadline:
-                    self.close()
-                    raise TimeoutError(f"redis-server on {port} did not start")
-                time.sleep(0.05)
-        out = self._cli(self.ports[0], "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
-                        "--cluster-replicas", "0", "--cluster-yes")
-        while not all("cluster_state:ok" in self._cli(p, "cluster", "info") for p in self.ports):
-            if time.monotonic() > deadline:
-                self.close()
-                raise TimeoutError(f"cluster did not come up: {out}")
-            time.sleep(0.1)
+                    raise TimeoutError(f"cluster did not come up: {out}")
+                time.sleep(0.1)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def kill(self, i: int) -> None:
-        p = self.procs[i]
-        if p is not None:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-            self.procs[i] = None
+        self.nodes[i].kill()
 
     def keys_per_node(self) -> list[int | None]:
         """DBSIZE of each node (None for a killed one)."""
-        out = []
-        for i, port in enumerate(self.ports):
-            out.append(None if self.procs[i] is None else int(self._cli(port, "dbsize").split()[0]))
-        return out
+        return [None if n.proc is None else int(self._cli(n.port, "dbsize").split()[0]) for n in self.nodes]
 
     def close(self) -> None:
-        for i in range(3):
-            p = self.procs[i]
-            if p is not None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-                self.procs[i] = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        for n in self.nodes:
+            n.close()
 
     def __enter__(self) -> "RedisCluster3":
         return self.start()
@@ -116,12 +110,5 @@ class RedisCluster3:
 
 
 def redis_cluster_or_skip() -> RedisCluster3:
-    import pytest
-
-    try:
-        cl = RedisCluster3()
-    except FileNotFoundError as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(e))
-    return cl.start()
+    """A started cluster; skips the calling test when redis-server or redis-cli is missing (fails under CI)."""
+    return start_or_skip(RedisCluster3)
