@@ -11,8 +11,10 @@ process against it, and adds what the server's /metrics counted meanwhile, and t
 `--model smollm2` serves the real pretrained model (`kvreuse.models.smollm2`) instead of the tiny
 random one, with kvreuse's default configuration (fidelity "exact") unless `--kvreuse-config` says
 otherwise; `same_output` is then the share of requests whose greedy output (every generated token) is
-the same as vLLM alone's on the same prompt in the same repeat.  Run it with `--concurrency 1`, so both
-arms batch alike (vLLM's CPU kernels may round differently in another batch).
+the same as vLLM alone's on the same prompt in the same repeat, and a third arm, vLLM alone with its
+prefix cache off, gives the noise floor (`noise_floor_same_output`): a prefix hit alone changes how
+many tokens a step computes, and with them the rounding of vLLM's CPU kernels, which can flip a greedy
+token where the model hesitates.  Run it with `--concurrency 1`, so every arm batches alike.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
 from bench.common_table import Col, print_table
-from bench.serve_common import (ARMS, ArmRuns, Server, alternate_arms, bench_model_spec, build_bench_model, delta,
-                                fmt, median, prefix_cache_hits, prompt_tokens, ratio, reuse_summary, settle)
+from bench.serve_common import (ARMS, NOISE_FLOOR, ArmRuns, Server, alternate_arms, bench_model_spec,
+                                build_bench_model, delta, fmt, median, prefix_cache_hits, prompt_tokens, ratio,
+                                reuse_summary, settle)
 
 MODELS = ("tiny", "smollm2")
 
@@ -39,6 +42,8 @@ class BenchModel:
     tag: str
     text: str
     kvreuse_config: dict | None  # the kvreuse arm's config when `--kvreuse-config` is not given (None: serve_common's)
+    arms: tuple[str, ...] = ARMS  # the real model adds the noise floor
+    dtype: str = "bfloat16"  # served
 
 
 def add_model_option(ap: argparse.ArgumentParser) -> None:
@@ -61,7 +66,9 @@ def bench_model(a: argparse.Namespace) -> BenchModel:
         # " word" is one token for these: a prompt of n of them is n tokens
         words = sorted(t[1:] for t in vocab if t.startswith("\u0120") and t[1:].isalpha() and t[1:].islower()
                        and len(t) > 3)
-        return BenchModel(path, words, "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct, bf16", {})
+        dtype = getattr(a, "dtype", "bfloat16")
+        return BenchModel(path, words, "SmolLM2-135M-Instruct", f"SmolLM2-135M-Instruct, {dtype}", {},
+                          (*ARMS, NOISE_FLOOR), dtype)
     spec = bench_model_spec()
     path, words = build_bench_model(spec)
     return BenchModel(path, words, spec.tag(), "tiny llama 8 layers, hidden 512, bf16, random weights", None)
@@ -91,13 +98,13 @@ def load_args(a: argparse.Namespace, seed: int) -> list[str]:
 
 
 def client_arms(repeats: int, model_dir: str, prepare: Callable[[int], tuple[list[str], list[str]]],
-                serve_arm: Callable[[str, int], ContextManager[Server]]) -> ArmRuns:
+                serve_arm: Callable[[str, int], ContextManager[Server]], arms: tuple[str, ...] = ARMS) -> ArmRuns:
     """`alternate_arms` with `client_run` as the measure: `prepare(rep)` gives the repeat's (client options,
     warm-up prompts)."""
     def measure(srv: Server, rep: int, prepared: Any) -> dict:
         return client_run(srv, model_dir, *prepared)
 
-    return alternate_arms(repeats, prepare, serve_arm, measure)
+    return alternate_arms(repeats, prepare, serve_arm, measure, arms)
 
 
 def vllm_bench_serve(url: str, model_dir: str | os.PathLike, args: list[str]) -> dict:
@@ -157,12 +164,18 @@ def client_medians(runs: dict[str, list[dict]]) -> tuple[dict, dict]:
 
 def agreement(runs: dict[str, list[dict]]) -> dict:
     """`same_output`: the share of all requests whose output kvreuse generated exactly as vLLM alone did (same
-    prompt, same repeat); `same_output_each`: per repeat."""
-    each = [(sum(x == y for x, y in zip(k["texts"], p["texts"])), len(p["texts"]))
-            for k, p in zip(runs["kvreuse"], runs["prefix"])]
-    same, n = sum(s for s, _ in each), sum(t for _, t in each)
-    return {"same_output": same / n if n else None, "same_output_each": [s / t if t else None for s, t in each],
-            "same_output_count": [same, n]}
+    prompt, same repeat); `same_output_each`: per repeat; `noise_floor_*` the same of vLLM alone with its
+    prefix cache off, where that arm ran."""
+    out = {}
+    for arm, name in (("kvreuse", "same_output"), (NOISE_FLOOR, "noise_floor_same_output")):
+        if arm not in runs:
+            continue
+        each = [(sum(x == y for x, y in zip(k["texts"], p["texts"])), len(p["texts"]))
+                for k, p in zip(runs[arm], runs["prefix"])]
+        same, n = sum(s for s, _ in each), sum(t for _, t in each)
+        out |= {name: same / n if n else None, name + "_each": [s / t if t else None for s, t in each],
+                name + "_count": [same, n]}
+    return out
 
 
 def paired_ratios(runs: dict[str, list[dict]]) -> dict:
@@ -195,8 +208,10 @@ def print_client_table(m: dict, ratios: dict, runs: dict[str, list[dict]]) -> No
               f"{r['captured_patches']}; chunks saved {r.get('saved_chunks')}, dropped {r['dropped_saves']}, deferred "
               f"{r.get('deferred_saves')}")
     same = agreement(runs)
-    print(f"outputs identical to vLLM alone's: {same['same_output_count'][0]}/{same['same_output_count'][1]} "
-          f"(per repeat: {' '.join(fmt(x, '.0%') for x in same['same_output_each'])})")
+    for name, label in (("same_output", "kvreuse"), ("noise_floor_same_output", "vLLM alone, prefix cache off")):
+        if name in same:
+            print(f"outputs identical to vLLM alone's, {label}: {same[name + '_count'][0]}/{same[name + '_count'][1]}"
+                  f" (per repeat: {' '.join(fmt(x, '.0%') for x in same[name + '_each'])})")
 
 
 def warm_up_completions(url: str, model: str, prompts: list[str], max_tokens: int = 4) -> None:

@@ -42,7 +42,7 @@ from bench.common_cli import bench_parser, kvreuse_config, parse_bench_args, rep
 from bench.common_client import (add_client_options, add_model_option, agreement, bench_model,  # noqa: E402
                                  client_arms, client_medians, jsonl_dataset,
                                  load_args, paired_ratios, print_client_table)
-from bench.serve_common import ARMS, fmt, host_text, serve, warm_seed  # noqa: E402
+from bench.serve_common import fmt, host_text, serve, warm_seed  # noqa: E402
 
 QUICK = {"prompts": 12, "repeats": 1}
 
@@ -54,7 +54,8 @@ def random_prompts(n: int, length: int, *, seed: int, words: list[str]) -> list[
 
 
 def main() -> int:
-    ap = bench_parser(__doc__, repeats=6, quick="smoke test: 12 prompts, 1 repeat")
+    ap = bench_parser(__doc__, repeats=6, quick="smoke test: 12 prompts, 1 repeat",
+                      dtype="the served dtype (--model smollm2; the tiny model is built in bf16)")
     add_model_option(ap)
     add_client_options(ap, prompts=40)
     ap.add_argument("--input-len", type=int, default=1024)
@@ -85,13 +86,14 @@ def main() -> int:
         return dataset + load_args(a, seed), random_prompts(2, a.input_len, seed=warm_seed(seed), words=words)
 
     def fresh(arm: str, rep: int = 0):
-        return serve(arm, model_dir, kvreuse_config=kvreuse_config(a, model.kvreuse_config), log_dir=tmp,
-                     prefix_extra=a.prefix_args.split())
+        return serve(arm, model_dir, kvreuse_config=kvreuse_config(a, model.kvreuse_config), dtype=model.dtype,
+                     log_dir=tmp, prefix_extra=a.prefix_args.split())
 
     with contextlib.ExitStack() as stack:  # --same-servers: both up for the run (stopped on any error too)
-        servers = {arm: stack.enter_context(fresh(arm)) for arm in ARMS} if a.same_servers else {}
+        servers = {arm: stack.enter_context(fresh(arm)) for arm in model.arms} if a.same_servers else {}
         runs = client_arms(a.repeats, model_dir, prepare,
-                           lambda arm, rep: contextlib.nullcontext(servers[arm]) if servers else fresh(arm))
+                           lambda arm, rep: contextlib.nullcontext(servers[arm]) if servers else fresh(arm),
+                           model.arms)
     m, of_medians = client_medians(runs.runs)
     paired = paired_ratios(runs.runs)
     ratios = {k: paired.get(k, of_medians[k]) for k in of_medians}  # the table's ratio row: paired

@@ -1,11 +1,12 @@
 """RAG traffic through vLLM's own benchmark client: kvreuse vs vLLM prefix caching alone, in one run.
 
 A seeded corpus of `--passages` passages (150-250 random words of the model's vocabulary each); every
-prompt is `--per-prompt` of them, drawn at random and in random order, joined by `--joiner` ("\\n\\n" by default, as retrieval
-pipelines do; `--joiner " "` leaves kvreuse only its content-defined cuts) and followed by a new
-question.  The prompts go to a custom JSONL dataset that `vllm.benchmarks.serve` (what `vllm bench
-serve` runs) sends to `/v1/completions` raw (no chat template), `--concurrency` at a time, in file
-order, every request generating `--output-len` tokens (EOS ignored).
+prompt is `--per-prompt` of them, drawn at random and in random order, joined by `--joiner` ("\\n\\n"
+by default, as retrieval pipelines do; `--joiner " "` leaves kvreuse only its content-defined cuts)
+and followed by a new question.  The prompts go to a custom JSONL dataset that
+`vllm.benchmarks.serve` (what `vllm bench serve` runs) sends to `/v1/completions` raw (no chat
+template), `--concurrency` at a time, in file order, every request generating `--output-len` tokens
+(EOS ignored).
 
 One server at a time (`bench/serve_common.py`): each repeat starts a fresh server per arm, in
 alternating order, warms it up with two prompts from an unrelated corpus, reads its /metrics, runs the
@@ -51,7 +52,8 @@ def rag_prompts(n: int, *, passages: int, per_prompt: int, joiner: str, question
 
 
 def main() -> int:
-    ap = bench_parser(__doc__, repeats=3, quick="smoke test: 12 prompts, 1 repeat")
+    ap = bench_parser(__doc__, repeats=3, quick="smoke test: 12 prompts, 1 repeat",
+                      dtype="the served dtype (--model smollm2; the tiny model is built in bf16)")
     add_model_option(ap)
     add_client_options(ap, prompts=48)
     ap.add_argument("--passages", type=int, default=12)
@@ -74,7 +76,7 @@ def main() -> int:
 
     runs = client_arms(a.repeats, model_dir, prepare,
                        lambda arm, rep: serve(arm, model_dir, kvreuse_config=kvreuse_config(a, model.kvreuse_config),
-                                              log_dir=tmp))
+                                              dtype=model.dtype, log_dir=tmp), model.arms)
     m, ratios = client_medians(runs.runs)
     k = m["kvreuse"]
     summary = {**ratios, "placed_share": k["placed_share"], "load_ms_p50": k["load_ms_p50"], **agreement(runs.runs),

@@ -434,9 +434,11 @@ _CLIENT_WORKLOADS = {"words": "nothing reusable (random words)", "random": "noth
 
 
 def client_table(results: Path = RESULTS) -> str:
-    """vLLM's own benchmark client against the real model: TTFT ratios with the outputs' agreement beside them."""
-    lines = ["| workload | kvreuse fidelity | placed | TTFT, kvreuse / vLLM alone: mean · median · p99 | "
-             "throughput | outputs identical to vLLM alone's | command |", "|---|---|---|---|---|---|---|"]
+    """vLLM's own benchmark client against the real model: TTFT ratios with the outputs' agreement beside them,
+    and the noise floor (vLLM alone with its prefix cache off against vLLM alone)."""
+    lines = ["| workload | dtype | placed | TTFT, kvreuse / vLLM alone: mean · median · p99 | throughput | "
+             "outputs identical to vLLM alone's: kvreuse | noise floor | command |",
+             "|---|---|---|---|---|---|---|---|"]
     rows = []
     for path in sorted(results.glob("*_smollm2*.json")):
         d = json.loads(path.read_text())
@@ -447,20 +449,26 @@ def client_table(results: Path = RESULTS) -> str:
         else:
             workload = _CLIENT_WORKLOADS.get(a.get("dataset"), str(a.get("dataset")))
         cfg = json.loads(a["kvreuse_config"]) if a.get("kvreuse_config") else {}
-        fidelity = f"`{(cfg.get('policy') or {}).get('fidelity', 'exact')}`" + ("" if cfg else " (default)")
-        same, n = s.get("same_output_count", [None, None])
-        rows.append((workload, fidelity, pct(s.get("placed_share")),
+        if cfg:
+            workload += f" (kvreuse `{json.dumps(cfg)}`)"
+
+        def same(name: str) -> str:
+            k, n = s.get(name + "_count", [None, None])
+            return f"{pct(s.get(name), 0)} ({k}/{n})" if n else "—"
+        rows.append((workload, {"bfloat16": "bf16", "float32": "fp32"}.get(a.get("dtype"), str(a.get("dtype"))),
+                     pct(s.get("placed_share")),
                      f"{ratio(s['mean_ttft_ratio'])} · {ratio(s['median_ttft_ratio'])} · {ratio(s['p99_ttft_ratio'])}",
-                     f"{ratio(s['throughput_ratio'])}×", f"{pct(s.get('same_output'), 0)} ({same}/{n})",
-                     command_of(SCRIPTS[d["bench"]], d) + " --model smollm2", host_of(path, d)))
+                     f"{ratio(s['throughput_ratio'])}×", same("same_output"), same("noise_floor_same_output"),
+                     command_of(SCRIPTS[d["bench"]], d), host_of(path, d)))
     if not rows:
         return "(no results of vLLM's benchmark client on the real model)"
-    nums, cmds = _commands([Row("", "", "", r[6]) for r in rows])
-    hosts = sorted({r[7] for r in rows})
+    nums, cmds = _commands([Row("", "", "", r[7]) for r in rows])
+    hosts = sorted({r[8] for r in rows})
     for r in rows:
-        lines.append("| " + " | ".join(_cell(x) for x in (*r[:6], f"[{nums[r[6]]}]")) + " |")
-    return "\n".join([f"SmolLM2-135M-Instruct in bf16, `/v1/completions`, one request at a time, greedy, EOS "
-                      f"ignored; host: {', '.join(hosts)}.", ""] + lines + [""] + cmds)
+        lines.append("| " + " | ".join(_cell(x) for x in (*r[:7], f"[{nums[r[7]]}]")) + " |")
+    return "\n".join([f"SmolLM2-135M-Instruct, `/v1/completions`, one request at a time, greedy, EOS ignored, kvreuse "
+                      f"at its default configuration unless the row says; host: {', '.join(hosts)}.", ""]
+                     + lines + [""] + cmds)
 
 
 DOCUMENTS = [("README.md", "fidelity", fidelity_table), ("docs/benchmarks.md", "client", client_table), ("docs/benchmarks.md", "results", main_table),

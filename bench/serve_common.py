@@ -42,6 +42,8 @@ from kvreuse.cli import parse_kvreuse_metrics  # noqa: E402
 from server.demo import free_port, stop, wait_healthy  # noqa: E402
 
 ARMS = ("kvreuse", "prefix")
+# with answers compared: vLLM alone with its prefix cache off, against vLLM alone (the noise floor)
+NOISE_FLOOR = "nopc"
 # vLLM counters read for both arms (summed over engine / model labels)
 VLLM_COUNTERS = ("vllm:prompt_tokens_total", "vllm:prompt_tokens_cached_total", "vllm:prefix_cache_queries_total",
                  "vllm:prefix_cache_hits_total",
@@ -197,9 +199,9 @@ def host_record(argv: list[str] | None = None) -> dict[str, Any]:
             "command": command_line(argv)}
 
 
-def arm_order(rep: int) -> tuple[str, ...]:
+def arm_order(rep: int, arms: tuple[str, ...] = ARMS) -> tuple[str, ...]:
     """Arms in the order repeat `rep` runs them: alternating, so neither always goes first."""
-    return ARMS if rep % 2 == 0 else ARMS[::-1]
+    return arms if rep % 2 == 0 else arms[::-1]
 
 
 @dataclass
@@ -229,9 +231,9 @@ def server_argv(arm: str, model_dir: str | os.PathLike, port: int, *, dtype: str
         cfg = DEFAULT_KVREUSE_CONFIG if kvreuse_config is None else kvreuse_config
         return [sys.executable, "-m", "kvreuse.cli", "serve", str(model_dir), "--kvreuse-config", json.dumps(cfg),
                 *common]
-    if arm == "prefix":
+    if arm in ("prefix", NOISE_FLOOR):
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), *common,
-                *(prefix_extra or [])]
+                *(prefix_extra or []), *(["--no-enable-prefix-caching"] if arm == NOISE_FLOOR else [])]
     raise ValueError(f"unknown arm {arm!r}")
 
 
@@ -277,16 +279,16 @@ class ArmRuns:
 
 
 def alternate_arms(repeats: int, prepare: Callable[[int], Any], serve_arm: Callable[[str, int], ContextManager[Server]],
-                   measure: Callable[[Server, int, Any], Any]) -> ArmRuns:
-    """Each repeat: `prepare(rep)` (its workload, the same for both arms), then per arm in `arm_order(rep)` a
+                   measure: Callable[[Server, int, Any], Any], arms: tuple[str, ...] = ARMS) -> ArmRuns:
+    """Each repeat: `prepare(rep)` (its workload, the same for every arm), then per arm in `arm_order(rep)` a
     server from `serve_arm(arm, rep)` (a fresh `serve` as a rule) and `measure(server, rep, prepared)`."""
-    runs: dict[str, list] = {arm: [] for arm in ARMS}
+    runs: dict[str, list] = {arm: [] for arm in arms}
     commands: dict[str, str] = {}
     prepared = []
     t0 = time.time()
     for rep in range(repeats):
         prepared.append(prepare(rep))
-        for arm in arm_order(rep):
+        for arm in arm_order(rep, arms):
             with serve_arm(arm, rep) as srv:
                 runs[arm].append(measure(srv, rep, prepared[-1]))
                 commands[arm] = srv.command()
