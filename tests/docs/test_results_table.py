@@ -31,7 +31,7 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "README.md").write_text("# r\n<!-- fidelity:begin -->\n<!-- fidelity:end -->\ntail\n")
     (tmp_path / "docs" / "benchmarks.md").write_text(
         "<!-- results:begin -->\n<!-- results:end -->\n<!-- results:other:begin -->\n<!-- results:other:end -->\n"
-        "<!-- fidelity:frontier:begin -->\n<!-- fidelity:frontier:end -->\n")
+        "<!-- fidelity:frontier:begin -->\n<!-- fidelity:frontier:end -->\n<!-- client:begin -->\n<!-- client:end -->\n")
     return tmp_path
 
 
@@ -74,6 +74,23 @@ def test_fidelity_table(tree: Path):
     assert "| workload | vLLM alone: accuracy | noise floor" in body and "`exact` | `fast` |" in body
     assert "| rag | 72% | 100% · 1.07 / 1.17 | 100% · 72% · 19% · 0.93 / 1.03 | 30% · 57% · 84% · 0.33 / 0.43 |" in body
     assert "python bench/fidelity_bench.py --requests 40" in body and "2-core x86 VM, AMX" in body
+
+
+def test_client_table_puts_agreement_and_noise_floor_beside_ttft(tree: Path):
+    res = tree / "bench" / "results"
+    for p in res.glob("*_smollm2*.json"):
+        p.unlink()
+    (res / "rag_smollm2_epyc.json").write_text(json.dumps({
+        "bench": "rag", "host": "AMD EPYC, 2 cores, no AMX",
+        "command": "python bench/rag_bench.py --model smollm2 --concurrency 1 --prompts 40",
+        "args": {"per_prompt": 4, "passages": 12, "joiner": "\n\n", "dtype": "bfloat16", "kvreuse_config": None},
+        "summary": {"mean_ttft_ratio": 0.96, "median_ttft_ratio": 0.94, "p99_ttft_ratio": 0.97, "throughput_ratio": 1.05,
+                    "placed_share": 0.05, "same_output": 0.75, "same_output_count": [90, 120],
+                    "noise_floor_same_output": 0.9, "noise_floor_same_output_count": [108, 120]}}))
+    body = rt.client_table(res)
+    assert ("| RAG: 4 of 12 passages, random order, joined by blank lines | bf16 | 5.0% | 0.96 · 0.94 · 0.97 | 1.05× | "
+            "75% (90/120) | 90% (108/120) | [1] |") in body
+    assert "1. `python bench/rag_bench.py --model smollm2 --concurrency 1 --prompts 40`" in body
 
 
 def _slug(heading: str) -> str:
