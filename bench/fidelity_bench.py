@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import sys
 import tempfile
@@ -40,15 +39,15 @@ from bench.fidelity.arms import (DEFAULT_KVREUSE_CONFIGS, VLLM, VLLM_NOPC, Arm, 
                                  parse_arm, run_arm)
 from bench.fidelity.compare import markdown, rows  # noqa: E402
 from bench.fidelity.workloads import WORKLOADS, warmup  # noqa: E402
-from bench.serve_common import host_label, host_name, write_json  # noqa: E402
+from bench.serve_common import host_name, host_tag, write_json  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def default_out() -> str:
-    """bench/results/fidelity_<host>.json, the host as `host_label()` names it."""
-    slug = re.sub(r"[^a-z0-9]+", "-", host_label().lower()).strip("-")
-    return os.path.join(RESULTS, f"fidelity_{slug}.json")
+    """bench/results/fidelity_<host>.json, the host as `host_tag()` names it (fidelity.json: none)."""
+    tag = host_tag()
+    return os.path.join(RESULTS, f"fidelity_{tag}.json" if tag else "fidelity.json")
 
 
 def build_arms(a: argparse.Namespace) -> list[Arm]:

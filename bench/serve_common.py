@@ -127,11 +127,6 @@ def allocator_env() -> dict[str, str]:
     return {"LD_PRELOAD": pre if lib in pre.split(":") else ":".join(x for x in (lib, pre) if x)}
 
 
-def host_label() -> str:
-    """The host as the benches' headers name it: CPU cores and the allocator both arms ran with."""
-    return f"CPU ({os.cpu_count()} cores), malloc {allocator_name()}"
-
-
 def allocator_name() -> str:
     """`allocator()` by name: "tcmalloc_minimal", "tcmalloc" or "glibc"."""
     lib = allocator()
@@ -184,6 +179,15 @@ def host_name(info: dict[str, Any] | None = None) -> str:
     """The host as a result file names it: CPU model, cores, AMX or not ("AMD EPYC, 2 cores, no AMX")."""
     info = info or cpu_info()
     return f"{info['cpu']}, {info['cores']} cores, {'AMX' if info['amx'] else 'no AMX'}"
+
+
+def host_tag(info: dict[str, Any] | None = None) -> str:
+    """The host's suffix in a result file's name (`bench/results_table.py`'s HOSTS): "" for the x86 VM with
+    AMX, "epyc" for the AMD EPYC one, else the CPU model as a slug."""
+    info = info or cpu_info()
+    if "EPYC" in info["cpu"]:
+        return "epyc"
+    return "" if info["amx"] else re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
 
 
 def host_text() -> str:
