@@ -15,7 +15,7 @@ a small host it slows the steps it overlaps.  `Recurrence` watches whether conte
 
 At `policy.fidelity` "exact" a chunk can be placed only after the very chunks it followed when
 it was saved, so there what recurs is a chunk *in its context*: the scheduler observes
-`in_context_ids` (each key hashed with every key before it) instead of the keys, and while cold
+`in_context_id` (each key hashed with every key before it) instead of the keys, and while cold
 defers a chunk's save in a context not seen before whether or not its key is stored (a sliding
 window, whose chunks recur under an ever new first chunk, then saves nothing it could not place).
 
@@ -31,14 +31,14 @@ from typing import Callable, Sequence
 
 import xxhash
 
-from kvreuse.connector.claim import prefix_signatures
 from kvreuse.connector.segment import Chunk
 
 
-def in_context_ids(keys: Sequence[bytes]) -> list[bytes]:
-    """Each chunk's identity together with every chunk before it: equal only where a prompt repeats the
-    whole prefix up to and including the chunk (what an exact placement needs)."""
-    return [xxhash.xxh3_64_digest(sig + k) for sig, k in zip(prefix_signatures(keys), keys)]
+def in_context_id(sig: bytes, key: bytes) -> bytes:
+    """Chunk `key`'s identity together with every chunk before it (`sig`: their `claim.prefix_signatures`):
+    equal only where a prompt repeats the whole prefix up to and including the chunk (what an exact
+    placement needs)."""
+    return xxhash.xxh3_64_digest(sig + key)
 
 
 class Recurrence:

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
-from kvreuse.connector.admission import Recurrence, in_context_ids
+from kvreuse.connector.admission import Recurrence, in_context_id
 from kvreuse.connector.claim import Directory, chunk_keys, chunk_namespace, prefix_signatures
 from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.costs import CostModel
@@ -91,6 +91,8 @@ class SchedulerSide:
         pol = cfg.policy
         self.recurrence = Recurrence(pol.admission_window, pol.admission_min_share) \
             if pol.admission == "adaptive" else None
+        # at "exact" only a chunk after the same chunks can be placed: admission counts recurrence in context
+        self.recur_in_context = pol.fidelity == "exact"
         if pol.fidelity in MEASURED_LOSS:  # once a server: what the looser level was measured to cost
             log.warning("%s", MEASURED_LOSS[pol.fidelity])
         self.reqs: dict[str, RequestState] = {}
@@ -312,15 +314,15 @@ class SchedulerSide:
 
     def _observe(self, st: RequestState, num_computed: int) -> list[bool]:
         """`Recurrence.observe` of a new request: which of its chunks recur.  A server at fidelity "exact"
-        observes chunks in their context (`in_context_ids`): stored means stored after the same keys."""
-        if self.cfg.policy.fidelity != "exact":
+        observes chunks in their context (`in_context_id`): stored means stored after the same keys."""
+        if not self.recur_in_context:
             return self.recurrence.observe(st.chunks, st.keys, num_computed, self.directory.__contains__)
-        ids = in_context_ids(st.keys)
-        stored = set()
-        for i, k, sig in zip(ids, st.keys, prefix_signatures(st.keys)):
+        ids, stored = [], set()
+        for k, sig in zip(st.keys, prefix_signatures(st.keys)):
+            ids.append(in_context_id(sig, k))
             e = self.directory.get(k)
             if e is not None and sig in e.contexts:
-                stored.add(i)
+                stored.add(ids[-1])
         return self.recurrence.observe(st.chunks, ids, num_computed, stored.__contains__)
 
     def _admit(self, st: RequestState, items: list) -> list:
@@ -328,8 +330,7 @@ class SchedulerSide:
         fidelity "exact" a stored one in a new context only if an earlier prompt had it in that context
         (`kvreuse.connector.admission`); the rest are counted as deferred saves."""
         first = {c.start for c, seen in zip(st.chunks, st.seen) if not seen}
-        exact = self.cfg.policy.fidelity == "exact"
-        kept = [it for it in items if not ((it.is_new or exact) and it.text and it.start in first)]
+        kept = [it for it in items if not ((it.is_new or self.recur_in_context) and it.text and it.start in first)]
         self.stats.deferred_saves += len(items) - len(kept)
         return kept
 
