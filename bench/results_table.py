@@ -455,24 +455,24 @@ def client_table(results: Path = RESULTS) -> str:
         def same(name: str) -> str:
             k, n = s.get(name + "_count", [None, None])
             return f"{pct(s.get(name), 0)} ({k}/{n})" if n else "—"
-        rows.append((workload, {"bfloat16": "bf16", "float32": "fp32"}.get(a.get("dtype"), str(a.get("dtype"))),
-                     pct(s.get("placed_share")),
-                     f"{ratio(s['mean_ttft_ratio'])} · {ratio(s['median_ttft_ratio'])} · {ratio(s['p99_ttft_ratio'])}",
-                     f"{ratio(s['throughput_ratio'])}×", same("same_output"), same("noise_floor_same_output"),
-                     command_of(SCRIPTS[d["bench"]], d), host_of(path, d)))
+        cells = (workload, {"bfloat16": "bf16", "float32": "fp32"}.get(a.get("dtype"), str(a.get("dtype"))),
+                 pct(s.get("placed_share")),
+                 f"{ratio(s['mean_ttft_ratio'])} · {ratio(s['median_ttft_ratio'])} · {ratio(s['p99_ttft_ratio'])}",
+                 f"{ratio(s['throughput_ratio'])}×", same("same_output"), same("noise_floor_same_output"))
+        rows.append((cells, Row(workload, "", host_of(path, d), command_of(SCRIPTS[d["bench"]], d))))
     if not rows:
         return "(no results of vLLM's benchmark client on the real model)"
-    nums, cmds = _commands([Row("", "", "", r[7]) for r in rows])
-    hosts = sorted({r[8] for r in rows})
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(x) for x in (*r[:7], f"[{nums[r[7]]}]")) + " |")
+    nums, cmds = _commands([r for _, r in rows])
+    hosts = sorted({r.host for _, r in rows})
+    for cells, r in rows:
+        lines.append("| " + " | ".join(_cell(x) for x in (*cells, f"[{nums[r.command]}]")) + " |")
     return "\n".join([f"SmolLM2-135M-Instruct, `/v1/completions`, one request at a time, greedy, EOS ignored, kvreuse "
                       f"at its default configuration unless the row says; host: {', '.join(hosts)}.", ""]
                      + lines + [""] + cmds)
 
 
-DOCUMENTS = [("README.md", "fidelity", fidelity_table), ("docs/benchmarks.md", "client", client_table), ("docs/benchmarks.md", "results", main_table),
-             ("docs/benchmarks.md", "results:other", other_table),
+DOCUMENTS = [("README.md", "fidelity", fidelity_table), ("docs/benchmarks.md", "client", client_table),
+             ("docs/benchmarks.md", "results", main_table), ("docs/benchmarks.md", "results:other", other_table),
              ("docs/benchmarks.md", "fidelity:frontier", frontier_table)]
 
 

@@ -9,7 +9,8 @@ more than the prefill it saves).  The request's fidelity (`kvreuse.connector.fid
 policies: "exact" places only exact KV; "accurate" repairs each approximate placement by computing in
 place the first `repair` tokens of every chunk whose preceding chunk is not the one it was stored
 after (its first tokens, the attention sinks of the chunk, depend most on what precedes them).  The
-last prompt token is always computed (vLLM samples from it).  A chunk that straddles the prefix hit is placed from its first uncomputed token.
+last prompt token is always computed (vLLM samples from it).  A chunk that straddles the prefix hit is
+placed from its first uncomputed token.
 
 Without the segmented scheduler (`gaps=False`) only the placement that starts right at the
 prefix hit can be used (vLLM's connector API claims a prefix): the first chunk that is not

@@ -29,8 +29,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "load_test.py"
 def test_load_test_two_minutes(tmp_path):
     out = tmp_path / "load.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--clients", "8", "--duration", "120", "--warmup", "40",
-                           "--rss-baseline", "--baseline-duration", "120", "--rss-margin", "160", "--workdir", str(tmp_path / "work"),
-                           "--json", str(out)],
+                           "--rss-baseline", "--baseline-duration", "120", "--rss-margin", "160",
+                           "--workdir", str(tmp_path / "work"), "--json", str(out)],
                           capture_output=True, text=True, timeout=1500)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
