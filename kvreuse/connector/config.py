@@ -40,8 +40,8 @@ from kvreuse.store.config import StoreConfig, StoreConfigError
 # vLLM computes; "accurate" approximate placements repaired by recomputing the tokens where their context changed;
 # "fast" approximate placements unrepaired.
 FIDELITY_LEVELS = ("exact", "accurate", "fast")
-# which approximate chunks "accurate" repairs: "moved", those stored after another chunk than the one before them
-# here; "every", every one
+# where "accurate" repairs: "moved", from each change point (an approximate chunk that does not follow the chunk it
+# was stored after); "every", from the start of every approximate chunk
 REPAIR_SCOPES = ("moved", "every")
 # "adaptive": when recent requests recur less than `admission_min_share`, a first-seen chunk is not saved
 # (`kvreuse.connector.admission`; at fidelity "exact" a chunk recurs only after the same chunks);
@@ -87,9 +87,10 @@ class ChunkingConfig:
 @dataclass(frozen=True)
 class PolicyConfig:
     """`fidelity`: what KV a request may be served (`FIDELITY_LEVELS`; a request may tighten it, never loosen it).
-    `repair_tokens`: under "accurate", the first tokens of each placed chunk whose preceding chunk changed are
-    recomputed in place instead of placed (the chunk's attention sinks, which depend most on their context);
-    `repair_scope` "every": of every approximate chunk.
+    `repair_tokens`: under "accurate", the first tokens after each change point (an approximate chunk that does not
+    follow the chunk it was stored after) are recomputed in place instead of placed, counted across chunks (the
+    attention sinks of what follows, which depend most on their context); `repair_scope` "every": from the start of
+    every approximate chunk.
 
     `admission`: which new chunks are saved (see `kvreuse.connector.admission`); "adaptive" saves
     only chunks seen before while the last `admission_window` requests recurred less than

@@ -10,8 +10,9 @@ Two kinds of KV leave the store (DESIGN.md, "Fidelity and provenance"):
 A server's `policy.fidelity` says which a request may be served; a request may tighten it
 (`kv_transfer_params: {"kvreuse": {"fidelity": "exact"}}`), never loosen it:
   exact     only exact placements (the default: the answers vLLM alone gives);
-  accurate  approximate placements too, each repaired: the first `policy.repair_tokens` tokens of a
-            chunk whose preceding chunk changed are computed in place (`plan.plan_segments`);
+  accurate  approximate placements too, repaired: the first `policy.repair_tokens` tokens after each
+            change point (where placed KV stops following what it was stored after) are computed in
+            place (`plan.plan_segments`);
   fast      approximate placements unrepaired.
 Blocks from a request's first approximate position on are cached by vLLM under block hashes salted
 with the request's fidelity (`salt`), so vLLM's prefix cache serves them only to a request of the

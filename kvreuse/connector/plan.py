@@ -6,10 +6,11 @@ chunk anywhere in the prompt is a candidate, and so are the edges of stored chun
 nobody stored (edge fill, below); the cost model (`kvreuse.connector.costs`) drops a
 placement that would not pay for itself (a tiny chunk, or one whose extra scheduler step costs
 more than the prefill it saves).  The request's fidelity (`kvreuse.connector.fidelity`) bounds the
-policies: "exact" places only exact KV; "accurate" repairs each approximate placement by computing in
-place the first `repair` tokens of every chunk whose preceding chunk is not the one it was stored
-after (its first tokens, the attention sinks of the chunk, depend most on what precedes them).  The
-last prompt token is always computed (vLLM samples from it).  A chunk that straddles the prefix hit is
+policies: "exact" places only exact KV; "accurate" repairs approximate placements by computing in place
+the first `repair` tokens after each change point: where an approximate chunk (or edge-fill piece) does
+not follow the very chunk it was stored after (`_continues`).  The count runs across chunks: a chunk
+shorter than the repair is computed whole and the rest comes off the next (the first tokens after a
+change, the attention sinks of what follows, depend most on what precedes them).  The last prompt token is always computed (vLLM samples from it).  A chunk that straddles the prefix hit is
 placed from its first uncomputed token.
 
 Without the segmented scheduler (`gaps=False`) only the placement that starts right at the
@@ -128,8 +129,8 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
     prompt's content anchors (`segment.segment_prompt`); with them, a chunk after gaps is survival
     or reorder only where a recorded context held the gaps' text (None: gaps are not checked).
     `ns`: the request's chunk namespace (`claim.chunk_namespace`), for edge fill.  `repair`: tokens
-    computed at the start of each approximate chunk whose preceding chunk changed ("accurate"; of every
-    approximate chunk with `repair_every`).
+    computed from each change point on ("accurate"; from the start of every approximate chunk with
+    `repair_every`).
     """
     repair = repair if repairs(fidelity) else 0
     limit = len(token_ids) - 1  # vLLM must compute at least the last prompt token
@@ -154,6 +155,24 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
                 plan.misses += len(run)
             run = []
 
+    last: tuple[bytes, int] | None = None  # (key, end) of the stored chunk whose KV ends last here, whole (None: since
+    # then text was computed) -- placed, before its repair, or in vLLM's prefix hit
+    owed = 0  # repair tokens still to compute since the last change point
+
+    def repaired(it: LoadItem) -> LoadItem | None:
+        """`it` less the repair it owes (None: all of it computed instead): an approximate item after a change
+        point (`_continues`) starts `repair` tokens of recompute, counted across the items after it."""
+        nonlocal last, owed
+        prev, last = last, ((it.key, it.dst_end) if it.src_end == len(it.token_ids) else None)
+        if it.policy == "exact":
+            owed = 0
+            return it
+        if repair_every or not _continues(prev, it, directory):
+            owed = repair
+        cut = min(owed, it.num_tokens)
+        owed -= cut
+        return _trimmed(it, cut, positions)
+
     tok: np.ndarray | None = None  # the prompt as an array, for edge fill (made at the first unstored chunk)
     filled = num_computed  # end of the last placed token
     max_chunk = max((c.num_tokens for c in chunks), default=0)
@@ -177,7 +196,9 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
             text_from = c.end
         e = directory.get(keys[j])
         ok = e is not None and e.num_tokens == c.num_tokens
-        if c.end > num_computed and c.end <= limit and open_run:
+        if c.end <= num_computed:
+            last = (keys[j], c.end)  # in vLLM's prefix hit: exact, whatever the store holds
+        elif c.end <= limit and open_run:
             pick = policy(e, keys[j], sig, c.start) if ok else None
             edges: list[LoadItem] = []
             if pick is None and gaps and not ok and not c.mm_ids and c.start >= num_computed:
@@ -186,8 +207,9 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
                 # the computed text before it (unplaced, up to one longest chunk) may end in the same suffix
                 edges = _edge_fill(tok, c, max(filled, c.start - max_chunk, text_from), sig, directory, policy,
                                    positions, ns)
+            filled_text = bool(edges)  # stored text here, placed or (repair) computed
             if repair:
-                edges = [r for it in edges if (r := _repaired(it, repair, True, positions)) is not None]
+                edges = [r for it in edges if (r := repaired(it)) is not None]
             if edges:
                 for it in edges:
                     if run and run[-1].dst_end != it.dst_start:
@@ -199,15 +221,15 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
             elif pick is None:  # computed (the run it ends is closed by the next placement, or at the end)
                 plan.misses += 1
                 open_run = gaps
+                if not filled_text:
+                    last = None
             else:
                 start = max(c.start, num_computed)
                 dst_pos = as_tuple(positions[:, start:c.end]) if positions is not None else None
                 item = LoadItem(keys[j], tuple(token_ids[c.start:c.end]), start - c.start, c.num_tokens, start,
                                 pick[1], pick[0], dst_pos)
                 if repair:
-                    rec = e.contexts.get(pick[1], ())
-                    moved = repair_every or not (j and rec and rec[-1] == keys[j - 1])  # stored after another chunk
-                    item = _repaired(item, repair, moved, positions)
+                    item = repaired(item)
                 if item is None:
                     plan.misses += 1
                 else:
@@ -230,13 +252,22 @@ def plan_segments(token_ids: Sequence[int], chunks: Sequence[Chunk], keys: Seque
     return plan
 
 
-def _repaired(it: LoadItem, repair: int, moved: bool, positions: torch.Tensor | None) -> LoadItem | None:
-    """`it` less its first `repair` tokens (computed in place instead) when it is approximate and `moved`
-    (its preceding chunk is not the one it was stored after); None when nothing of it is left to place."""
-    if it.policy == "exact" or not moved:
+def _continues(prev: tuple[bytes, int] | None, it: LoadItem, directory: Directory) -> bool:
+    """Whether `it` follows the very chunk it was stored after: `prev` (key, end), the stored chunk whose KV
+    ends right where `it` starts, is the last key of the context `it` is read from.  Where it does not
+    (computed text before it, another chunk, its own middle), its context changed: a change point."""
+    if prev is None or prev[1] != it.dst_start or it.src_start:
+        return False
+    e = directory.get(it.key)
+    rec = e.contexts.get(it.context, ()) if e is not None else ()
+    return bool(rec) and rec[-1] == prev[0]
+
+
+def _trimmed(it: LoadItem, cut: int, positions: torch.Tensor | None) -> LoadItem | None:
+    """`it` less its first `cut` tokens (computed in place instead); None when nothing of it is left to place."""
+    if cut <= 0:
         return it
-    cut = min(repair, it.num_tokens)
-    if cut == it.num_tokens:
+    if cut >= it.num_tokens:
         return None
     dst = it.dst_start + cut
     dst_pos = as_tuple(positions[:, dst:it.dst_end]) if positions is not None else None

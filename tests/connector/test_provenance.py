@@ -124,6 +124,27 @@ def test_accurate_recomputes_the_first_tokens_of_each_moved_chunk():
     assert every.placed_tokens < acc.placed_tokens
 
 
+def test_accurate_repairs_a_count_of_tokens_from_each_change_point_across_chunks():
+    """The repair is `repair_tokens` tokens from where the context changed, whatever the chunk sizes: a first
+    chunk shorter than it is computed whole and the rest comes from the chunk after it, which follows the very
+    chunk it was stored after and so is no change point of its own (a rule per chunk computed less)."""
+    repair = 40
+    A, B, q = msg(60, 100), msg(61, 150), msg(62, 5)
+    s = side("accurate", repair_tokens=repair)
+    run_to_end(s, Req("r1", A + B + q))
+    first = next(c for c in s.reqs["r1"].chunks if c.start == len(A))
+    assert first.num_tokens < repair                      # B opens with a chunk shorter than the repair
+    X = msg(63, 30)
+    r = Req("r2", X + B + msg(64, 5))                     # B after text it was not stored after
+    s.matched(r, 0)
+    plan = s.reqs["r2"].plan
+    placed = {t for it in plan.items for t in range(it.dst_start, it.dst_end)}
+    at = len(X)
+    assert not placed & set(range(at, at + repair))       # the repair: `repair` tokens, across two chunks
+    assert set(range(at + repair, at + len(B))) <= placed  # and nothing more of B
+    assert "exact" not in {it.policy for it in plan.items}
+
+
 def test_the_response_says_what_the_request_was_served():
     s = side("fast")
     A, B = msg(50, 100), msg(51, 100)
