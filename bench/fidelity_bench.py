@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from bench.fidelity.arms import (DEFAULT_KVREUSE_CONFIGS, VLLM, VLLM_NOPC, Arm, 
                                  parse_arm, run_arm)
 from bench.fidelity.compare import markdown, rows  # noqa: E402
 from bench.fidelity.workloads import WORKLOADS, warmup  # noqa: E402
-from bench.serve_common import host_name, host_tag, write_json  # noqa: E402
+from bench.serve_common import command_line, host_name, host_tag, write_json  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = a.model or str(build_smollm2())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     workloads = {w: WORKLOADS[w](a.requests, a.seed) for w in names}
-    command = shlex.join(["python", "bench/fidelity_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(None if argv is None else ["bench/fidelity_bench.py", *argv])  # without --out
     host = host_name()  # CPU model, cores, AMX
     model = os.path.basename(os.path.normpath(model_dir))
     log_dir = tempfile.mkdtemp(prefix="kvreuse-fidelity-")

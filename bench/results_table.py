@@ -22,6 +22,9 @@ vLLM alone's beside the TTFT ratios.
 per workload and arm; `fidelity_rows` reads `{"workloads": {name: {"arms": {arm: {...}}}}}` or
 `{"rows": [{"workload", "arm", ...}]}` with `agreement` (or `same` of `n`), `accuracy`,
 `reference_accuracy`, `placed_share` and `ttft_ratio`.
+
+`repair_frontier*.json` (bench/repair_frontier.py: kvreuse's planner replayed on the real model, no server)
+goes to docs/benchmarks.md's `repair:replay` table.
 """
 
 from __future__ import annotations
@@ -275,8 +278,10 @@ def step_row(path: Path, d: dict) -> list[Row]:
     arms = [(name.get(k, f"kvreuse `{k}`"), v) for k, v in s.items()]
     res = ("prefill " + ", ".join(f"{n} {v['prefill_ms']:.1f}" for n, v in arms) + " ms; decode "
            + ", ".join(f"{n} {v['decode_ms']:.2f}" for n, v in arms) + " ms")
-    return [Row("step times, one engine in-process", model_label(d.get("args", {}).get("model")), host_of(path, d),
-                command_of(SCRIPTS["step"], d), result=res)]
+    model = model_label(d.get("args", {}).get("model"))
+    if not is_random(d.get("args", {}).get("model")):
+        model = model.removesuffix("-float32") + ", bf16"  # the checkpoint's name; step_bench.py serves bfloat16
+    return [Row("step times, one engine in-process", model, host_of(path, d), command_of(SCRIPTS["step"], d), result=res)]
 
 
 def quality_row(path: Path, summary: dict, meta: dict) -> list[Row]:
@@ -429,6 +434,26 @@ def frontier_table(results: Path = RESULTS) -> str:
     return "\n".join(out) if out else "(no frontier results)"
 
 
+def replay_table(results: Path = RESULTS) -> str:
+    """bench/repair_frontier.py: each arm's answers, accuracy, placed share, steps and estimated TTFT per workload."""
+    out = []
+    for path in sorted(results.glob("repair_frontier*.json")):
+        d = json.loads(path.read_text())
+        out += [f"{model_label(d.get('model')).removesuffix('-float32')} in {d.get('dtype')}, {d.get('requests')} requests a workload, replayed "
+                f"(no server); TTFT estimated at {d.get('step_ms')} ms a step and {d.get('token_ms')} ms a prefilled "
+                f"token; host: {host_of(path, d)}; `{d.get('command')}`", "",
+                "| workload | arm (config) | same answers as full prefill | accuracy (full prefill) | placed | steps | "
+                "TTFT est. |", "|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            cfg = r.get("config") or {}
+            arm = r["arm"] + (f" `{json.dumps(cfg)}`" if cfg else "")
+            out.append(f"| {r['workload']} | {_cell(arm)} | {pct(r['same_answer'], 0)} | {pct(r['accuracy'], 0)} "
+                       f"({pct(r['accuracy_ref'], 0)}) | {pct(r['placed_share'], 0)} | {r['steps_mean']:.2f} | "
+                       f"{r['ttft_est_mean']:.2f} |")
+        out.append("")
+    return "\n".join(out) if out else "(no replay results)"
+
+
 _CLIENT_WORKLOADS = {"words": "nothing reusable (random words)", "random": "nothing reusable (vLLM's `random` dataset)",
                      "prefix_repetition": "shared prefixes (vLLM's `prefix_repetition` dataset)"}
 
@@ -441,6 +466,8 @@ def client_table(results: Path = RESULTS) -> str:
              "|---|---|---|---|---|---|---|---|"]
     rows = []
     for path in sorted(results.glob("*_smollm2*.json")):
+        if path.name.startswith("step"):
+            continue  # step_bench.py on the real model: the other table's step times
         d = json.loads(path.read_text())
         a, s = d.get("args") or {}, d["summary"]
         if d.get("bench") == "rag":
@@ -473,7 +500,8 @@ def client_table(results: Path = RESULTS) -> str:
 
 DOCUMENTS = [("README.md", "fidelity", fidelity_table), ("docs/benchmarks.md", "client", client_table),
              ("docs/benchmarks.md", "results", main_table), ("docs/benchmarks.md", "results:other", other_table),
-             ("docs/benchmarks.md", "fidelity:frontier", frontier_table)]
+             ("docs/benchmarks.md", "fidelity:frontier", frontier_table),
+             ("docs/benchmarks.md", "repair:replay", replay_table)]
 
 
 def replace_between(text: str, name: str, body: str) -> str:

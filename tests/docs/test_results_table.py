@@ -31,7 +31,8 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "README.md").write_text("# r\n<!-- fidelity:begin -->\n<!-- fidelity:end -->\ntail\n")
     (tmp_path / "docs" / "benchmarks.md").write_text(
         "<!-- results:begin -->\n<!-- results:end -->\n<!-- results:other:begin -->\n<!-- results:other:end -->\n"
-        "<!-- fidelity:frontier:begin -->\n<!-- fidelity:frontier:end -->\n<!-- client:begin -->\n<!-- client:end -->\n")
+        "<!-- fidelity:frontier:begin -->\n<!-- fidelity:frontier:end -->\n<!-- client:begin -->\n<!-- client:end -->\n"
+        "<!-- repair:replay:begin -->\n<!-- repair:replay:end -->\n")
     return tmp_path
 
 
@@ -109,3 +110,21 @@ def test_links_resolve():
             if anchor:
                 heads = {_slug(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.M)}
                 assert anchor in heads, f"{doc.name}: {target}"
+
+
+def test_replay_table(tree: Path):
+    res = tree / "bench" / "results"
+    for p in res.glob("repair_frontier*.json"):
+        p.unlink()
+    row = {"workload": "rag", "arm": "fast+gold", "config": {"policy": {"fidelity": "fast"}, "force": "gold"}, "n": 40,
+           "same_answer": 0.375, "accuracy": 0.65, "accuracy_ref": 0.725, "placed_share": 0.7, "steps_mean": 1.62,
+           "ttft_est_mean": 0.45}
+    (res / "repair_frontier_epyc.json").write_text(json.dumps({
+        "bench": "repair_frontier", "model": "SmolLM2-135M-Instruct-float32", "dtype": "float32", "requests": 40,
+        "host": "AMD EPYC, 2 cores, no AMX", "command": "python bench/repair_frontier.py", "step_ms": 22.0,
+        "token_ms": 0.6, "rows": [row]}))
+    body = rt.replay_table(res)
+    assert body.startswith("SmolLM2-135M-Instruct in float32, 40 requests a workload, replayed")
+    assert ('| rag | fast+gold `{"policy": {"fidelity": "fast"}, "force": "gold"}` | 38% | 65% (72%) | 70% | 1.62 | '
+            '0.45 |') in body
+    assert "`python bench/repair_frontier.py`" in body and "AMD EPYC, 2 cores, no AMX" in body
