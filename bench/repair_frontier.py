@@ -164,20 +164,11 @@ def forced(force: str | None, loads: list, text: str, offsets: list[tuple[int, i
 
 
 # ------------------------------------------------------------------ one arm on one workload
-def _sched_out(req, num_new: int):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id=req.request_id,
-                                                               num_computed_tokens=req.num_computed_tokens)],
-                           scheduled_cached_reqs=SimpleNamespace(req_ids=[], num_computed_tokens=[]),
-                           num_scheduled_tokens={req.request_id: num_new}, scheduled_encoder_inputs={})
-
-
 def run_arm(model, tok, requests: list[Request], config: dict, refs: dict[int, list[int]],
             step_s: float, token_s: float) -> list[dict]:
     from kvreuse.connector.config import ConnectorConfig
     from kvreuse.connector.scheduler import SchedulerSide
-    from tests.support.sched_requests import SchedRequest
+    from tests.support.sched_requests import SchedRequest, run_to_end
 
     config = dict(config)
     force = config.pop("force", None)
@@ -196,19 +187,12 @@ def run_arm(model, tok, requests: list[Request], config: dict, refs: dict[int, l
         ids, n = enc["input_ids"], len(enc["input_ids"])
         if i not in refs:
             refs[i] = replay.full(ids)
-        r = SchedRequest(f"r{i}", ids, hash_block=128)
-        side.after_alloc(r, side.matched(r, 0))
-        r.num_computed_tokens = side.reqs[r.request_id].plan.leading
-        loads, saves, steps = [], [], 0
-        while r.num_computed_tokens < n:
-            r.num_computed_tokens += side.advance(r)
-            new = side.cap(r, r.num_computed_tokens, n - r.num_computed_tokens)
-            meta = side.build_meta(_sched_out(r, new), lambda rid: list(range(64)))
-            loads += [it for ld in meta.loads for it in ld.items]
-            saves += [it for sv in meta.saves for it in sv.items]
-            r.num_computed_tokens += new
-            steps += 1
+        r, metas = SchedRequest(f"r{i}", ids, hash_block=128), []
+        run_to_end(side, r, metas=metas)  # one step per computed segment
         side.finished(r)
+        steps = len(metas)
+        loads = [it for m in metas for ld in m.loads for it in ld.items]
+        saves = [it for m in metas for sv in m.saves for it in sv.items]
         loads = forced(force, loads, text, enc["offset_mapping"], n)
         got = replay.placed(ids, loads, saves)
         placed = sum(it.src_end - it.src_start for it in loads)

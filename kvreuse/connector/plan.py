@@ -10,8 +10,9 @@ policies: "exact" places only exact KV; "accurate" repairs approximate placement
 the first `repair` tokens after each change point: where an approximate chunk (or edge-fill piece) does
 not follow the very chunk it was stored after (`_continues`).  The count runs across chunks: a chunk
 shorter than the repair is computed whole and the rest comes off the next (the first tokens after a
-change, the attention sinks of what follows, depend most on what precedes them).  The last prompt token is always computed (vLLM samples from it).  A chunk that straddles the prefix hit is
-placed from its first uncomputed token.
+change, the attention sinks of what follows, depend most on what precedes them).  The last prompt
+token is always computed (vLLM samples from it).  A chunk that straddles the prefix hit is placed from
+its first uncomputed token.
 
 Without the segmented scheduler (`gaps=False`) only the placement that starts right at the
 prefix hit can be used (vLLM's connector API claims a prefix): the first chunk that is not

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from kvreuse.connector.config import ConnectorConfig
 from kvreuse.connector.scheduler import SchedulerSide
-from tests.support.sched_requests import SchedRequest, message
+from tests.support.sched_requests import SchedRequest, message, run_to_end, sched_out  # noqa: F401 (tests import them here)
 
 START = 2
 BS = 16
@@ -28,32 +26,6 @@ def side(fidelity: str = "fast", repair_tokens: int = 16, repair_scope: str = "m
 
 def msg(seed: int, n: int) -> list[int]:
     return message(seed, n, START)
-
-
-def sched_out(reqs, scheduled):
-    return SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, num_computed_tokens=r.num_computed_tokens)
-                                               for r in reqs],
-                           scheduled_cached_reqs=SimpleNamespace(req_ids=[], num_computed_tokens=[]),
-                           num_scheduled_tokens=scheduled, scheduled_encoder_inputs={})
-
-
-def run_to_end(s: SchedulerSide, r: Req, blocks=lambda rid: list(range(64)), metas: list | None = None):
-    """Drive one request as the segmented scheduler would, one segment per step; returns the loads
-    (and appends each step's metadata to `metas`)."""
-    loads = []
-    s.after_alloc(r, s.matched(r, 0))
-    r.num_computed_tokens = s.reqs[r.request_id].plan.leading
-    n = len(r.prompt_token_ids)
-    while r.num_computed_tokens < n:
-        r.num_computed_tokens += s.advance(r)
-        new = s.cap(r, r.num_computed_tokens, n - r.num_computed_tokens)
-        out = sched_out([r], {r.request_id: new})
-        meta = s.build_meta(out, blocks)
-        if metas is not None:
-            metas.append(meta)
-        loads += [(it.dst_start, it.dst_end) for ld in meta.loads for it in ld.items]
-        r.num_computed_tokens += new
-    return loads
 
 
 def test_segments_advance_and_cap_like_the_scheduler():

@@ -1,4 +1,5 @@
-"""Stand-ins for vLLM's `Request` on the scheduler side, for tests that drive `SchedulerSide` without vLLM.
+"""Stand-ins for vLLM's `Request` and `SchedulerOutput` on the scheduler side, for tests (and
+bench/repair_frontier.py) that drive `SchedulerSide` without vLLM.
 
 `SchedulerSide` reads only these fields of a request; `hash_block` > 0 fills `block_hashes` with one
 32-byte value per full block, chained over the prefix as vLLM's hasher does (`update_block_hashes`
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 
 @dataclass
@@ -40,3 +42,30 @@ def message(seed: int, n: int, start: int = 2) -> list[int]:
     """One message: a boundary token `start`, then n seeded tokens."""
     rng = random.Random(seed)
     return [start] + [rng.randrange(10, 500) for _ in range(n)]
+
+
+def sched_out(reqs, scheduled):
+    """A `SchedulerOutput` stand-in: `reqs` newly scheduled, `scheduled` {request id: tokens this step}."""
+    return SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, num_computed_tokens=r.num_computed_tokens)
+                                               for r in reqs],
+                           scheduled_cached_reqs=SimpleNamespace(req_ids=[], num_computed_tokens=[]),
+                           num_scheduled_tokens=scheduled, scheduled_encoder_inputs={})
+
+
+def run_to_end(s, r: SchedRequest, blocks=lambda rid: list(range(64)), metas: list | None = None):
+    """Drive one request as the segmented scheduler would, one segment per step; returns the loads
+    (and appends each step's metadata to `metas`)."""
+    loads = []
+    s.after_alloc(r, s.matched(r, 0))
+    r.num_computed_tokens = s.reqs[r.request_id].plan.leading
+    n = len(r.prompt_token_ids)
+    while r.num_computed_tokens < n:
+        r.num_computed_tokens += s.advance(r)
+        new = s.cap(r, r.num_computed_tokens, n - r.num_computed_tokens)
+        out = sched_out([r], {r.request_id: new})
+        meta = s.build_meta(out, blocks)
+        if metas is not None:
+            metas.append(meta)
+        loads += [(it.dst_start, it.dst_end) for ld in meta.loads for it in ld.items]
+        r.num_computed_tokens += new
+    return loads
