@@ -41,7 +41,7 @@ from kvreuse.connector.costs import CostModel
 from kvreuse.connector.fidelity import MEASURED_LOSS, RequestOptions, salted
 from kvreuse.connector.metadata import KVReuseMetadata, ReqLoad, ReqSave
 from kvreuse.connector.mrope import PositionsFn
-from kvreuse.connector.plan import Placement, plan_saves, plan_segments
+from kvreuse.connector.plan import Placement, Plan, plan_saves, plan_segments
 from kvreuse.connector.remote import RemoteLookup
 from kvreuse.connector.request_state import Phase, RequestState
 from kvreuse.connector.segment import mm_spans, segment_prompt
@@ -153,10 +153,15 @@ class SchedulerSide:
             st.reset()
         if st.seen is None and self.recurrence is not None:  # once per request, with vLLM's first prefix hit
             st.seen = self._observe(st, num_computed)
-        plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
-                             st.opts.fidelity, st.positions, self.cost, gaps=self.segmented, anchors=st.anchors,
-                             ns=st.ns, repair=self.cfg.policy.repair_tokens,
-                             repair_every=self.cfg.policy.repair_scope == "every")
+        if getattr(request, "skip_reading_prefix_cache", False):
+            # prompt logprobs need every prompt token computed: vLLM reads no cache for it, nor does kvreuse
+            # (its KV is computed whole, so its chunks are still saved)
+            plan = Plan(num_computed)
+        else:
+            plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
+                                 st.opts.fidelity, st.positions, self.cost, gaps=self.segmented,
+                                 anchors=st.anchors, ns=st.ns, repair=self.cfg.policy.repair_tokens,
+                                 repair_every=self.cfg.policy.repair_scope == "every")
         st.replan(plan)  # a new request, or one resumed after preemption (its blocks are gone)
         self._salt(st, plan.first_approximate)
         return plan.leading

@@ -120,6 +120,31 @@ def test_paragraph_joined_rag_is_placed_whole(servers):
     assert got[2] >= 0.9 * (got[3] - 12), f"passages joined by blank lines: {got[2]}/{got[3]} placed"
 
 
+def test_prompt_logprobs_are_computed_not_placed(servers):
+    """A request for prompt logprobs (`echo` with `logprobs`, as lm-eval's loglikelihood sends) needs every prompt
+    token computed: vLLM skips its prefix cache for it, and kvreuse places nothing in it either."""
+    on, off = servers
+    P = [words(450 + i, 180) for i in range(3)]
+    complete(on, " ".join(P) + " stored")
+    prompt = " ".join([words(460, 20), P[2], words(461, 10), P[0], words(462, 6)])
+
+    def scored(s: Server):
+        c = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        r = c.completions.create(model=c.models.list().data[0].id, prompt=prompt, max_tokens=1, temperature=0,
+                                 echo=True, logprobs=1)
+        lp = r.choices[0].logprobs
+        return lp.tokens, lp.token_logprobs, r.usage.prompt_tokens_details.cached_tokens or 0
+
+    tokens, got, cached = scored(on)
+    want_tokens, want, _ = scored(off)
+    assert tokens == want_tokens
+    assert cached == 0, f"{cached} prompt tokens placed in a prompt-logprobs request"
+    assert got[0] is None and want[0] is None
+    worst = max(abs(x - y) for x, y in zip(got[1:], want[1:]))
+    assert worst <= 1e-4, f"prompt logprobs differ by {worst:.3g}"
+    assert complete(on, prompt)[2] >= 0.5 * len(tokens), "the same prompt without prompt logprobs is placed"
+
+
 def test_concurrent_clients_with_preemption(servers):
     on, off = servers
     P = [words(500 + i, 160) for i in range(8)]

@@ -85,6 +85,21 @@ def test_opted_out_and_unsalted_under_salted_only_plan_nothing():
     assert s.matched(out, 0) == 0 and "r2" not in s.reqs
 
 
+def test_a_prompt_logprobs_request_places_nothing_and_is_saved():
+    """vLLM's `skip_reading_prefix_cache` (set for prompt logprobs): every prompt token computed, the chunks saved."""
+    s = side()
+    A, B, tail = msg(35, 150), msg(36, 150), msg(37, 5)
+    run_to_end(s, Req("r1", A + B + tail))
+    r = Req("r2", msg(38, 30) + B + A + tail)
+    r.skip_reading_prefix_cache = True
+    metas = []
+    assert run_to_end(s, r, metas=metas) == []
+    assert s.reqs["r2"].plan.placements == [] and r.block_hashes == Req("x", r.prompt_token_ids).block_hashes
+    assert [sv for m in metas for sv in m.saves], "its computed chunks are saved"
+    again = Req("r3", r.prompt_token_ids)   # the same prompt without prompt logprobs: placed
+    assert run_to_end(s, again)
+
+
 def test_a_request_may_ask_for_exact_on_a_server_that_places_blind():
     s = side()   # policy.fidelity "fast"
     A, B, tail = msg(40, 100), msg(41, 100), msg(42, 5)
