@@ -30,6 +30,7 @@ from kvreuse.connector.config import ConnectorConfig, ConnectorConfigError
 from kvreuse.connector.fingerprint import model_fingerprint
 from kvreuse.connector.metadata import KVReuseMetadata, KVReuseWorkerReport
 from kvreuse.connector.stats import KVReuseConnectorStats, ReuseStats
+from kvreuse.errors import KVReuseError, UnsupportedRope
 from kvreuse.rope.spec import RopeSpec
 from kvreuse.threads import configured_background_cpus, set_background_cpus
 
@@ -71,10 +72,24 @@ def _positions_fn(vllm_config: "VllmConfig"):
     try:
         return positions_fn_from_vllm(vllm_config)
     except Exception as e:
-        from kvreuse.errors import KVReuseError
-
         raise KVReuseError(f"kvreuse: the model uses M-RoPE but its position function is unavailable ({e}); "
                            "kvreuse cannot place KV for it") from e
+
+
+def rope_for_model(model_config: Any, fidelity: str) -> RopeSpec:
+    """The model's RoPE, as relocation needs it.  A model whose positions cannot be moved (no RoPE, or a RoPE
+    that depends on the prompt's length: `UnsupportedRope`) is served at fidelity "exact" only, which places KV
+    at the very positions it was computed at; a looser server fidelity is refused at startup."""
+    try:
+        return RopeSpec.from_hf_config(model_config.hf_text_config)
+    except UnsupportedRope as e:
+        if fidelity != "exact":
+            raise KVReuseError(f"kvreuse: policy.fidelity {fidelity!r} places KV at new positions, which this model "
+                               f"does not allow ({e}); serve it with policy.fidelity \"exact\"") from e
+        log.info("kvreuse: %s; only exact KV is placed, at the positions it was computed at", e)
+        # never asked to move a key (exact KV is placed where it was computed): a table of zero angles
+        head = int(model_config.get_head_size())
+        return RopeSpec(rotary_dim=head - head % 2, inv_freq=torch.zeros(head // 2), scaling="none")
 
 
 def check_parallelism(parallel_config: Any) -> None:
@@ -86,8 +101,6 @@ def check_parallelism(parallel_config: Any) -> None:
     """
     pp = int(getattr(parallel_config, "pipeline_parallel_size", 1) or 1)
     if pp > 1:
-        from kvreuse.errors import KVReuseError
-
         raise KVReuseError(f"kvreuse does not support pipeline parallelism (pipeline_parallel_size={pp}); "
                            "serve with --pipeline-parallel-size 1 (tensor parallelism is supported)")
 
@@ -106,6 +119,7 @@ class KVReuseConnector(KVConnectorBase_V1):
         self._kv_transfer_config.kv_load_failure_policy = "recompute"
         self._scheduler = self._worker = None
         self._last_gauges = 0.0
+        self._rope = rope_for_model(vllm_config.model_config, self.cfg.policy.fidelity)  # both roles refuse alike
         key_fp = model_fingerprint(vllm_config, 0, weights_version=self.cfg.weights_version)
         if role == KVConnectorRole.SCHEDULER:
             from kvreuse.connector.scheduler import SchedulerSide
@@ -131,7 +145,7 @@ class KVReuseConnector(KVConnectorBase_V1):
                 rank, pp_rank = get_tensor_model_parallel_rank(), get_pipeline_model_parallel_rank()
             except Exception:  # no distributed state (single process)
                 rank, pp_rank = 0, 0
-            rope = RopeSpec.from_hf_config(vllm_config.model_config.hf_text_config)
+            rope = self._rope
             cpus = configured_background_cpus(vllm_config)  # before any kvreuse thread starts
             set_background_cpus(cpus)
             if cpus:

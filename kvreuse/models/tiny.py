@@ -28,7 +28,8 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Shape of a tiny checkpoint.  `arch` is "llama" or "qwen2"; `dtype` "float32" or "bfloat16"."""
+    """Shape of a tiny checkpoint.  `arch` is "llama", "qwen2" or "opt" (learned absolute positions, no RoPE:
+    one KV head per head, `head_dim` = `hidden_size / num_heads`); `dtype` "float32" or "bfloat16"."""
 
     arch: str = "llama"
     num_layers: int = 2
@@ -45,8 +46,8 @@ class TinySpec:
     tokenizer_version: int = 2  # 2: the blank-line token
 
     def __post_init__(self) -> None:
-        if self.arch not in ("llama", "qwen2"):
-            raise ValueError(f"arch: expected 'llama' or 'qwen2', got {self.arch!r}")
+        if self.arch not in ("llama", "qwen2", "opt"):
+            raise ValueError(f"arch: expected 'llama', 'qwen2' or 'opt', got {self.arch!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads: must be a multiple of num_kv_heads")
         if self.vocab_size < len(SPECIALS) + len(ROLES) + 16:
@@ -95,10 +96,20 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, spec: TinySpec = 
     if spec.arch == "llama":
         cfg = transformers.LlamaConfig(head_dim=spec.head_dim, rope_theta=10000.0, **common)
         cls = transformers.LlamaForCausalLM
-    else:
+    elif spec.arch == "qwen2":
         assert spec.head_dim * spec.num_heads == spec.hidden_size, "qwen2 derives head_dim from hidden_size"
         cfg = transformers.Qwen2Config(rope_theta=10000.0, **common)
         cls = transformers.Qwen2ForCausalLM
+    else:
+        assert spec.head_dim * spec.num_heads == spec.hidden_size, "opt derives head_dim from hidden_size"
+        assert spec.num_kv_heads == spec.num_heads, "opt has one KV head per head"
+        cfg = transformers.OPTConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+                                     ffn_dim=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+                                     num_attention_heads=spec.num_heads, max_position_embeddings=spec.max_position,
+                                     word_embed_proj_dim=spec.hidden_size, init_std=spec.init_std,
+                                     tie_word_embeddings=False, bos_token_id=vocab["<|endoftext|>"],
+                                     eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"])
+        cls = transformers.OPTForCausalLM
     torch.manual_seed(spec.seed)
     save_checkpoint(out, cls(cfg), spec.dtype, vocab)
     write_tokenizer(out, vocab, specials=["<|im_start|>", "<|im_end|>"], chat_template=CHAT_TEMPLATE, added=[PARAGRAPH])

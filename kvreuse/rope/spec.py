@@ -18,6 +18,10 @@ from kvreuse.rope import freqs
 
 # HF model types whose rotary pairs are interleaved (GPT-J style) rather than split halves.
 _GPTJ_STYLE_MODEL_TYPES = frozenset({"gptj", "codegen", "deepseek_v2", "chatglm", "glm"})
+# HF model types that encode positions without RoPE (learned absolute positions, ALiBi): a chunk's KV holds
+# its positions in every layer's input, so it cannot be moved.  Falcon uses ALiBi where `alibi` is set.
+_NO_ROPE_MODEL_TYPES = frozenset({"gpt2", "gpt_bigcode", "opt", "bloom", "mpt", "jais", "gpt_neo", "biogpt",
+                                  "xglm", "bert", "roberta", "xlm-roberta"})
 _LENGTH_DEPENDENT = {
     "dynamic": "dynamic NTK rescales the base with the sequence length, so a chunk's keys depend on "
                "how long the prompt was when they were computed",
@@ -108,6 +112,9 @@ class RopeSpec:
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
         base = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         model_type = str(cfg.get("model_type", ""))
+        if model_type in _NO_ROPE_MODEL_TYPES or (model_type == "falcon" and cfg.get("alibi")):
+            raise UnsupportedRope(f"model type {model_type!r} encodes positions without RoPE (learned absolute "
+                                  "positions or ALiBi), so its KV cannot be moved to another position")
 
         mla = cfg.get("kv_lora_rank") is not None and cfg.get("qk_rope_head_dim") is not None
         if mla:
