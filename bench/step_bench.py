@@ -5,12 +5,9 @@ kvreuse's threads in one process, on the host's cores), in alternating order, `-
 `--rounds` rounds of `--concurrent` random prompts of `--input-len` tokens (nothing reusable), each
 round prefilled in one step and decoded `--output-len` steps.  Reported per arm: the median over
 repeats of each repeat's median decode step and median prefill step (rounds after the first).
-This is where a cost that slows the forward itself shows, without a server's processes around it.
-Measured with it (2 repeats, 2-core VM): with kvreuse's background threads still opening OpenMP
-teams of their own (`kvreuse.threads` before `serial_torch`), a decode step took 10.63 ms against
-5.41 ms for vLLM alone and a prefill step 141.1 ms against 118.3 (`bench/results/
-step_before_serial_threads.json`); with them serial, 5.62 against 5.37 ms and 123.4 against 119.7
-(`bench/results/step.json`).
+This is where a cost that slows the forward itself shows, without a server's processes around it
+(kvreuse's background threads run serial, `kvreuse.threads`, so that they open no OpenMP teams of
+their own beside the forward's).
 
     python bench/step_bench.py [--arms off,kvreuse --repeats 2 --out FILE]
     python bench/step_bench.py --arms 'off,kvreuse,{"save": false}'   # a JSON arm: kvreuse with that config
