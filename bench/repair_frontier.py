@@ -22,7 +22,10 @@ optional bench-only `"force"` that overrides the plan, for bounds no planner can
   tail:N      compute the last N prompt tokens
   starts:N    compute the first N tokens after every blank line (each passage's start)
 They bound answers, not speed: a forced arm's steps and TTFT estimate are its plan's, without the steps the
-override's own computed spans would add.
+override's own computed spans would add.  A bench-only `"one_step": true` bounds speed instead: the plan is
+made with no cost for an extra step (so every placement that saves prefill is made) and the estimate counts
+one step a request, as if every computed span of a prompt ran in one forward pass (vLLM's runner computes
+one contiguous span of a request a step; kvreuse's repair would need several).
 
     python bench/repair_frontier.py                       # the default arms on rag, agent_raw, agent_chat
     python bench/repair_frontier.py --workloads rag --requests 20 \\
@@ -172,8 +175,10 @@ def run_arm(model, tok, requests: list[Request], config: dict, refs: dict[int, l
 
     config = dict(config)
     force = config.pop("force", None)
+    one_step = bool(config.pop("one_step", False))
     # the cost model at the host's measured rates, fixed (a server learns them from its own steps)
-    cfg = ConnectorConfig.from_extra_config({**config, "cost": {"learn": False, "step_overhead_s": step_s,
+    cfg = ConnectorConfig.from_extra_config({**config, "cost": {"learn": False,
+                                                                "step_overhead_s": 0.0 if one_step else step_s,
                                                                 "prefill_s_per_token": token_s,
                                                                 **config.get("cost", {})}})
     boundary = frozenset(tok.convert_tokens_to_ids(list(cfg.chunking.boundary_tokens)))
@@ -191,6 +196,7 @@ def run_arm(model, tok, requests: list[Request], config: dict, refs: dict[int, l
         run_to_end(side, r, metas=metas)  # one step per computed segment
         side.finished(r)
         steps = len(metas)
+        paid = 1 if one_step else steps
         loads = [it for m in metas for ld in m.loads for it in ld.items]
         saves = [it for m in metas for sv in m.saves for it in sv.items]
         loads = forced(force, loads, text, enc["offset_mapping"], n)
@@ -198,7 +204,7 @@ def run_arm(model, tok, requests: list[Request], config: dict, refs: dict[int, l
         placed = sum(it.src_end - it.src_start for it in loads)
         rows.append({"same": got == refs[i], "ok": req.correct(tok.decode(got)), "ok_ref": req.correct(tok.decode(refs[i])),
                      "placed": placed, "tokens": n, "steps": steps,
-                     "ttft_est": (steps * step_s + (n - placed) * token_s) / (step_s + n * token_s)})
+                     "ttft_est": (paid * step_s + (n - placed) * token_s) / (step_s + n * token_s)})
     return rows
 
 
