@@ -130,6 +130,9 @@ class KVReuseConnector(KVConnectorBase_V1):
                                             end_ids=_token_ids(vllm_config, ch.end_tokens, as_text=True),
                                             block_size=vllm_config.cache_config.block_size,
                                             rank_digests=[f.digest for f in key_fp.all_ranks()])
+            from vllm.platforms import current_platform
+
+            self._scheduler.split_seeded = not current_platform.is_cpu()
             cls = vllm_config.scheduler_config.scheduler_cls
             if getattr(cls, "__name__", str(cls or "")).rsplit(".", 1)[-1] != "SegmentedScheduler":
                 log.warning("kvreuse: vLLM's own scheduler claims only a prefix, so the first chunk that is not "

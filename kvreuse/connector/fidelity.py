@@ -60,14 +60,30 @@ class RequestOptions:
     @classmethod
     def parse(cls, kv_transfer_params: dict[str, Any] | None, server_fidelity: str,
               allow_fault_injection: bool = False) -> "RequestOptions":
-        v = (kv_transfer_params or {}).get("kvreuse", True)
+        v = (kv_transfer_params or {}).get("kvreuse")
+        if v is None or v is True:
+            return cls(True, server_fidelity)
         if v is False or v == "off":
             return cls(False, server_fidelity)
-        if not isinstance(v, dict):
-            return cls(True, server_fidelity)
+        if not isinstance(v, dict):  # malformed: served the strictest way, never a looser one than asked
+            log.warning("kvreuse: kv_transfer_params.kvreuse %r is not true, false, \"off\" or an object; served "
+                        "\"exact\"", v)
+            return cls(True, "exact")
+        unknown = sorted(set(v) - _OPTION_KEYS)
+        if unknown:
+            log.warning("kvreuse: unknown kv_transfer_params.kvreuse keys %s (known: %s); ignored", unknown,
+                        ", ".join(sorted(_OPTION_KEYS)))
+        enabled = v.get("enabled", True)
+        if not isinstance(enabled, bool):
+            log.warning("kvreuse: kv_transfer_params.kvreuse.enabled %r is not true or false; served without "
+                        "kvreuse", enabled)
+            enabled = False
         fidelity = tighter(server_fidelity, v.get("fidelity", server_fidelity))
         inject = allow_fault_injection and bool(v.get("inject_load_failure"))
-        return cls(v.get("enabled", True) is not False, fidelity, inject)
+        return cls(enabled, fidelity, inject)
+
+
+_OPTION_KEYS = frozenset({"enabled", "fidelity", "inject_load_failure"})
 
 
 def tighter(server: str, asked: Any) -> str:

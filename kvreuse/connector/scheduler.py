@@ -78,6 +78,9 @@ class SchedulerSide:
         self.allow_fault_injection = allow_fault_injection
         self.hash_block_size = block_size
         self.segmented = False  # set by the scheduler extension
+        # vLLM rewinds a seeded request's generator after each partial-prefill step, which a CPU generator cannot
+        # do (the engine dies); the connector clears this on the CPU platform, so such requests are not split
+        self.split_seeded = True
         self.cost = CostModel(**dataclasses.asdict(cfg.cost))
         st = cfg.store  # with a shared Redis tier, also see what other instances stored there
         ranks = list(rank_digests) or [model_digest]  # every TP/PP rank's fingerprint: a chunk needs all of them
@@ -158,8 +161,9 @@ class SchedulerSide:
             # (its KV is computed whole, so its chunks are still saved)
             plan = Plan(num_computed)
         else:
+            gaps = self.segmented and (self.split_seeded or not _seeded(request))
             plan = plan_segments(request.prompt_token_ids or [], st.chunks, st.keys, self.directory, num_computed,
-                                 st.opts.fidelity, st.positions, self.cost, gaps=self.segmented,
+                                 st.opts.fidelity, st.positions, self.cost, gaps=gaps,
                                  anchors=st.anchors, ns=st.ns, repair=self.cfg.policy.repair_tokens,
                                  repair_every=self.cfg.policy.repair_scope == "every")
         st.replan(plan)  # a new request, or one resumed after preemption (its blocks are gone)
@@ -275,6 +279,12 @@ class SchedulerSide:
     # ---------------------------------------------------------------- step metadata
     def build_meta(self, sched_out: Any, block_ids_of) -> KVReuseMetadata:
         self.preempted(getattr(sched_out, "preempted_req_ids", None) or ())
+        for st in self.reqs.values():
+            if st.phase is Phase.PLANNED:
+                # planned but not allocated this step: vLLM looks it up in its prefix cache again next step, under
+                # plain hashes (salted ones would hit other requests' approximate blocks as if they were its own)
+                self._unsalt(st)
+                st.reset()
         meta = KVReuseMetadata(fresh_blocks=fresh_blocks(sched_out))
         self._count_encoder_inputs(sched_out)
         scheduled = sched_out.num_scheduled_tokens
@@ -416,3 +426,10 @@ class SchedulerSide:
     def take_stats(self) -> ReuseStats:
         s, self.stats = self.stats, ReuseStats()
         return s
+
+
+def _seeded(request: Any) -> bool:
+    """Whether vLLM samples the request with a generator of its own (a seed, and not greedy)."""
+    sp = getattr(request, "sampling_params", None)
+    # vLLM's SamplingType.RANDOM_SEED
+    return sp is not None and getattr(sp, "seed", None) is not None and getattr(sp, "temperature", 0.0) >= 1e-5

@@ -247,3 +247,44 @@ def test_the_response_says_what_the_request_was_served(servers_2layer):
     strict = served(m(words(745, 60), X, q=words(746, 6)), kv_transfer_params={"kvreuse": {"fidelity": "exact"}})
     assert strict["kvreuse"]["fidelity"] == "exact" and strict["kvreuse"]["placed_tokens"]["approximate"] == 0
     assert served(m(X, q=words(747, 6)), kv_transfer_params={"kvreuse": False}) is None
+
+
+@pytest.fixture(scope="module")
+def servers_2layer_tight(tiny_2layer, tmp_path_factory):
+    """2 layers, a KV pool of 14 blocks: of 8 concurrent requests of 4 blocks each, most wait for blocks."""
+    tight = ["--num-gpu-blocks-override", "14", "--max-num-seqs", "12", "--max-num-batched-tokens", "512",
+             "--max-model-len", "1536"]
+    yield from _running_pair(tiny_2layer, tmp_path_factory.mktemp("logs3"), "l2t", tight, tight)
+
+
+def test_approximate_kv_never_reaches_a_strict_request_after_waiting_for_blocks(servers_2layer_tight):
+    """Concurrent "fast" requests that wait for blocks: a request planned but not allocated is
+    looked up again under plain block hashes, so it never takes other requests' approximate blocks for a prefix hit
+    (and saves them as exact).  A strict and an opted-out request afterwards get what vLLM alone returns."""
+    on, off = servers_2layer_tight
+    P = [words(900 + i, 150) for i in range(6)]
+    for group in ((0, 1, 2), (3, 4, 5)):
+        complete(on, " ".join(P[i] for i in group) + " end")
+    prompt = " ".join([words(910, 7), P[2], words(911, 10), P[0], words(912, 13), P[4], words(913, 6)])
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda _: complete(on, prompt), range(8)))
+    want = complete(off, prompt)
+    assert_same(complete(on, prompt, kv_transfer_params={"kvreuse": {"fidelity": "exact"}}), want)
+    assert_same(complete(on, prompt, kv_transfer_params={"kvreuse": False}), want)
+
+
+def test_a_seeded_sampled_request_is_served(servers_2layer):
+    """vLLM's CPU runner cannot rewind a seeded request's generator after a partial-prefill step: kvreuse does not
+    split such a request's prefill (no placement after computed text), so the server serves it and stays up."""
+    on, off = servers_2layer
+    P = [words(950 + i, 150) for i in range(3)]
+    complete(on, " ".join(P) + " end")
+    prompt = " ".join([words(960, 9), P[1], words(961, 5), P[0], words(962, 6)])
+    outs = []
+    for s in (on, off):
+        c = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        r = c.completions.create(model=c.models.list().data[0].id, prompt=prompt, max_tokens=8, temperature=0.9,
+                                 seed=11)
+        outs.append(r.choices[0].text)
+    assert outs[0] == outs[1]   # nothing placed: computed in one step, as by vLLM alone, with the same seed
+    assert complete(on, prompt)[2] > 0, "the same prompt, greedy, is placed"

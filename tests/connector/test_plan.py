@@ -240,6 +240,19 @@ def test_request_options_opt_out_and_only_tighten():
     assert RequestOptions.parse({"kvreuse": {"inject_load_failure": True}}, "fast", True).inject_failure
 
 
+def test_malformed_request_options_are_served_the_strict_way(caplog):
+    assert opted_in_as({"kvreuse": None}) == "fast" and opted_in_as({"kvreuse": True}) == "fast"
+    assert opted_in_as({"kvreuse": 3}) == "exact" and opted_in_as({"kvreuse": "yes"}) == "exact"
+    assert not RequestOptions.parse({"kvreuse": {"enabled": "no"}}, "fast").enabled   # not a bool: without kvreuse
+    assert opted_in_as({"kvreuse": {"fidelty": "exact"}}) == "fast"
+    assert "unknown kv_transfer_params.kvreuse keys ['fidelty']" in caplog.text
+
+
+def opted_in_as(p) -> str | None:
+    o = RequestOptions.parse(p, "fast")
+    return o.fidelity if o.enabled else None
+
+
 def test_policy_mode_is_replaced_by_fidelity():
     assert ConnectorConfig.from_extra_config(None).policy.fidelity == "exact"
     with pytest.raises(ConnectorConfigError, match="policy.mode: replaced by policy.fidelity"):

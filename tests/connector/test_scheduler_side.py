@@ -100,6 +100,44 @@ def test_a_prompt_logprobs_request_places_nothing_and_is_saved():
     assert run_to_end(s, again)
 
 
+def test_a_request_planned_but_not_allocated_is_looked_up_again_under_plain_hashes():
+    """vLLM could not allocate a planned request's blocks this step: at the next lookup its hashes are plain, so
+    vLLM's prefix cache cannot hand it other requests' approximate blocks (salted alike) as a prefix hit."""
+    s = side()
+    A, B = msg(26, 100), msg(27, 100)
+    run_to_end(s, Req("r1", A + B + msg(28, 5)))
+    r = Req("r2", msg(29, 50) + B + msg(24, 5))
+    plain = list(r.block_hashes)
+    s.matched(r, 0)
+    assert s.reqs["r2"].plan.first_approximate is not None and r.block_hashes != plain
+    s.build_meta(sched_out([], {}), lambda rid: [])        # a step that did not schedule it
+    assert r.block_hashes == plain
+    s.after_alloc(r, s.matched(r, 0))                       # planned (and salted) again, then allocated
+    s.build_meta(sched_out([r], {"r2": 10}), lambda rid: list(range(8)))
+    assert r.block_hashes != plain
+
+
+def test_a_seeded_request_is_not_split_where_vllm_cannot_rewind_its_generator():
+    from types import SimpleNamespace
+
+    s = side()
+    A, B, tail = msg(43, 150), msg(44, 150), msg(45, 5)
+    run_to_end(s, Req("r1", A + B + tail))
+    prompt = msg(46, 30) + B + A + tail
+    seeded = SimpleNamespace(seed=7, temperature=0.8)
+    s.split_seeded = False                                  # the CPU platform
+    r = Req("r2", prompt)
+    r.sampling_params = seeded
+    assert run_to_end(s, r) == []                           # nothing after computed text: one prefill step
+    greedy = Req("r3", prompt)
+    greedy.sampling_params = SimpleNamespace(seed=7, temperature=0.0)
+    assert run_to_end(s, greedy)
+    s.split_seeded = True
+    r = Req("r4", prompt)
+    r.sampling_params = seeded
+    assert run_to_end(s, r)
+
+
 def test_a_request_may_ask_for_exact_on_a_server_that_places_blind():
     s = side()   # policy.fidelity "fast"
     A, B, tail = msg(40, 100), msg(41, 100), msg(42, 5)
