@@ -26,7 +26,7 @@ def load_kvreuse_config(value: str | None) -> dict:
     if not value:
         return {}
     text = value
-    if not value.lstrip().startswith("{"):
+    if not value.lstrip().startswith(("{", "[")):
         try:
             with open(value) as f:
                 text = f.read()
@@ -49,7 +49,8 @@ def load_kvreuse_config(value: str | None) -> dict:
 def serve_argv(model: str, vllm_args: Sequence[str], kvreuse_config: dict) -> list[str]:
     """The vLLM command line `kvreuse serve` runs."""
     args = list(vllm_args)
-    if "--kv-transfer-config" in args or any(a.startswith("--kv-transfer-config=") for a in args):
+    flags = {_flag(a) for a in args}
+    if any(f == "kv-transfer-config" or f.startswith("kv-transfer-config.") for f in flags):
         raise SystemExit("kvreuse: pass kvreuse settings with --kvreuse-config, not --kv-transfer-config")
     # selected by name: the `vllm.general_plugins` entry point registers it in every vLLM process
     kv = {"kv_connector": "KVReuseConnector", "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": kvreuse_config}
@@ -57,14 +58,30 @@ def serve_argv(model: str, vllm_args: Sequence[str], kvreuse_config: dict) -> li
            "--kv-transfer-config", json.dumps(kv)]
     if "--enable-prompt-tokens-details" not in args:
         out.append("--enable-prompt-tokens-details")
-    if not any(a == "--scheduler-cls" or a.startswith("--scheduler-cls=") for a in args):
-        # segmented prefill: stored chunks are placed anywhere in a prompt, not only after vLLM's prefix hit
-        from kvreuse.connector.segmented_cls import SCHEDULER_CLS
+    from kvreuse.connector.segmented_cls import SCHEDULER_CLS
 
+    given = _value(args, "scheduler-cls")
+    if given is None:
+        # segmented prefill: stored chunks are placed anywhere in a prompt, not only after vLLM's prefix hit
         out += ["--scheduler-cls", SCHEDULER_CLS]
-        if not any(a.endswith("async-scheduling") for a in args):
-            out.append("--no-async-scheduling")
+    if given in (None, SCHEDULER_CLS) and not any(f.endswith("async-scheduling") for f in flags):
+        out.append("--no-async-scheduling")
     return out + args
+
+
+def _flag(arg: str) -> str:
+    """A command-line flag's name as vLLM's parser reads it (`--kv_transfer_config=x` is `kv-transfer-config`);
+    "" for a value."""
+    return arg[2:].split("=", 1)[0].replace("_", "-") if arg.startswith("--") else ""
+
+
+def _value(args: Sequence[str], name: str) -> str | None:
+    """The value given to flag `name` (the last one wins, as in vLLM's parser); None when not given."""
+    got = None
+    for i, a in enumerate(args):
+        if _flag(a) == name:
+            got = a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+    return got
 
 
 def serve_env(environ: Mapping[str, str]) -> dict[str, str]:

@@ -19,8 +19,24 @@ def test_serve_argv_turns_connector_on():
     assert kv["kv_load_failure_policy"] == "recompute"
     assert kv["kv_connector_extra_config"]["policy"]["fidelity"] == "accurate"
     assert "--enable-prompt-tokens-details" in argv and argv[-2:] == ["--port", "9"]
-    with pytest.raises(SystemExit):
-        serve_argv("m", ["--kv-transfer-config", "{}"], {})
+    for given in (["--kv-transfer-config", "{}"], ["--kv_transfer_config", "{}"], ["--kv-transfer-config={}"],
+                  ["--kv-transfer-config.kv_connector", "Other"]):   # every spelling vLLM's parser takes
+        with pytest.raises(SystemExit, match="not --kv-transfer-config"):
+            serve_argv("m", given, {})
+
+
+def test_serve_argv_scheduler_and_async_scheduling():
+    from kvreuse.connector.segmented_cls import SCHEDULER_CLS
+
+    def sched(args):
+        argv = serve_argv("m", args, {})
+        given = [argv[i + 1] for i, a in enumerate(argv) if a == "--scheduler-cls"]
+        return given, "--no-async-scheduling" in argv
+
+    assert sched([]) == ([SCHEDULER_CLS], True)
+    assert sched(["--scheduler-cls", SCHEDULER_CLS]) == ([SCHEDULER_CLS], True)     # given explicitly: the same
+    assert sched(["--scheduler_cls=my.Sched"]) == ([], False)                         # the user's own scheduler
+    assert sched(["--async-scheduling"]) == ([SCHEDULER_CLS], False)                  # refused at startup, clearly
 
 
 def test_kvreuse_config_file_and_errors(tmp_path):
@@ -31,6 +47,8 @@ def test_kvreuse_config_file_and_errors(tmp_path):
         load_kvreuse_config('{"policy": {"fidelity": 3}}')
     with pytest.raises(SystemExit, match="JSON"):
         load_kvreuse_config("{nope")
+    with pytest.raises(SystemExit, match="expected a JSON object"):
+        load_kvreuse_config("[1, 2]")
 
 
 def test_format_stats():
