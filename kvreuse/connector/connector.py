@@ -122,6 +122,8 @@ class KVReuseConnector(KVConnectorBase_V1):
         self._rope = rope_for_model(vllm_config.model_config, self.cfg.policy.fidelity)  # both roles refuse alike
         key_fp = model_fingerprint(vllm_config, 0, weights_version=self.cfg.weights_version)
         if role == KVConnectorRole.SCHEDULER:
+            from vllm.platforms import current_platform
+
             from kvreuse.connector.scheduler import SchedulerSide
 
             ch = self.cfg.chunking
@@ -129,10 +131,8 @@ class KVReuseConnector(KVConnectorBase_V1):
                                             allow_faults, _positions_fn(vllm_config),
                                             end_ids=_token_ids(vllm_config, ch.end_tokens, as_text=True),
                                             block_size=vllm_config.cache_config.block_size,
-                                            rank_digests=[f.digest for f in key_fp.all_ranks()])
-            from vllm.platforms import current_platform
-
-            self._scheduler.split_seeded = not current_platform.is_cpu()
+                                            rank_digests=[f.digest for f in key_fp.all_ranks()],
+                                            split_seeded=not current_platform.is_cpu())
             cls = vllm_config.scheduler_config.scheduler_cls
             if getattr(cls, "__name__", str(cls or "")).rsplit(".", 1)[-1] != "SegmentedScheduler":
                 log.warning("kvreuse: vLLM's own scheduler claims only a prefix, so the first chunk that is not "

@@ -72,15 +72,15 @@ class SchedulerSide:
     def __init__(self, cfg: ConnectorConfig, model_digest: bytes, boundary_ids: frozenset[int],
                  allow_fault_injection: bool = False, positions_fn: PositionsFn | None = None,
                  end_ids: frozenset[int] = frozenset(), block_size: int = 16,
-                 rank_digests: Sequence[bytes] = ()) -> None:
+                 rank_digests: Sequence[bytes] = (), split_seeded: bool = True) -> None:
         self.cfg, self.model_digest, self.boundary_ids, self.end_ids = cfg, model_digest, boundary_ids, end_ids
         self.positions_fn = positions_fn  # M-RoPE models only
         self.allow_fault_injection = allow_fault_injection
         self.hash_block_size = block_size
         self.segmented = False  # set by the scheduler extension
         # vLLM rewinds a seeded request's generator after each partial-prefill step, which a CPU generator cannot
-        # do (the engine dies); the connector clears this on the CPU platform, so such requests are not split
-        self.split_seeded = True
+        # do (the engine dies): False on the CPU platform, where such requests are not split
+        self.split_seeded = split_seeded
         self.cost = CostModel(**dataclasses.asdict(cfg.cost))
         st = cfg.store  # with a shared Redis tier, also see what other instances stored there
         ranks = list(rank_digests) or [model_digest]  # every TP/PP rank's fingerprint: a chunk needs all of them
@@ -279,16 +279,16 @@ class SchedulerSide:
     # ---------------------------------------------------------------- step metadata
     def build_meta(self, sched_out: Any, block_ids_of) -> KVReuseMetadata:
         self.preempted(getattr(sched_out, "preempted_req_ids", None) or ())
-        for st in self.reqs.values():
+        meta = KVReuseMetadata(fresh_blocks=fresh_blocks(sched_out))
+        self._count_encoder_inputs(sched_out)
+        scheduled = sched_out.num_scheduled_tokens
+        for rid, st in self.reqs.items():
             if st.phase is Phase.PLANNED:
                 # planned but not allocated this step: vLLM looks it up in its prefix cache again next step, under
                 # plain hashes (salted ones would hit other requests' approximate blocks as if they were its own)
                 self._unsalt(st)
                 st.reset()
-        meta = KVReuseMetadata(fresh_blocks=fresh_blocks(sched_out))
-        self._count_encoder_inputs(sched_out)
-        scheduled = sched_out.num_scheduled_tokens
-        for rid, st in self.reqs.items():
+                continue
             items = []
             pf = st.prefill
             if pf.load_pending:
@@ -429,7 +429,7 @@ class SchedulerSide:
 
 
 def _seeded(request: Any) -> bool:
-    """Whether vLLM samples the request with a generator of its own (a seed, and not greedy)."""
-    sp = getattr(request, "sampling_params", None)
-    # vLLM's SamplingType.RANDOM_SEED
-    return sp is not None and getattr(sp, "seed", None) is not None and getattr(sp, "temperature", 0.0) >= 1e-5
+    """Whether vLLM samples the request with a generator of its own (`SamplingParams.sampling_type` RANDOM_SEED:
+    a seed, and not greedy)."""
+    kind = getattr(getattr(request, "sampling_params", None), "sampling_type", None)
+    return getattr(kind, "name", None) == "RANDOM_SEED"

@@ -118,19 +118,19 @@ def test_a_request_planned_but_not_allocated_is_looked_up_again_under_plain_hash
 
 
 def test_a_seeded_request_is_not_split_where_vllm_cannot_rewind_its_generator():
-    from types import SimpleNamespace
+    from vllm import SamplingParams   # its own sampling type decides whether it has a generator
 
     s = side()
     A, B, tail = msg(43, 150), msg(44, 150), msg(45, 5)
     run_to_end(s, Req("r1", A + B + tail))
     prompt = msg(46, 30) + B + A + tail
-    seeded = SimpleNamespace(seed=7, temperature=0.8)
+    seeded = SamplingParams(seed=7, temperature=0.8)
     s.split_seeded = False                                  # the CPU platform
     r = Req("r2", prompt)
     r.sampling_params = seeded
     assert run_to_end(s, r) == []                           # nothing after computed text: one prefill step
     greedy = Req("r3", prompt)
-    greedy.sampling_params = SimpleNamespace(seed=7, temperature=0.0)
+    greedy.sampling_params = SamplingParams(seed=7, temperature=0.0)
     assert run_to_end(s, greedy)
     s.split_seeded = True
     r = Req("r4", prompt)
