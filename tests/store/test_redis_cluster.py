@@ -4,7 +4,8 @@ A real 3-master cluster on loopback (`redis-cli --cluster create`).  The tier de
 its budget over hash-tagged prefixes (an entry and its accounting share a slot), and keeps the
 shared budget; another store and the scheduler's index see every entry.  Killing a node with
 SIGKILL mid-run loses that node's entries: lookups of them miss, writes to it fail quietly, the
-surviving nodes keep serving, and nothing raises.
+surviving nodes keep serving, and nothing raises.  The lost node's shards are backed off alone: tried
+once, then misses without a call until the back-off ends.
 """
 
 from __future__ import annotations
@@ -49,12 +50,19 @@ def test_cluster_shares_entries_and_survives_a_killed_node(cluster):
         for e in entries:
             b.memory[0].pop(e.key)
         cluster.kill(1)  # mid-run: no replica, its slots are gone
+        b.redis.retry_seconds = 60.0  # no retry within this test: what is tried is counted exactly
+        errors = b.redis.errors
         served = []
         for e in entries:
             v = b.get(e.key, e.token_ids, timeout=30)
             assert v is None or torch.equal(v.k, e.k)
             served.append(v is not None)
         assert 0 < sum(served) < len(entries)  # the survivors' entries are still served
+        # each lost shard was tried once, then backed off alone: no call waited on the dead node again
+        lost = {b.redis._prefix(e.key) for e, ok in zip(entries, served) if not ok}
+        assert b.redis.errors - errors == len(lost)
+        assert all(not b.redis.available(p) for p in lost)
+        assert all(b.redis.available(p) for p in set(b.redis.prefixes) - lost)
         more = [make_entry(100 + s) for s in range(20)]
         for e in more:
             b.put(e)  # writes routed to the dead node fail quietly

@@ -118,3 +118,31 @@ def test_a_stalled_redis_is_a_miss_within_the_lookup_timeout(redis_server):
         time.sleep(store.redis.retry_seconds)
         v = store.get(a.key, a.token_ids, timeout=30)
         assert v is not None and torch.equal(v.k, a.k)
+
+
+def test_a_lost_server_is_backed_off_then_tried_again(redis_server):
+    """While backed off, calls are misses that do not touch the network; each failed try doubles the back-off
+    (up to its cap); the first call that succeeds resets it."""
+    from kvreuse.store.tiers.redis import RedisTier
+
+    e = make_entry(1)
+    tier = RedisTier(redis_server.url, 1 << 24, FP.digest, retry_seconds=0.05, max_retry_seconds=0.15)
+    try:
+        redis_server.stop()
+        assert not tier.contains(e.key) and tier.errors == 1 and tier.backoff_seconds() == 0.05
+        assert not tier.available()
+        for _ in range(50):
+            assert tier.open(e.key) is None and not tier.contains(e.key)
+        assert tier.errors == 1  # backed off: not tried
+        for want in (0.1, 0.15, 0.15):  # doubled per failed try, capped
+            while not tier.available():
+                time.sleep(0.01)
+            assert not tier.contains(e.key)
+            assert tier.backoff_seconds() == want
+        errors = tier.errors
+        redis_server.start()
+        while not tier.available():
+            time.sleep(0.01)
+        assert tier.usage() is not None and tier.backoff_seconds() == 0 and tier.errors == errors
+    finally:
+        tier.close()

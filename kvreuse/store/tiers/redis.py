@@ -15,11 +15,15 @@ entry's :class:`~kvreuse.store.persist.IndexRecord`, what a scheduler's director
 lowest-priority entries until the new one fits, so the budget holds with concurrent writers.
 Entries above Redis' 512 MiB value limit are not stored here.
 
-Faults are misses, never errors: a lost connection backs the tier off for ``retry_seconds``
-(redis-py reconnects by itself and reloads the scripts; on a cluster only the calls routed to the
-lost node fail, the other shards keep working); an error reply (READONLY replica, OOM
-under ``maxmemory``, NOPERM from an ACL, a cluster slot without a node) fails that one call.
-Both are counted in ``errors``.
+Faults are misses, never errors.  A lost connection backs its failure domain off: the server, or on a
+cluster the shard whose node was lost (the other shards keep working).  While backed off, calls there
+return at once as misses, without touching the network; the first call after the back-off tries again
+(redis-py reconnects by itself and reloads the scripts).  The back-off starts at ``retry_seconds`` and
+doubles with every failed try up to ``max_retry_seconds``; a call that succeeds resets it.  The cluster
+client itself makes one try a call (its own retries, with their backoff, held each call to a dead node
+for 2-5 s), and asks for a topology refresh that the next call runs, which finds a promoted replica.
+An error reply (READONLY replica, OOM under ``maxmemory``, NOPERM from an ACL, a cluster slot without a
+node) fails that one call.  Both are counted in ``errors``.
 
 A read is several GETRANGE calls, not one atomic read, so another instance's overwrite can tear it.
 An entry is deleted as corrupt only while it still starts with the prefix its read began on (one Lua
@@ -33,7 +37,9 @@ import zlib
 from typing import Any, Iterator
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException
+from redis.retry import Retry
 
 from kvreuse.store.keys import ChunkKey
 from kvreuse.store.persist import PREFIX_BYTES, EntryCorrupt, EntryHeader, decode_header, header_length
@@ -118,11 +124,11 @@ class RedisReader:
     header holds the payload's checksums, so another entry under the same name has another prefix).
     """
 
-    def __init__(self, tier: "RedisTier", name: str, header: EntryHeader, version: bytes) -> None:
-        self.tier, self.name, self.header, self.version = tier, name, header, version
+    def __init__(self, tier: "RedisTier", name: str, header: EntryHeader, version: bytes, shard: str) -> None:
+        self.tier, self.name, self.header, self.version, self.shard = tier, name, header, version, shard
 
     def read(self, offset: int, n: int) -> bytes:
-        b = self.tier.call(lambda c: c.getrange(self.name, offset, offset + n - 1), default=None)
+        b = self.tier.call(lambda c: c.getrange(self.name, offset, offset + n - 1), default=None, shard=self.shard)
         if b is None:  # unreachable or refused: the load fails, the entry itself is not suspect
             raise OSError(f"Redis read at {offset} failed")
         if len(b) != n:
@@ -143,15 +149,17 @@ class RedisTier:
 
     def __init__(self, url: str, budget_bytes: int, model: bytes, *, policy: str = "cost",
                  namespace: str = "kvreuse:", timeout_seconds: float = 2.0, bulk_timeout_seconds: float = 120.0,
-                 retry_seconds: float = 0.5, cluster: bool | None = None) -> None:
+                 retry_seconds: float = 0.5, max_retry_seconds: float = 8.0, cluster: bool | None = None) -> None:
         assert policy in ("cost", "lru")
         self.budget_bytes, self.model, self.policy = budget_bytes, model, policy
         self.ns, self.model_hex = namespace, model.hex()
-        self.retry_seconds = retry_seconds
+        self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
         self.cluster = is_cluster(url, timeout_seconds) if cluster is None else cluster
         if self.cluster:
             self.prefixes = [f"{namespace}{{s{i}}}:" for i in range(CLUSTER_SHARDS)]
-            opts = dict(socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds)
+            # one try a call: kvreuse's back-off decides when a lost node is tried again
+            opts = dict(socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds,
+                        retry=Retry(NoBackoff(), 0))
             self.client = redis.RedisCluster.from_url(url, **opts)
             self.bulk = redis.RedisCluster.from_url(url, **{**opts, "socket_timeout": bulk_timeout_seconds})
         else:
@@ -165,7 +173,7 @@ class RedisTier:
         self._put = self.client.register_script(_PUT)
         self._touch = self.client.register_script(_TOUCH)
         self._remove = self.client.register_script(_REMOVE)
-        self._down_until = 0.0
+        self._down: dict[str, tuple[float, float]] = {}  # failure domain -> (back off until, last back-off)
         self.errors = 0
         self.evictions = 0
         self.dropped_corrupt = 0  # entries deleted because a read found their bytes corrupt
@@ -182,24 +190,42 @@ class RedisTier:
         return f"{self._prefix(key)}e:{self.model_hex if model is None else model.hex()}:{key.hex()}"
 
     # ---------------------------------------------------------------- calls
-    @property
-    def available(self) -> bool:
-        return time.monotonic() >= self._down_until
+    def _domain(self, shard: str | None) -> str:
+        """The failure domain of a call: the server, or on a cluster the shard (its node)."""
+        return shard if self.cluster and shard is not None else ""
 
-    def call(self, fn: Any, default: Any = None, *, bulk: bool = False) -> Any:
-        """``fn(client)``, or ``default`` when Redis is unreachable or answers with an error (counted)."""
-        if not self.available:
+    def available(self, shard: str | None = None) -> bool:
+        """Whether a call to ``shard`` (a prefix; None: the server) would be tried now, not backed off."""
+        return time.monotonic() >= self._down.get(self._domain(shard), (0.0, 0.0))[0]
+
+    def backoff_seconds(self, shard: str | None = None) -> float:
+        """The current back-off of ``shard``'s failure domain (0 while it answers)."""
+        return self._down.get(self._domain(shard), (0.0, 0.0))[1]
+
+    def call(self, fn: Any, default: Any = None, *, bulk: bool = False, shard: str | None = None) -> Any:
+        """``fn(client)``, or ``default`` when Redis is unreachable or answers with an error (counted).
+
+        ``shard``: the prefix every key ``fn`` touches lives under, whose node a cluster call reaches; a
+        cluster call without one (several shards) is never backed off, only failed."""
+        dom = None if self.cluster and shard is None else self._domain(shard)
+        if dom is not None and not self.available(shard):
             return default
         try:
-            return fn(self.bulk if bulk else self.client)
+            out = fn(self.bulk if bulk else self.client)
         except _DOWN:
             self.errors += 1
-            if not self.cluster:  # on a cluster one node is down, not the tier: the others still answer
-                self._down_until = time.monotonic() + self.retry_seconds
+            now = time.monotonic()
+            until, last = self._down.get(dom, (0.0, 0.0)) if dom is not None else (now + 1, 0.0)
+            if now >= until:  # not already backed off by a call that failed meanwhile (nor unshardable)
+                wait = min(self.max_retry_seconds, 2 * last) if last else self.retry_seconds
+                self._down[dom] = (now + wait, wait)
             return default
         except _FAILED:
             self.errors += 1
             return default
+        if dom is not None and dom in self._down:
+            self._down.pop(dom, None)
+        return out
 
     # ---------------------------------------------------------------- entries
     def put_blob(self, key: ChunkKey, blob: bytes, *, cost: float, hits: int) -> bool:
@@ -214,7 +240,8 @@ class RedisTier:
         p = self._prefix(key)
         r = self.call(lambda c: self._put(keys=[*self._meta(p), self.entry_name(key)],
                                           args=[blob, self.shard_budget, len(blob), delta, self.policy,
-                                                time.time(), h.record().pack()], client=c), default=None, bulk=True)
+                                                time.time(), h.record().pack()], client=c), default=None, bulk=True,
+                      shard=p)
         if r is None or r < 0:
             return False
         self.evictions += int(r)
@@ -222,12 +249,13 @@ class RedisTier:
 
     def touch(self, key: ChunkKey, *, nbytes: int, cost: float, hits: int) -> None:
         delta = (hits + 1) * cost / max(nbytes, 1)
-        m = self._meta(self._prefix(key))
+        p = self._prefix(key)
+        m = self._meta(p)
         self.call(lambda c: self._touch(keys=[m[3], m[1], self.entry_name(key)],
-                                        args=[self.policy, time.time(), delta], client=c))
+                                        args=[self.policy, time.time(), delta], client=c), shard=p)
 
     def contains(self, key: ChunkKey) -> bool:
-        return bool(self.call(lambda c: c.exists(self.entry_name(key)), default=0))
+        return bool(self.call(lambda c: c.exists(self.entry_name(key)), default=0, shard=self._prefix(key)))
 
     def remove(self, key: ChunkKey) -> None:
         """Delete ``key``'s entry and its accounting, whatever it holds."""
@@ -246,15 +274,16 @@ class RedisTier:
         return bool(r is not None and r > 0)
 
     def _remove_if(self, key: ChunkKey, version: bytes) -> int | None:
-        m = self._meta(self._prefix(key))
+        p = self._prefix(key)
+        m = self._meta(p)
         return self.call(lambda c: self._remove(keys=[m[0], m[1], m[2], m[4], m[5], self.entry_name(key)],
-                                                args=[version, PREFIX_BYTES], client=c))
+                                                args=[version, PREFIX_BYTES], client=c), shard=p)
 
     def open(self, key: ChunkKey) -> RedisReader | None:
         """A range reader over ``key``'s value, or None (absent, unreachable, changed under the read, or a
         bad header: removed)."""
-        name = self.entry_name(key)
-        prefix = self.call(lambda c: c.getrange(name, 0, PREFIX_BYTES - 1), default=None)
+        name, shard = self.entry_name(key), self._prefix(key)
+        prefix = self.call(lambda c: c.getrange(name, 0, PREFIX_BYTES - 1), default=None, shard=shard)
         if not prefix:
             return None
         try:
@@ -262,7 +291,7 @@ class RedisTier:
         except EntryCorrupt:
             self.drop_corrupt(key, prefix)
             return None
-        head = self.call(lambda c: c.getrange(name, 0, PREFIX_BYTES + n - 1), default=None)
+        head = self.call(lambda c: c.getrange(name, 0, PREFIX_BYTES + n - 1), default=None, shard=shard)
         if head is None or head[:PREFIX_BYTES] != prefix:  # overwritten between the two reads: a miss
             return None
         try:
@@ -270,15 +299,16 @@ class RedisTier:
         except EntryCorrupt:
             self.drop_corrupt(key, prefix)
             return None
-        return RedisReader(self, name, h, prefix)
+        return RedisReader(self, name, h, prefix, shard)
 
     def get_blob(self, key: ChunkKey) -> bytes | None:
-        return self.call(lambda c: c.get(self.entry_name(key)), default=None, bulk=True)
+        return self.call(lambda c: c.get(self.entry_name(key)), default=None, bulk=True, shard=self._prefix(key))
 
     # ---------------------------------------------------------------- index (for directories)
     def index_version(self) -> tuple[int | None, ...] | None:
         """Each shard's change counter (None for a shard that cannot be read; None when none can)."""
-        vers = tuple(self.call(lambda c, p=p: int(c.get(f"{p}ver") or 0), default=None) for p in self.prefixes)
+        vers = tuple(self.call(lambda c, p=p: int(c.get(f"{p}ver") or 0), default=None, shard=p)
+                     for p in self.prefixes)
         return None if all(v is None for v in vers) else vers
 
     def index_records(self, model: bytes, limit: int) -> dict[bytes, bytes] | None:
@@ -298,7 +328,7 @@ class RedisTier:
                     if len(out) + len(got) >= limit:
                         break
                 return got
-            got = self.call(f, default=None)
+            got = self.call(f, default=None, shard=p)
             if got is None:
                 continue
             read += 1
@@ -316,10 +346,11 @@ class RedisTier:
     def usage(self) -> tuple[int, int] | None:
         """(bytes, entries) held by all stores sharing this Redis namespace, read from the accounting
         (no scan); None when unreachable."""
-        def f(c: Any) -> tuple[int, int]:
-            return (sum(int(c.get(f"{p}bytes") or 0) for p in self.prefixes),
-                    sum(int(c.hlen(f"{p}size")) for p in self.prefixes))
-        return self.call(f, default=None)
+        per = [self.call(lambda c, p=p: (int(c.get(f"{p}bytes") or 0), int(c.hlen(f"{p}size"))), default=None, shard=p)
+               for p in self.prefixes]
+        if any(u is None for u in per):
+            return None
+        return sum(u[0] for u in per), sum(u[1] for u in per)
 
     def _entry_names(self, c: Any) -> Iterator[bytes]:
         for p in self.prefixes:
