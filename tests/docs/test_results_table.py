@@ -32,7 +32,8 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "docs" / "benchmarks.md").write_text(
         "<!-- results:begin -->\n<!-- results:end -->\n<!-- results:other:begin -->\n<!-- results:other:end -->\n"
         "<!-- fidelity:frontier:begin -->\n<!-- fidelity:frontier:end -->\n<!-- client:begin -->\n<!-- client:end -->\n"
-        "<!-- repair:replay:begin -->\n<!-- repair:replay:end -->\n")
+        "<!-- repair:replay:begin -->\n<!-- repair:replay:end -->\n"
+        "<!-- fidelity:configs:begin -->\n<!-- fidelity:configs:end -->\n")
     return tmp_path
 
 
@@ -75,6 +76,25 @@ def test_fidelity_table(tree: Path):
     assert "| workload | vLLM alone: accuracy | noise floor" in body and "`exact` | `fast` |" in body
     assert "| rag | 72% | 100% · 1.07 / 1.17 | 100% · 72% · 19% · 0.93 / 1.03 | 30% · 57% · 84% · 0.33 / 0.43 |" in body
     assert "python bench/fidelity_bench.py --requests 40" in body and "2-core x86 VM, AMX" in body
+
+
+def test_configs_table_names_the_server_arguments(tree: Path):
+    res = tree / "bench" / "results"
+    for p in res.glob("fidelity*.json"):
+        p.unlink()
+    args = "--speculative-config '{\"method\": \"ngram\"}'"
+    (res / "fidelity_config_specdecode_epyc.json").write_text(json.dumps({
+        "bench": "fidelity", "model": "SmolLM2-135M-Instruct-float32", "dtype": "bfloat16", "requests": 40,
+        "host": "AMD EPYC, 2 cores, no AMX", "vllm_args": args,
+        "command": f"python bench/fidelity_bench.py --vllm-args={args}", "workloads": ["rag"], "rows": [
+            _fidelity_row("rag", "vllm", 1.0, 0.72, 0.0, 1.0), _fidelity_row("rag", "vllm-nopc", 0.95, 0.72, 0.0, 1.02),
+            _fidelity_row("rag", "kvreuse-default", 1.0, 0.72, 0.19, 0.93)]}))
+    assert rt.fidelity_table(res) == "(no fidelity results)"  # not a fidelity-levels run
+    body = rt.configs_table(res)
+    assert ("| `--speculative-config '{\"method\": \"ngram\"}'` | rag | kvreuse-default | 100% | 72% (72%) | 95% | 19% | "
+            "0.93 / 1.03 | `fidelity_config_specdecode_epyc.json` |") in body
+    assert "vllm-nopc |" not in body and f"- `python bench/fidelity_bench.py --vllm-args={args}`" in body
+    assert body.startswith("SmolLM2-135M-Instruct in bfloat16, 40 requests a workload")
 
 
 def test_client_table_puts_agreement_and_noise_floor_beside_ttft(tree: Path):
