@@ -180,7 +180,7 @@ def compare(url: str, outs: list[Outcome], tol: float, workers: int = 4) -> dict
         return {"kind": o.kind, "same_text": same_text, "gap": gap, "ok": ok and (same_text or tie), "tie": tie,
                 "got": o.text, "want": text, "gaps": gaps, "got_logprobs": o.logprobs, "want_logprobs": lps,
                 "cached_tokens": o.cached_tokens, "prompt_tokens": o.prompt_tokens, "t_start": o.t_start,
-                "endpoint": o.endpoint, "body": o.body}
+                "response_id": o.response_id, "endpoint": o.endpoint, "body": o.body}
     with ThreadPoolExecutor(workers) as ex:
         rows = list(ex.map(one, done.values()))
     http.close()
@@ -190,6 +190,15 @@ def compare(url: str, outs: list[Outcome], tol: float, workers: int = 4) -> dict
             sum(not r["same_text"] for r in rows), "max_logprob_gap": max((r["gap"] for r in rows), default=0.0),
             "by_kind": {k: sum(r["ok"] for r in rows if r["kind"] == k) for k in sorted({r["kind"] for r in rows})},
             "examples": bad[:5]}
+
+
+def log_lines_of(log: str | None, response_id: str | None, limit: int = 40) -> list[str]:
+    """The server log's lines naming the request whose response id is `response_id` (its engine request ids
+    start with it), e.g. kvreuse's failed loads."""
+    if not log or not response_id or not os.path.exists(log):
+        return []
+    with open(log, errors="replace") as f:
+        return [line.rstrip("\n") for line in f if response_id in line][:limit]
 
 
 def judge(got_tok: list[str], got_lp: list[float], want_tok: list[str], want_lp: list[float], want_top: list[dict],
@@ -359,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("replay_restarts"):
             with serve("prefix", model, log_dir=str(root), env=env, dtype=a.dtype, extra=extra) as off:
                 r["replay"] = compare(off.url, outs, a.tol)
+    for ex in r["replay"].get("examples", ()):  # what the server logged about each differing request
+        ex["server_log_lines"] = log_lines_of(r.get("server_log"), ex.get("response_id"))
     # what the configuration promises: vLLM alone's answers under "exact"; on one float32 layer a chunk's KV
     # does not depend on its context, so every placement must reproduce them too
     exact = not a.no_replay and (a.fidelity == "exact" or (a.model_layers == 1 and a.dtype == "float32"))

@@ -72,6 +72,7 @@ class Outcome:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     t_start: float = 0.0
+    response_id: str | None = None  # the server's id ("cmpl-..."), the prefix of its request id in the server log
 
 
 class Client:
@@ -165,6 +166,7 @@ class Client:
                 if ev.get("error"):
                     out.status, out.error = "error", json.dumps(ev["error"])[:300]
                     return
+                out.response_id = out.response_id or ev.get("id")
                 if ev.get("usage"):
                     out.prompt_tokens = ev["usage"]["prompt_tokens"]
                     out.cached_tokens = ((ev["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0)

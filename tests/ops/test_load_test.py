@@ -37,7 +37,9 @@ def test_load_test_two_minutes(tmp_path):
     asserted = {"no_server_errors", "budgets_respected", "rss_within_vllm_alone", "identical_to_vllm"}
     assert asserted <= set(r["checks"]), r["checks"]
     failed = {k: c["detail"] for k, c in r["checks"].items() if k in asserted and not c["pass"]}
-    assert not failed, f"{failed}\n{proc.stdout[-3000:]}"
+    differing = [{k: ex.get(k) for k in ("kind", "response_id", "cached_tokens", "prompt_tokens", "gaps",
+                                         "server_log_lines")} for ex in r["replay"].get("examples", ())]
+    assert not failed, f"{failed}\ndiffering answers: {json.dumps(differing, indent=1)}\n{proc.stdout[-3000:]}"
     ev, load = r["store_events"], r["load"]
     assert sum(ev["evictions"].values()) > 0 and sum(ev["rehydrations"].values()) > 0, ev
     assert sum(ev["claims"].values()) > 0 and ev["reused_tokens"] > 0, ev
