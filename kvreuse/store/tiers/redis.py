@@ -173,7 +173,7 @@ class RedisTier:
         self._put = self.client.register_script(_PUT)
         self._touch = self.client.register_script(_TOUCH)
         self._remove = self.client.register_script(_REMOVE)
-        self._down: dict[str, tuple[float, float]] = {}  # failure domain -> (back off until, last back-off)
+        self._down: dict[str | None, tuple[float, float]] = {}  # failure domain -> (back off until, last back-off)
         self.errors = 0
         self.evictions = 0
         self.dropped_corrupt = 0  # entries deleted because a read found their bytes corrupt
@@ -190,9 +190,12 @@ class RedisTier:
         return f"{self._prefix(key)}e:{self.model_hex if model is None else model.hex()}:{key.hex()}"
 
     # ---------------------------------------------------------------- calls
-    def _domain(self, shard: str | None) -> str:
-        """The failure domain of a call: the server, or on a cluster the shard (its node)."""
-        return shard if self.cluster and shard is not None else ""
+    def _domain(self, shard: str | None) -> str | None:
+        """The failure domain of a call: the server (""), or on a cluster the shard (its node); None for a
+        cluster call over several shards, which has none of its own."""
+        if not self.cluster:
+            return ""
+        return shard
 
     def available(self, shard: str | None = None) -> bool:
         """Whether a call to ``shard`` (a prefix; None: the server) would be tried now, not backed off."""
@@ -207,24 +210,23 @@ class RedisTier:
 
         ``shard``: the prefix every key ``fn`` touches lives under, whose node a cluster call reaches; a
         cluster call without one (several shards) is never backed off, only failed."""
-        dom = None if self.cluster and shard is None else self._domain(shard)
-        if dom is not None and not self.available(shard):
+        dom = self._domain(shard)
+        if time.monotonic() < self._down.get(dom, (0.0, 0.0))[0]:  # backed off
             return default
         try:
             out = fn(self.bulk if bulk else self.client)
         except _DOWN:
             self.errors += 1
             now = time.monotonic()
-            until, last = self._down.get(dom, (0.0, 0.0)) if dom is not None else (now + 1, 0.0)
-            if now >= until:  # not already backed off by a call that failed meanwhile (nor unshardable)
+            until, last = self._down.get(dom, (0.0, 0.0))
+            if dom is not None and now >= until:  # not already backed off by a call that failed meanwhile
                 wait = min(self.max_retry_seconds, 2 * last) if last else self.retry_seconds
                 self._down[dom] = (now + wait, wait)
             return default
         except _FAILED:
             self.errors += 1
             return default
-        if dom is not None and dom in self._down:
-            self._down.pop(dom, None)
+        self._down.pop(dom, None)
         return out
 
     # ---------------------------------------------------------------- entries
