@@ -444,8 +444,8 @@ def configs_table(results: Path = RESULTS) -> str:
     """fidelity_config*.json: kvreuse against vLLM alone on other vLLM server arguments (`--vllm-args`)."""
     out = ["| vLLM arguments (every arm) | workload | arm | same answers | accuracy (vLLM alone) | noise floor: same "
            "answers | placed | TTFT mean / p99 | file |", "|---|---|---|---|---|---|---|---|---|"]
-    for path in _fidelity_files(results, "configs"):
-        d = json.loads(path.read_text())
+    files = [(path, json.loads(path.read_text())) for path in _fidelity_files(results, "configs")]
+    for path, d in files:
         rows = {(r["workload"], r["arm"]): r for r in d["rows"]}
         for r in d["rows"]:
             if r["arm"] in ("vllm", "vllm-nopc"):
@@ -457,10 +457,9 @@ def configs_table(results: Path = RESULTS) -> str:
                        f"{placed} | {ttft} | `{path.name}` |")
     if len(out) == 2:
         return "(no results on other server arguments)"
-    files = [json.loads(p.read_text()) for p in _fidelity_files(results, "configs")]
     head = sorted({f"SmolLM2-135M-Instruct in {d.get('dtype')}, {d.get('requests')} requests a workload, one at a time, "
-                   f"greedy; host: {d.get('host')}." for d in files})
-    cmds = sorted({d.get("command", "") for d in files})
+                   f"greedy; host: {d.get('host')}." for _, d in files})
+    cmds = sorted({d.get("command", "") for _, d in files})
     return "\n".join(head + [""] + out + [""] + [f"- `{c}`" for c in cmds]) + "\n"
 
 
