@@ -26,7 +26,13 @@ first request holding it recompute it, the others treating it as computed.  When
 aborted (or preempted) before its recompute, the block is never written, and every request that
 hits it in the prefix cache, or already holds it, reads KV that was never there.  Here each
 request holding a failed block rolls back to it and recomputes it, and failed blocks leave the
-prefix cache at once.
+prefix cache at once.  vLLM's engine processes the aborts that arrive while a step runs before
+that step's output (`EngineCore.step`: `_process_aborts_queue`, then `update_from_output`), so a
+request aborted then is freed, its blocks still in the prefix cache under their hashes, before its
+failed load is seen, and no request holds them to be rolled back: `finish_requests` keeps the
+block table of each request it frees while a step runs, and those blocks, from the first failed
+one on, leave the prefix cache too (else a later request with the same first blocks reads slots
+that the failed load never wrote).
 
 The hooks are private methods of vLLM's scheduler: `HOOKS` names each with the parameters passed
 to it, and a scheduler class lacking one is refused at startup (`check_hooks`);
@@ -61,6 +67,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "_try_schedule_encoder_inputs": ("request", "num_computed_tokens", "num_new_tokens"),
     "_reserve_prefill_lookahead": ("request", "num_computed_tokens", "num_new_tokens"),
     "_preempt_request": ("request", "timestamp"),
+    "finish_requests": ("request_ids", "finished_status"),
 }
 
 
@@ -98,6 +105,8 @@ class SegmentedScheduler(Scheduler):
                                "--kv-transfer-config '{\"kv_connector\":\"KVReuseConnector\",\"kv_role\":\"kv_both\"}'")
         self._segments = self.connector.enable_segments(self.hash_block_size)
         self._scheduled_at: float | None = None
+        self._in_flight: frozenset[str] | None = None  # requests of the step being executed (schedule → output)
+        self._freed_in_flight: dict[str, list[int]] = {}  # those finished meanwhile (aborted): their block ids
 
     def schedule(self, *args: Any, **kwargs: Any):
         for request in self.running:
@@ -116,7 +125,21 @@ class SegmentedScheduler(Scheduler):
             # (a new request's prefix); a placement in a running request needs the same ordering
             out.has_sync_kv_loads = True
         self._scheduled_at = time.perf_counter() if out.total_num_scheduled_tokens else None
+        self._in_flight = frozenset(out.num_scheduled_tokens)
         return out
+
+    def finish_requests(self, request_ids: Any, finished_status: Any, *args: Any, **kwargs: Any):
+        """vLLM's; a request freed while its step runs (an abort) leaves its block table here first, for
+        `update_from_output` to evict the blocks a failed load of that step left unwritten."""
+        if request_ids is not None and not isinstance(request_ids, str):
+            request_ids = list(request_ids)  # read twice: here and by vLLM
+        if self._in_flight:
+            ids = (request_ids,) if isinstance(request_ids, str) else \
+                self._in_flight if request_ids is None else request_ids
+            for rid in ids:
+                if rid in self._in_flight and rid in self.requests:
+                    self._freed_in_flight[rid] = list(self.kv_cache_manager.get_block_ids(rid)[0])
+        return super().finish_requests(request_ids, finished_status, *args, **kwargs)
 
     def _preempt_request(self, request: Any, timestamp: float, *args: Any, **kwargs: Any) -> None:
         """vLLM's, then the request's plain block hashes back at once: a request resumed in the same step
@@ -131,6 +154,17 @@ class SegmentedScheduler(Scheduler):
                                              scheduler_output.total_num_scheduled_tokens,
                                              len(scheduler_output.num_scheduled_tokens))
             self._scheduled_at = None
+        self._in_flight = None
+        freed, self._freed_in_flight = self._freed_in_flight, {}
+        bad = getattr(getattr(model_runner_output, "kv_connector_output", None), "invalid_block_ids", None)
+        if bad and freed:
+            evict = set()
+            for ids in freed.values():
+                first = next((i for i, b in enumerate(ids) if b in bad), None)
+                if first is not None:
+                    evict.update(ids[first:])  # the failed block and those computed after it
+            if evict:
+                self.kv_cache_manager.evict_blocks(evict)
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def _update_requests_with_invalid_blocks(self, requests: Any, invalid_block_ids: set[int],

@@ -25,7 +25,7 @@ from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
-from vllm.v1.request import Request  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 from kvreuse.connector.plugin import register  # noqa: E402
@@ -62,8 +62,7 @@ def _vllm_config(model_dir) -> VllmConfig:
                                             kv_load_failure_policy="recompute"))
 
 
-@pytest.fixture(scope="module")
-def scheduler(tiny_1layer):
+def _scheduler(tiny_1layer):
     vc = _vllm_config(tiny_1layer)
     kvc = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(
         ["model.layers.0.self_attn.attn"], FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=32,
@@ -74,6 +73,12 @@ def scheduler(tiny_1layer):
     hash_fn = get_hash_fn_by_name(vc.cache_config.prefix_caching_hash_algo)
     init_none_hash(hash_fn)
     s.block_hasher = get_request_block_hasher(BS, hash_fn)
+    return s
+
+
+@pytest.fixture(scope="module")
+def scheduler(tiny_1layer):
+    s = _scheduler(tiny_1layer)
     yield s
     s.shutdown()
 
@@ -141,4 +146,31 @@ def test_vllm_calls_every_hook_segmented_scheduler_overrides(scheduler):
     assert s.running
     s.reset_prefix_cache(reset_running_requests=True)
     assert s.calls["_preempt_request"] > 0 and not s.running
+    s.finish_requests(None, RequestStatus.FINISHED_ABORTED)  # what vLLM's engine calls for an abort
+    assert not s.requests
     assert set(HOOKS) <= {n for n, c in s.calls.items() if c}, s.calls
+
+
+def test_a_request_aborted_while_its_load_fails_leaves_no_unwritten_block_in_the_prefix_cache(tiny_1layer):
+    """vLLM's engine frees the requests aborted during a step before it reads that step's output
+    (`EngineCore.step`), so no running request holds the failed block to roll back: the block, cached under
+    its hash when the step was scheduled, stays in the prefix cache unwritten unless `finish_requests`
+    kept the aborted request's blocks for `update_from_output` to evict."""
+    s = _scheduler(tiny_1layer)
+    try:
+        prompt = list(range(300, 364))  # 4 blocks; the first step (budget 32) fills and caches two
+        s.add_request(_request(s, "a", prompt))
+        out = s.schedule()
+        assert out.num_scheduled_tokens["a"] == 32
+        blocks = list(s.kv_cache_manager.get_block_ids("a")[0])
+        s.finish_requests("a", RequestStatus.FINISHED_ABORTED)  # the client went away while the step ran
+        s.update_from_output(out, ModelRunnerOutput(  # ... and the step's load into block 0 failed
+            req_ids=["a"], req_id_to_index={"a": 0}, sampled_token_ids=[[]],
+            kv_connector_output=KVConnectorOutput(invalid_block_ids={blocks[0]})))
+        s.add_request(_request(s, "b", prompt))
+        out = s.schedule()
+        (new,) = out.scheduled_new_reqs
+        assert new.req_id == "b" and new.num_computed_tokens == 0, "b hit the blocks a's failed load never wrote"
+        assert s.calls["finish_requests"] >= 1
+    finally:
+        s.shutdown()
