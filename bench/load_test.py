@@ -18,10 +18,12 @@ warm-up flat: over the last half of the run after warm-up, the least-squares slo
 tree's RSS within `--rss-slope` MiB/min (with kvreuse the worker's RSS climbs for the first minutes
 towards the level vLLM alone's worker reaches within its first minute; `--rss-baseline` runs the
 same trace on vLLM alone and checks that the kvreuse server's RSS stays within `--rss-margin` of
-it); on the 1-layer float32 model every completed answer identical to
-vLLM alone (on a deeper or bf16 model, `--model-layers 8 --dtype bfloat16`, the divergence is
-reported, not checked).  A differing greedy token passes only at a near tie: the reference gives
-both tokens logprobs within `--tol` (counted as `near_ties`; 1 in ~5,000 answers on this trace).
+it); every completed answer identical to vLLM alone under `--fidelity exact` (the default), on any
+model (`--model-layers 8`: a chunk's KV depends on what precedes it, so KV placed from another
+context shows), and at every fidelity on the 1-layer float32 model (where it does not: the
+mechanics); at `accurate` or `fast` on a deeper model the divergence is reported, not checked.
+A differing greedy token passes only at a near tie: the reference gives both tokens logprobs
+within `--tol` (counted as `near_ties`; 1 in ~5,000 answers on this trace).
 
 Not covered: captioned images — a vision-language model needs its own server; the captioned
 screenshot path is exercised by `bench/caption_bench.py` and the connector's multimodal tests.
