@@ -137,7 +137,9 @@ class KVReuseConnector(KVConnectorBase_V1):
             if getattr(cls, "__name__", str(cls or "")).rsplit(".", 1)[-1] != "SegmentedScheduler":
                 log.warning("kvreuse: vLLM's own scheduler claims only a prefix, so the first chunk that is not "
                             "stored ends reuse; add --scheduler-cls kvreuse.connector.segmented.SegmentedScheduler "
-                            "(kvreuse serve does) to place stored chunks anywhere in a prompt")
+                            "(kvreuse serve does) to place stored chunks anywhere in a prompt, and to keep a block whose "
+                            "load failed out of vLLM's prefix cache when its request is aborted before recomputing it "
+                            "(docs/operations.md#failures)")
         else:
             from vllm.distributed.parallel_state import (get_pipeline_model_parallel_rank,
                                                          get_tensor_model_parallel_rank)
