@@ -267,17 +267,19 @@ def load_test_row(path: Path, d: dict) -> list[Row]:
     a, checks, rep = d["args"], d.get("checks", {}), d.get("replay", {})
     passed = sum(1 for c in checks.values() if c.get("pass"))
     load = d.get("load", {})
-    res = (f"{a['clients']} clients, {a['duration']:.0f} s: {load.get('requests')} requests, "
-           f"{passed}/{len(checks)} checks pass ({', '.join(checks)}); answers identical to vLLM alone "
-           f"{rep.get('identical')}/{rep.get('replayed')}"
-           + ("; with one layer a chunk's KV does not depend on its context" if a.get("model_layers") == 1 else ""))
     ev, kinds = d.get("store_events", {}), load.get("by_kind", {})
     cut = {k: sum(v.get(k, 0) for v in kinds.values()) for k in ("cancelled", "disconnected")}
     claims = ", ".join(f"{k} {n}" for k, n in sorted((ev.get("claims") or {}).items()))
-    res += "; " + ", ".join(x for x in (f"{a['fidelity']} fidelity" if a.get("fidelity") else "",
-                                        f"claims: {claims}" if claims else "") if x)
-    res += (f"; {ev.get('load_failures', 0)} failed loads recomputed, {cut['cancelled']} requests cancelled, "
-            f"{cut['disconnected']} disconnected mid-stream")
+    policy = ", ".join(x for x in (f"{a['fidelity']} fidelity" if a.get("fidelity") else "",
+                                   f"claims: {claims}" if claims else "") if x)
+    parts = [f"{a['clients']} clients, {a['duration']:.0f} s: {load.get('requests')} requests, "
+             f"{passed}/{len(checks)} checks pass ({', '.join(checks)})",
+             f"answers identical to vLLM alone {rep.get('identical')}/{rep.get('replayed')}",
+             "with one layer a chunk's KV does not depend on its context" if a.get("model_layers") == 1 else "",
+             policy,
+             f"{ev.get('load_failures', 0)} failed loads recomputed, {cut['cancelled']} requests cancelled, "
+             f"{cut['disconnected']} disconnected mid-stream"]
+    res = "; ".join(x for x in parts if x)
     host = host_of(path, d) if split_name(path)[1] else "not recorded"  # load_test.json: its host was not kept
     return [Row("load test (mixed trace, tiny budgets)", model_label(d.get("model")), host,
                 command_of(SCRIPTS["load_test"], d), result=res)]
