@@ -78,12 +78,17 @@ def run_workload(url: str, model: str, tokenizer, reqs: list[Request], *, extra_
 
 def server_counts(d: dict[str, float]) -> dict:
     """The /metrics figures a fidelity row reports: prompt tokens, tokens kvreuse placed, vLLM's prefix-cache
-    hits, and kvreuse's claims by policy and segments by kind."""
+    hits, and kvreuse's claims by policy, lookups by result, segments by kind, and what it saved (chunks handed
+    to the store, saves dropped, patches fitted)."""
     return {"prompt_tokens": prompt_tokens(d), "placed_tokens": int(d.get("kvreuse_reused_tokens_total", 0)),
             "prefix_hit_tokens": prefix_cache_hits(d),
             "claims_by_policy": labelled(d, "kvreuse_claims_total", "policy"),
+            "lookups": labelled(d, "kvreuse_chunk_lookups_total", "result"),
             "segments": labelled(d, "kvreuse_segments_total", "kind"),
-            "load_failures": int(d.get("kvreuse_load_failures_total", 0))}
+            "load_failures": int(d.get("kvreuse_load_failures_total", 0)),
+            "saved_chunks": int(d.get("kvreuse_saved_chunks_total", 0)),
+            "dropped_saves": int(d.get("kvreuse_dropped_saves_total", 0)),
+            "captured_patches": int(d.get("kvreuse_captured_patches_total", 0))}
 
 
 def warm(url: str, model: str, tokenizer, reqs: list[Request]) -> None:

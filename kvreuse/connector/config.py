@@ -43,6 +43,7 @@ FIDELITY_LEVELS = ("exact", "accurate", "fast")
 # where "accurate" repairs: "moved", from each change point (an approximate chunk that does not follow the chunk it
 # was stored after); "every", from the start of every approximate chunk
 REPAIR_SCOPES = ("moved", "every")
+PATCH_FITS = ("demotion", "ingest")  # when a context's conditioning patch is fitted (`PolicyConfig`)
 # "adaptive": when recent requests recur less than `admission_min_share`, a first-seen chunk is not saved
 # (`kvreuse.connector.admission`; at fidelity "exact" a chunk recurs only after the same chunks);
 # "always": every new chunk is saved.
@@ -92,6 +93,10 @@ class PolicyConfig:
     attention sinks of what follows, which depend most on their context); `repair_scope` "every": from the start of
     every approximate chunk.
 
+    `capture_patches`: a stored chunk computed in a new context keeps that context's KV; `patch_fit`: when its
+    patch is fitted, "demotion" (when memory pressure drops that KV, or at once where it finds no room: a patch is
+    read only in place of the KV) or "ingest" (at once, on the store's thread beside the forward).
+
     `admission`: which new chunks are saved (see `kvreuse.connector.admission`); "adaptive" saves
     only chunks seen before while the last `admission_window` requests recurred less than
     `admission_min_share` of their tokens (after vLLM's prefix hit), "always" saves every one.
@@ -104,6 +109,7 @@ class PolicyConfig:
     patch_max_rank: int = 16
     patch_budget: float | None = 0.05   # patch bytes / chunk KV bytes (kvreuse.fit_patch); None: no cap
     capture_patches: bool = True
+    patch_fit: str = "demotion"
     admission: str = "adaptive"
     admission_window: int = 8
     admission_min_share: float = 0.02
@@ -113,6 +119,8 @@ class PolicyConfig:
             raise ConnectorConfigError(f"policy.fidelity: expected one of {FIDELITY_LEVELS}, got {self.fidelity!r}")
         if self.repair_scope not in REPAIR_SCOPES:
             raise ConnectorConfigError(f"policy.repair_scope: expected one of {REPAIR_SCOPES}, got {self.repair_scope!r}")
+        if self.patch_fit not in PATCH_FITS:
+            raise ConnectorConfigError(f"policy.patch_fit: expected one of {PATCH_FITS}, got {self.patch_fit!r}")
         if isinstance(self.repair_tokens, bool) or not isinstance(self.repair_tokens, int) or self.repair_tokens < 0:
             raise ConnectorConfigError(f"policy.repair_tokens: expected an integer >= 0, got {self.repair_tokens!r}")
         if self.admission not in ADMISSION_MODES:

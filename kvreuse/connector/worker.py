@@ -104,7 +104,8 @@ class WorkerSide:
         fit = functools.partial(fit_patch, energy=pol.patch_energy, max_rank=pol.patch_max_rank,
                                 budget=pol.patch_budget) if patches else None
         self.store = store if store is not None else ChunkStore(cfg.store, fingerprint, fit_patch=fit,
-                                                                capture_patches=patches and pol.capture_patches)
+                                                                capture_patches=patches and pol.capture_patches
+                                                                and pol.patch_fit == "ingest")
         self.layers: dict[str, int] = {}
         self.caches: dict[str, torch.Tensor] = {}
         self.spec: PagedLayout | None = None

@@ -185,16 +185,16 @@ class ChunkEntry:
         """Record a conditioning patch for ``context``."""
         self.patches[as_signature(context)] = patch
 
-    def drop_context_kv(self) -> list[tuple[bytes, torch.Tensor, torch.Tensor]]:
+    def drop_context_kv(self) -> list[tuple[bytes, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Demote: drop every full in-context KV; returns those of contexts that have no patch yet.
 
         Contexts with a patch keep being served from it ("patched"); the caller fits patches for
-        the returned ones (k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``) outside any
-        lock and adds them with :meth:`add_patch`.  Until then this entry reads those contexts as base
-        KV (the store keeps serving the dropped KV while the fit runs).
+        the returned ones (k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``, with the positions of
+        their own frame, None in the base's) outside any lock and adds them with :meth:`add_patch`.  Until
+        then this entry reads those contexts as base KV (the store keeps serving the dropped KV while the
+        fit runs).
         """
-        # (a context kept in its own frame and fitted no patch at capture reads as base KV from now on)
-        out = [(c, ck, cv) for c, (ck, cv) in self.in_context.items() if c not in self.patches and c not in self.frames]
+        out = [(c, ck, cv, self.frames.get(c)) for c, (ck, cv) in self.in_context.items() if c not in self.patches]
         self.in_context, self.frames = {}, {}
         return out
 

@@ -8,9 +8,12 @@ decides:
 
 * a key the store does not hold becomes a new entry (``ChunkStore.put``);
 * a stored key computed in another context: its KV is kept as computed, in its own positional
-  frame (``ChunkEntry.frames``: an exact claim reads it unrotated), its patch fitted on in-context −
-  base in the entry's frame (``kvreuse.ops.relocate``), and both are added to the entry if the
-  memory tier can make room — the patch first, as it is the smaller;
+  frame (``ChunkEntry.frames``: an exact claim reads it unrotated), and added to the entry if the
+  memory tier can make room.  Its patch (fitted on in-context − base in the entry's frame,
+  ``kvreuse.ops.relocate``) is fitted here with ``capture_patches`` (then added first, as it is the
+  smaller); without, only when the KV finds no room, and otherwise when demotion drops that KV
+  (``placement.FitJob``): a patch is read only in place of its context's KV, so a fit while the KV
+  is held is work for nothing;
 * a context the entry already holds is a no-op.
 
 Fits (SVDs) and any disk or Redis reads run outside the store's lock; the lock is taken to look
@@ -205,27 +208,37 @@ class Ingester:
         if base.has_context(e.context):
             return
         k, v = e.k.to(base.k.device), e.v.to(base.k.device)  # kept in its own frame (`ChunkEntry.frames`)
-        patch = None
-        if self.capture_patches:
-            fk = k
-            if not torch.equal(e.positions, base.positions):
-                if job.rope is None:
-                    raise ValueError("ingest: a chunk at other positions than its stored entry needs `rope`")
-                from kvreuse.ops import relocate
-
-                fk = relocate(k, e.positions, base.positions, job.rope)  # the patch is fitted in the entry's frame
-            patch = self.fit(fk, v, base.k, base.v)
+        if job.rope is not None and self.tiers.rope is None:
+            with self.lock:
+                self.tiers.rope = job.rope  # for demotion's fits of contexts kept in their own frame
+        frame = None if torch.equal(e.positions, base.positions) else e.positions
+        if frame is not None and job.rope is None and self.capture_patches:
+            raise ValueError("ingest: a chunk at other positions than its stored entry needs `rope`")
+        patch = self.fit(k, v, base, frame, job.rope) if self.capture_patches else None
         with self.lock:
-            self.publish_context(e.key, e.context, base, (k, v), patch, e.preceding.get(e.context), e.positions)
+            kept = self.publish_context(e.key, e.context, base, (k, v), patch, e.preceding.get(e.context),
+                                        e.positions)
+        if kept is False and patch is None and (frame is None or job.rope is not None):
+            # fitted when demoted, as a rule; its KV found no room: the patch, smaller, is all that can be kept
+            patch = self.fit(k, v, base, frame, job.rope)
+            if patch is not None:
+                with self.lock:
+                    self.publish_context(e.key, e.context, base, None, patch, e.preceding.get(e.context))
 
-    def fit(self, k: torch.Tensor, v: torch.Tensor, base_k: torch.Tensor, base_v: torch.Tensor) -> Any:
-        """A patch for in-context ``k, v`` over the base (all ``[L, N, H, D]``), or None (no fit, or it failed)."""
+    def fit(self, k: torch.Tensor, v: torch.Tensor, base: ChunkEntry, positions: torch.Tensor | None = None,
+            rope: Any = None) -> Any:
+        """A patch for in-context ``k, v`` (``[L, N, H, D]``, computed at ``positions``; None: the base's) over
+        ``base``, fitted in the base's frame (``rope`` relocates them there), or None (no fit, or it failed)."""
         fit = self.tiers.fit_fn()
         if fit is None:
             return None
+        if positions is not None:
+            from kvreuse.ops import relocate
+
+            k = relocate(k, positions, base.positions, rope)
         try:  # deltas in fp32: the residue is small next to K and V, so a bf16 subtraction would lose it
-            return fit(k.float() - base_k.float(), v.float() - base_v.float(), base_k=base_k, base_v=base_v,
-                       dtype=base_k.dtype)
+            return fit(k.float() - base.k.float(), v.float() - base.v.float(), base_k=base.k, base_v=base.v,
+                       dtype=base.k.dtype)
         except (RuntimeError, ValueError):  # e.g. non-finite KV: the context reads as base KV
             with self.lock:
                 self.stats.failed_fits += 1
@@ -233,8 +246,9 @@ class Ingester:
 
     def publish_context(self, key: ChunkKey, ctx: bytes, base: ChunkEntry,
                         kv: tuple[torch.Tensor, torch.Tensor] | None, patch: Any,
-                        preceding: tuple[bytes, ...] | None = None, positions: torch.Tensor | None = None) -> None:
-        """With the lock held: add a context's patch, then its KV, to ``key``'s memory entry if room allows.
+                        preceding: tuple[bytes, ...] | None = None, positions: torch.Tensor | None = None) -> bool | None:
+        """With the lock held: add a context's patch, then its KV, to ``key``'s memory entry if room allows;
+        whether that entry then holds the context (its KV or its patch), None where it was skipped.
 
         ``base`` is the entry both were computed against; skipped when that entry left memory or
         was replaced by one with another base meanwhile.  ``preceding``: the context's preceding
@@ -245,7 +259,7 @@ class Ingester:
             if cur is None:
                 continue
             if cur.context != base.context or not torch.equal(cur.positions, base.positions):
-                return
+                return None
             held = (cur.has_context(ctx), ctx in cur.in_context)
             if patch is not None and ctx not in cur.patches and self.tiers.make_room(i, int(patch.nbytes), key):
                 cur.add_patch(ctx, patch)
@@ -262,4 +276,5 @@ class Ingester:
             if kv is not None and (cur.has_context(ctx), ctx in cur.in_context) != held:
                 # computed in this context here: the shared copy learns it (a demotion's refit does not)
                 self.store.republish(key)
-            return
+            return cur.has_context(ctx)
+        return None

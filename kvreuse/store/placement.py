@@ -41,7 +41,8 @@ _EVENT_LOG = 1 << 16  # keys kept for the connector between two reads (older one
 class FitJob:
     """Fit the patch of a demoted context of ``base``: ``k, v`` its in-context KV.
 
-    k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``, in ``base``'s positional frame.
+    k, v: ``[num_layers, num_tokens, num_kv_heads, head_dim]``, computed at ``positions`` (None: ``base``'s
+    positions); the fit relocates them into ``base``'s frame first.
     """
 
     key: ChunkKey
@@ -49,6 +50,7 @@ class FitJob:
     k: torch.Tensor
     v: torch.Tensor
     base: ChunkEntry
+    positions: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +59,8 @@ class FitJob:
     def as_entry(self) -> ChunkEntry:
         """The chunk as computed in ``context`` (its KV as base), in ``base``'s frame."""
         return dataclasses.replace(self.base, k=self.k, v=self.v, context=self.context, in_context={}, patches={},
-                                   preceding={})
+                                   preceding={}, frames={},
+                                   positions=self.base.positions if self.positions is None else self.positions)
 
 
 @dataclass
@@ -84,6 +87,8 @@ class TierStack:
         self.fitting: dict[tuple[ChunkKey, bytes], FitJob] = {}  # demoted contexts awaiting a patch (still served)
         self.lost: deque[ChunkKey] = deque(maxlen=_EVENT_LOG)  # left every tier of this store
         self.demoted: deque[ChunkKey] = deque(maxlen=_EVENT_LOG)  # in-context KV dropped (patches stay)
+        self.rope: Any = None  # the model's RopeSpec, from the first ingest that names one: relocates KV kept in a
+        # frame of its own into its base's before a demotion fits its patch (without it that context reads as base)
 
     def make_room(self, i: int, n: int, protect: ChunkKey | None = None) -> bool:
         t = self.memory[i]
@@ -152,9 +157,9 @@ class TierStack:
         e = t.entries[key]
         before = e.nbytes
         fit = self.fit_fn()
-        for ctx, ck, cv in e.drop_context_kv():
-            if fit is not None:
-                w = self.fitting[(key, ctx)] = FitJob(key, ctx, ck, cv, e)
+        for ctx, ck, cv, pos in e.drop_context_kv():
+            if fit is not None and (pos is None or self.rope is not None):
+                w = self.fitting[(key, ctx)] = FitJob(key, ctx, ck, cv, e, pos)
                 self.work.append(w)
         t.resized(key)
         freed = before - e.nbytes

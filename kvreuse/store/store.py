@@ -78,7 +78,8 @@ class ChunkStore:
         policy: eviction policy of every tier, ``"cost"`` (GDSF, default) or ``"lru"``.
         fit_patch: ``fit(delta_k, delta_v, *, base_k, base_v, dtype) -> Patch`` used at ingest and by
             demotion; default ``kvreuse.fit_patch``; ``None`` keeps no patches (demotion drops KV).
-        capture_patches: fit a patch for every new context at ingest (default True).
+        capture_patches: fit a patch for every new context at ingest (default True); False: only for one
+            whose KV finds no room, the others when demotion drops their KV.
         device: device of the device tier (default: the current CUDA device, else CPU).
         redis_write_through: publish every put to Redis (default True).
         ingest_items, ingest_bytes: bounds of the ingest queue (queued + running chunks).

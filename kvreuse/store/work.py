@@ -34,7 +34,7 @@ class DeferredWork:
         if isinstance(w, FitJob):
             patch = None
             try:
-                patch = self.ingester.fit(w.k, w.v, w.base.k, w.base.v)
+                patch = self.ingester.fit(w.k, w.v, w.base, w.positions, self.tiers.rope)
             finally:  # one step: the context is served from its KV until then, from its patch from then on
                 with self.lock:
                     if patch is not None:

@@ -208,6 +208,7 @@ def test_saves_capture_new_contexts_only():
                                        ({"store": {"device_bytes": "lots"}}, "device_bytes"),
                                        ({"save": "yes"}, "save"),
                                        ({"policy": {"patch_max_rank": "4"}}, "policy.patch_max_rank"),
+                                       ({"policy": {"patch_fit": "eager"}}, "policy.patch_fit"),
                                        ({"load_timeout_seconds": 0}, "load_timeout_seconds"),
                                        ({"load_timeout_seconds": "2s"}, "load_timeout_seconds")])
 def test_bad_config_names_the_key(extra, bad):
@@ -222,6 +223,7 @@ def test_config_defaults_and_values():
     assert c.chunking.boundary_tokens == ("<s>",) and c.store.host_bytes == 2**20
     assert ConnectorConfig.from_extra_config(None).store.device_bytes == 2**30
     assert ConnectorConfig.from_extra_config(None).load_timeout_seconds == 2.0
+    assert ConnectorConfig.from_extra_config(None).policy.patch_fit == "demotion"
     assert ConnectorConfig.from_extra_config({"load_timeout_seconds": 0.25}).load_timeout_seconds == 0.25
 
 

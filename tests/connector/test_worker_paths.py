@@ -77,6 +77,36 @@ def test_save_then_load_relocated(backend):
     w.close()
 
 
+@pytest.mark.parametrize("patch_fit", ["demotion", "ingest"])
+def test_a_new_contexts_patch_is_fitted_when_policy_patch_fit_says(patch_fit):
+    """A stored chunk saved again in a new context (at other positions): its KV is kept either way; its patch is
+    fitted at once with patch_fit "ingest", and with "demotion" only once demotion drops that KV; either way the
+    context then reads patched."""
+    cfg = ConnectorConfig.from_extra_config({"policy": {"fidelity": "accurate", "patch_fit": patch_fit}})
+    w = WorkerSide(cfg, ROPE, ModelFingerprint("Tiny", "w", "float32"))
+    caches = make_caches("CPU_ATTN")
+    w.register(caches, "CPU_ATTN", H, D)
+    n, toks, key = 20, tuple(range(100, 120)), b"k" * 16
+    g = torch.Generator().manual_seed(3)
+    for req, blocks, start, ctx in (("r1", [3, 1], 5, ()), ("r2", [6, 0, 2, 5], 37, (b"p" * 16,))):
+        slots = block_slots(blocks, BS, start, start + n)
+        for name in caches:
+            scatter_kv(caches[name], w.spec, torch.randn(n, H, D, generator=g), torch.randn(n, H, D, generator=g),
+                       slots)
+        w.save(KVReuseMetadata(saves=[ReqSave(req, blocks, [SaveItem(key, toks, start, start + n,
+                                                                      context_signature(ctx), not ctx)])]))
+        w.store.flush()
+    ck = ChunkKey(key)
+    ctx2 = context_signature((b"p" * 16,))
+    assert w.store.get(ck, toks, context=ctx2).how == "exact"  # its own KV, as computed
+    assert w.store.snapshot_stats().captured_patches == (1 if patch_fit == "ingest" else 0)
+    w.store.demote(ck)
+    w.store.flush()
+    assert w.store.snapshot_stats().captured_patches == 1
+    assert w.store.get(ck, toks, context=ctx2).how == "patched"
+    w.close()
+
+
 @pytest.mark.parametrize("tile", [None, 20, 5])   # one tile (the default at this size), 5 tiles, too many: whole
 @pytest.mark.parametrize("backend", ["CPU_ATTN", "FLASH_ATTN"])
 def test_cpu_load_of_many_chunks_writes_what_the_reference_places(backend, tile, monkeypatch):

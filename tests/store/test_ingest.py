@@ -93,6 +93,64 @@ def test_a_context_in_its_own_frame_is_held_within_the_budget(room):
         assert view.how == ("exact" if room else "base")
 
 
+class CountingFit:
+    """`fit_patch` (full rank, no budget), counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, dk, dv, **kw):
+        self.calls += 1
+        return fit_patch(dk, dv, budget=None, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_capture_a_patch_is_fitted_when_demotion_drops_the_kv_in_its_own_frame(dtype):
+    """capture_patches=False: no fit while the context's KV is held (a patch is read only in its place); demotion
+    fits it, the KV computed 40 positions later relocated into the entry's frame first, and the context then
+    reads patched exactly as a patch captured at ingest reads."""
+    e = make_entry(8, layers=2, tokens=12, heads=4, dim=16, dtype=dtype)
+    ck, cv = _in_context(e, 7)
+    ck40 = relocate(ck, e.positions, e.positions + 40, ROPE)
+    views = {}
+    for capture in (True, False):
+        fit = CountingFit()
+        with ChunkStore(StoreConfig(device_bytes=1 << 20), FP, fit_patch=fit, capture_patches=capture) as st:
+            assert _ingest(st, e)
+            st.flush()
+            assert _ingest(st, e, context=b"ctx-A", shift=40, k=ck40, v=cv)
+            st.flush()
+            exact = st.get(e.key, e.token_ids, context=b"ctx-A")
+            assert exact.how == "exact" and torch.equal(exact.k, ck40)
+            assert fit.calls == (1 if capture else 0)
+            st.demote(e.key)
+            st.flush()
+            assert fit.calls == 1
+            views[capture] = st.get(e.key, e.token_ids, context=b"ctx-A")
+            assert st.snapshot_stats().failed_fits == 0
+    assert views[False].how == views[True].how == "patched"
+    assert torch.equal(views[False].positions, e.positions)
+    assert torch.equal(views[False].k, views[True].k) and torch.equal(views[False].v, views[True].v)
+
+
+def test_without_capture_a_context_whose_kv_finds_no_room_is_fitted_at_once():
+    """capture_patches=False and a budget that holds the base and a patch but not the context's KV: the patch,
+    fitted at ingest, is what the store keeps of that context."""
+    e = make_entry(9, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32)
+    ck, cv = _in_context(e, 4)
+    fit = CountingFit()
+    budget = e.nbytes + ck.numel() * ck.element_size()  # room for half of the context's K and V
+    with ChunkStore(StoreConfig(device_bytes=budget), FP, fit_patch=functools.partial(fit, max_rank=1),
+                    capture_patches=False) as st:
+        assert _ingest(st, e)
+        st.flush()
+        assert _ingest(st, e, context=b"ctx-A", k=ck, v=cv)
+        st.flush()
+        assert fit.calls == 1
+        assert st.get(e.key, e.token_ids, context=b"ctx-A").how == "patched"
+        assert st.memory[0].used_bytes <= budget
+
+
 def test_lookups_never_wait_on_a_slow_fit_nor_take_a_lock_it_holds():
     a, b = (make_entry(s, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32) for s in (2, 3))
     fit = GatedFit()
