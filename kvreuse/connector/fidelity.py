@@ -36,11 +36,11 @@ log = logging.getLogger("kvreuse.connector")
 # seven workloads of 40 requests each, bench/results/fidelity_*.json); logged once when a server starts at that level.
 MEASURED_LOSS = {
     "fast": ("kvreuse: policy.fidelity \"fast\" places approximate KV unrepaired: on SmolLM2-135M-Instruct it kept "
-             "30-90% of vLLM alone's greedy answers (RAG 30%) and lost up to 15 points of accuracy (RAG 57% vs "
-             "72%); \"exact\" keeps every answer (bench/fidelity_bench.py)"),
+             "30-90% of vLLM alone's greedy answers (RAG 30%) and lost up to 16 points of accuracy (raw-text "
+             "sliding window 62% vs 78%, RAG 57% vs 72%); \"exact\" keeps every answer (bench/fidelity_bench.py)"),
     "accurate": ("kvreuse: policy.fidelity \"accurate\" places approximate KV with its first tokens recomputed: on "
                  "SmolLM2-135M-Instruct it kept 48-100% of vLLM alone's greedy answers; accuracy within 5 points on "
-                 "five of seven workloads, 12 and 15 points lower on reordered passage sets and a raw-text sliding "
+                 "five of seven workloads, 12 and 16 points lower on reordered passage sets and a raw-text sliding "
                  "window; \"exact\" keeps every answer "
                  "(bench/fidelity_bench.py)"),
 }

@@ -133,6 +133,32 @@ def test_without_capture_a_patch_is_fitted_when_demotion_drops_the_kv_in_its_own
     assert torch.equal(views[False].k, views[True].k) and torch.equal(views[False].v, views[True].v)
 
 
+def test_a_demoted_context_in_its_own_frame_is_served_there_until_its_patch_is_fitted():
+    """While demotion fits the patch of KV computed 40 positions later, that KV is served as computed, at those
+    positions (an exact claim places it unrotated), never relabelled into the entry's frame."""
+    e = make_entry(10, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32)
+    ck, cv = _in_context(e, 6)
+    ck40 = relocate(ck, e.positions, e.positions + 40, ROPE)
+    fit = GatedFit()
+    with ChunkStore(StoreConfig(device_bytes=1 << 20), FP, fit_patch=fit, capture_patches=False) as st:
+        assert _ingest(st, e)
+        st.flush()
+        assert _ingest(st, e, context=b"ctx", shift=40, k=ck40, v=cv)
+        st.flush()
+        demoting = threading.Thread(target=st.demote, args=(e.key,))
+        demoting.start()
+        try:
+            assert fit.started.wait(10)
+            view = st.get(e.key, e.token_ids, context=b"ctx")
+            assert (view.how, view.source) == ("exact", "demoting")
+            assert torch.equal(view.positions, e.positions + 40) and torch.equal(view.k, ck40)
+        finally:
+            fit.release.set()
+            demoting.join(10)
+        view = st.get(e.key, e.token_ids, context=b"ctx")
+        assert view.how == "patched" and torch.equal(view.positions, e.positions)
+
+
 def test_without_capture_a_context_whose_kv_finds_no_room_is_fitted_at_once():
     """capture_patches=False and a budget that holds the base and a patch but not the context's KV: the patch,
     fitted at ingest, is what the store keeps of that context."""
