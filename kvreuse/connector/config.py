@@ -94,8 +94,8 @@ class PolicyConfig:
     every approximate chunk.
 
     `capture_patches`: a stored chunk computed in a new context keeps that context's KV; `patch_fit`: when its
-    patch is fitted, "demotion" (when memory pressure drops that KV, or at once where it finds no room: a patch is
-    read only in place of the KV) or "ingest" (at once, on the store's thread beside the forward).
+    patch is fitted, "demotion" (when memory pressure drops that KV, or at once where it finds no room or the store
+    is demoting: a patch is read only in place of the KV) or "ingest" (at once, on the store's thread beside the forward).
 
     `admission`: which new chunks are saved (see `kvreuse.connector.admission`); "adaptive" saves
     only chunks seen before while the last `admission_window` requests recurred less than

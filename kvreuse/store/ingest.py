@@ -11,9 +11,9 @@ decides:
   frame (``ChunkEntry.frames``: an exact claim reads it unrotated), and added to the entry if the
   memory tier can make room.  Its patch (fitted on in-context − base in the entry's frame,
   ``kvreuse.ops.relocate``) is fitted here with ``capture_patches`` (then added first, as it is the
-  smaller); without, only when the KV finds no room, and otherwise when demotion drops that KV
-  (``placement.FitJob``): a patch is read only in place of its context's KV, so a fit while the KV
-  is held is work for nothing;
+  smaller); without, when the KV finds no room or the store is demoting (memory pressure: that KV is
+  soon demoted too), and otherwise when demotion drops that KV (``placement.FitJob``): a patch is
+  read only in place of its context's KV, so a fit while the KV is held is work for nothing;
 * a context the entry already holds is a no-op.
 
 Fits (SVDs) and any disk or Redis reads run outside the store's lock; the lock is taken to look
@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
@@ -39,6 +40,8 @@ from kvreuse.store.rehydrate import ChunkLoadError, Rehydration
 from kvreuse.store.stats import StoreStats
 
 log = logging.getLogger("kvreuse.store")
+
+PRESSURE_WINDOW = 64  # new contexts over which a demotion means memory pressure (patches then fitted at ingest)
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Ingester:
                  capture_patches: bool, offer: Callable[[Any, int], bool], held: Callable[[ChunkKey], bool]) -> None:
         self.store, self.lock, self.tiers, self.stats = store, lock, tiers, stats
         self.capture_patches, self.offer, self.held = capture_patches, offer, held
+        self._demotion_marks: deque[int] = deque(maxlen=PRESSURE_WINDOW)  # `stats.demotions` at recent new contexts
         self.pending: dict[ChunkKey, list[IngestJob]] = {}  # queued or running, oldest first
 
     def submit(self, chunks: Sequence[IngestChunk], rope: Any) -> list[bool]:
@@ -212,9 +216,10 @@ class Ingester:
             with self.lock:
                 self.tiers.rope = job.rope  # for demotion's fits of contexts kept in their own frame
         frame = None if torch.equal(e.positions, base.positions) else e.positions
-        if frame is not None and job.rope is None and self.capture_patches:
+        eager = self.capture_patches or (self._under_pressure() and (frame is None or job.rope is not None))
+        if frame is not None and job.rope is None and eager:
             raise ValueError("ingest: a chunk at other positions than its stored entry needs `rope`")
-        patch = self.fit(k, v, base, frame, job.rope) if self.capture_patches else None
+        patch = self.fit(k, v, base, frame, job.rope) if eager else None
         with self.lock:
             kept = self.publish_context(e.key, e.context, base, (k, v), patch, e.preceding.get(e.context),
                                         e.positions)
@@ -224,6 +229,15 @@ class Ingester:
             if patch is not None:
                 with self.lock:
                     self.publish_context(e.key, e.context, base, None, patch, e.preceding.get(e.context))
+
+    def _under_pressure(self) -> bool:
+        """Whether the store demoted anything over the last `PRESSURE_WINDOW` new contexts: then a new context's KV
+        is soon demoted too, and its patch is fitted at once (the same fit, without the demotion's burst of them)."""
+        with self.lock:
+            now = self.stats.demotions
+        recent = now - self._demotion_marks[0] if self._demotion_marks else now
+        self._demotion_marks.append(now)
+        return recent > 0
 
     def fit(self, k: torch.Tensor, v: torch.Tensor, base: ChunkEntry, positions: torch.Tensor | None = None,
             rope: Any = None) -> Any:

@@ -159,6 +159,36 @@ def test_a_demoted_context_in_its_own_frame_is_served_there_until_its_patch_is_f
         assert view.how == "patched" and torch.equal(view.positions, e.positions)
 
 
+def test_without_capture_a_store_under_pressure_fits_new_contexts_at_once():
+    """capture_patches=False: once the store has demoted (memory pressure), a new context's patch is fitted as it
+    is ingested, its KV still kept; with no demotion over the last PRESSURE_WINDOW new contexts, fits wait again."""
+    from kvreuse.store.ingest import PRESSURE_WINDOW
+
+    b = make_entry(12, layers=2, tokens=12, heads=4, dim=16, dtype=torch.float32)
+    fit = CountingFit()
+    with ChunkStore(StoreConfig(device_bytes=4 << 20), FP, fit_patch=fit, capture_patches=False) as st:
+        assert _ingest(st, b)
+        st.flush()
+        ck, cv = _in_context(b, 1)
+        assert _ingest(st, b, context=b"before", k=ck, v=cv)
+        st.flush()
+        assert fit.calls == 0
+        st.demote(b.key)  # fits "before"
+        st.flush()
+        assert fit.calls == 1 and st.snapshot_stats().demotions == 1
+        assert _ingest(st, b, context=b"after", k=ck, v=cv)
+        st.flush()
+        assert fit.calls == 2  # fitted at ingest
+        assert st.get(b.key, b.token_ids, context=b"after").how == "exact"  # its KV is still what is read
+        for i in range(PRESSURE_WINDOW):
+            assert _ingest(st, b, context=b"later-%d" % i, k=ck, v=cv)
+        st.flush()
+        calls = fit.calls
+        assert _ingest(st, b, context=b"calm", k=ck, v=cv)
+        st.flush()
+        assert fit.calls == calls  # no demotion over the window: back to fitting at demotion
+
+
 def test_without_capture_a_context_whose_kv_finds_no_room_is_fitted_at_once():
     """capture_patches=False and a budget that holds the base and a patch but not the context's KV: the patch,
     fitted at ingest, is what the store keeps of that context."""
