@@ -10,8 +10,8 @@ first two, 8 reorder and 8 multi-turn requests sampled with n=2 and a seed):
     on every workload there);
   * kvreuse with `{"policy": {"fidelity": "accurate"}}`: approximate placements with repair must place a
     good share of the prompt, keep gold accuracy within 3 of 30 answers of vLLM alone's, and keep more
-    answers identical than unrepaired placements do.  On these requests "accurate" gave 22 of 30 answers as
-    vLLM alone and 16/30 correct against 17/30, placing 48% of the prompt (this test, AMD EPYC host);
+    answers identical than unrepaired placements do.  On these requests "accurate" gave 21 of 30 answers as
+    vLLM alone and 16/30 correct against 17/30, placing 55% of the prompt (this test, AMD EPYC host);
     unrepaired placements ("fast") 14 of 30 and 15/30, placing ~70% (`bench/fidelity_bench.py --seed 1
     --workloads rag,agent_raw --requests 15`).  The agreement bar sits between the two: on 30 requests
     accuracy alone barely tells them apart; agreement does.
