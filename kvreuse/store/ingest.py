@@ -260,7 +260,8 @@ class Ingester:
 
     def publish_context(self, key: ChunkKey, ctx: bytes, base: ChunkEntry,
                         kv: tuple[torch.Tensor, torch.Tensor] | None, patch: Any,
-                        preceding: tuple[bytes, ...] | None = None, positions: torch.Tensor | None = None) -> bool | None:
+                        preceding: tuple[bytes, ...] | None = None,
+                        positions: torch.Tensor | None = None) -> bool | None:
         """With the lock held: add a context's patch, then its KV, to ``key``'s memory entry if room allows;
         whether that entry then holds the context (its KV or its patch), None where it was skipped.
 
