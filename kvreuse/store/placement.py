@@ -57,7 +57,7 @@ class FitJob:
         return 2 * self.k.numel() * self.k.element_size()
 
     def as_entry(self) -> ChunkEntry:
-        """The chunk as computed in ``context`` (its KV as base), in ``base``'s frame."""
+        """The chunk as computed in ``context`` (its KV as base), at the positions it was computed at."""
         return dataclasses.replace(self.base, k=self.k, v=self.v, context=self.context, in_context={}, patches={},
                                    preceding={}, frames={},
                                    positions=self.base.positions if self.positions is None else self.positions)
