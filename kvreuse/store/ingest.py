@@ -216,14 +216,15 @@ class Ingester:
             with self.lock:
                 self.tiers.rope = job.rope  # for demotion's fits of contexts kept in their own frame
         frame = None if torch.equal(e.positions, base.positions) else e.positions
-        eager = self.capture_patches or (self._under_pressure() and (frame is None or job.rope is not None))
-        if frame is not None and job.rope is None and eager:
+        fittable = frame is None or job.rope is not None  # a patch is fitted in the entry's frame: `rope` moves k there
+        if self.capture_patches and not fittable:
             raise ValueError("ingest: a chunk at other positions than its stored entry needs `rope`")
+        eager = self.capture_patches or (self._under_pressure() and fittable)
         patch = self.fit(k, v, base, frame, job.rope) if eager else None
         with self.lock:
             kept = self.publish_context(e.key, e.context, base, (k, v), patch, e.preceding.get(e.context),
                                         e.positions)
-        if kept is False and patch is None and (frame is None or job.rope is not None):
+        if kept is False and patch is None and fittable:
             # fitted when demoted, as a rule; its KV found no room: the patch, smaller, is all that can be kept
             patch = self.fit(k, v, base, frame, job.rope)
             if patch is not None:
