@@ -44,6 +44,14 @@ def _ingest(store: ChunkStore, e, *, context=b"isolated", shift: int = 0, k=None
     return store.ingest(e.key, e.token_ids, pos, k.clone(), (e.v if v is None else v).clone(), context, rope=ROPE)
 
 
+def _stored_in_context(store: ChunkStore, e, context: bytes, k, v, shift: int = 0) -> None:
+    """Store `e`'s chunk, then the same chunk computed in `context` (`k`, `v`, at positions shifted by `shift`)."""
+    assert _ingest(store, e)
+    store.flush()
+    assert _ingest(store, e, context=context, shift=shift, k=k, v=v)
+    store.flush()
+
+
 def _in_context(e, seed: int):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(e.num_layers, 1, e.num_kv_heads, e.head_dim, generator=g)
@@ -58,10 +66,7 @@ def test_a_new_context_is_kept_as_computed_in_its_own_frame(dtype):
     ck, cv = _in_context(e, 5)
     ck40 = relocate(ck, e.positions, e.positions + 40, ROPE)  # the chunk computed 40 positions later, elsewhere
     with ChunkStore(StoreConfig(device_bytes=1 << 20), FP, fit_patch=functools.partial(fit_patch, budget=None)) as st:
-        assert _ingest(st, e)
-        st.flush()
-        assert _ingest(st, e, context=b"ctx-A", shift=40, k=ck40, v=cv)
-        st.flush()
+        _stored_in_context(st, e, b"ctx-A", ck40, cv, shift=40)
         exact = st.get(e.key, e.token_ids, context=b"ctx-A")
         assert exact.how == "exact" and torch.equal(exact.positions, e.positions + 40)
         assert torch.equal(exact.k, ck40) and torch.equal(exact.v, cv)   # as computed: no rounding in between
@@ -81,10 +86,7 @@ def test_a_context_in_its_own_frame_is_held_within_the_budget(room):
     ck, cv = _in_context(e, 3)
     budget = e.nbytes + 2 * ck.numel() * ck.element_size() + room
     with ChunkStore(StoreConfig(device_bytes=budget), FP, fit_patch=None) as st:
-        assert _ingest(st, e)
-        st.flush()
-        assert _ingest(st, e, context=b"ctx-A", shift=40, k=relocate(ck, e.positions, e.positions + 40, ROPE), v=cv)
-        st.flush()
+        _stored_in_context(st, e, b"ctx-A", relocate(ck, e.positions, e.positions + 40, ROPE), cv, shift=40)
         s = st.snapshot_stats()
         assert s.failed_ingests == 0
         tier = st.memory[0]
@@ -116,10 +118,7 @@ def test_without_capture_a_patch_is_fitted_when_demotion_drops_the_kv_in_its_own
     for capture in (True, False):
         fit = CountingFit()
         with ChunkStore(StoreConfig(device_bytes=1 << 20), FP, fit_patch=fit, capture_patches=capture) as st:
-            assert _ingest(st, e)
-            st.flush()
-            assert _ingest(st, e, context=b"ctx-A", shift=40, k=ck40, v=cv)
-            st.flush()
+            _stored_in_context(st, e, b"ctx-A", ck40, cv, shift=40)
             exact = st.get(e.key, e.token_ids, context=b"ctx-A")
             assert exact.how == "exact" and torch.equal(exact.k, ck40)
             assert fit.calls == (1 if capture else 0)
@@ -141,10 +140,7 @@ def test_a_demoted_context_in_its_own_frame_is_served_there_until_its_patch_is_f
     ck40 = relocate(ck, e.positions, e.positions + 40, ROPE)
     fit = GatedFit()
     with ChunkStore(StoreConfig(device_bytes=1 << 20), FP, fit_patch=fit, capture_patches=False) as st:
-        assert _ingest(st, e)
-        st.flush()
-        assert _ingest(st, e, context=b"ctx", shift=40, k=ck40, v=cv)
-        st.flush()
+        _stored_in_context(st, e, b"ctx", ck40, cv, shift=40)
         demoting = threading.Thread(target=st.demote, args=(e.key,))
         demoting.start()
         try:
@@ -198,10 +194,7 @@ def test_without_capture_a_context_whose_kv_finds_no_room_is_fitted_at_once():
     budget = e.nbytes + ck.numel() * ck.element_size()  # room for half of the context's K and V
     with ChunkStore(StoreConfig(device_bytes=budget), FP, fit_patch=functools.partial(fit, max_rank=1),
                     capture_patches=False) as st:
-        assert _ingest(st, e)
-        st.flush()
-        assert _ingest(st, e, context=b"ctx-A", k=ck, v=cv)
-        st.flush()
+        _stored_in_context(st, e, b"ctx-A", ck, cv)
         assert fit.calls == 1
         assert st.get(e.key, e.token_ids, context=b"ctx-A").how == "patched"
         assert st.memory[0].used_bytes <= budget
@@ -270,10 +263,7 @@ def test_a_demoted_context_is_served_its_kv_until_its_patch_is_fitted(outcome):
     ck, cv = _in_context(e, 3)
     fit = GatedFit() if outcome == "fitted" else FailingFit()
     with ChunkStore(StoreConfig(device_bytes=1 << 20), FP, fit_patch=fit, capture_patches=False) as st:
-        assert _ingest(st, e)
-        st.flush()
-        assert _ingest(st, e, context=b"ctx", k=ck, v=cv)
-        st.flush()
+        _stored_in_context(st, e, b"ctx", ck, cv)
         assert st.get(e.key, e.token_ids, context=b"ctx").how == "exact"
         demoting = threading.Thread(target=st.demote, args=(e.key,))  # fits on the demoting thread
         demoting.start()
